@@ -1,0 +1,845 @@
+"""Shared plumbing for the algorithm files: tasks, prompts, grading, tokenization, log-probs, rollouts,
+the offline dataset, the embedded default (task `arith`, model `tiny`), checkpoints and evaluation.
+
+Nothing in here is part of an algorithm: losses, targets, pair building and value heads live in the
+algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, field
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+TASKS = ("arith", "gsm8k", "math", "aime24")
+PROMPT_TEMPLATES = {  # the DQO paper's templates (Appendix A)
+    "gsm8k": "{problem}\nPlease reason step by step, and produce a final answer following 4 '#', like '#### 0'.",
+    "math": "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+}
+PROMPT_TEMPLATES["arith"] = PROMPT_TEMPLATES["gsm8k"]
+PROMPT_TEMPLATES["aime24"] = PROMPT_TEMPLATES["math"]
+HUB_SOURCES = {  # (path, config, split) per task and split; a local JSONL file replaces any of them
+    ("gsm8k", "train"): ("openai/gsm8k", "main", "train"),
+    ("gsm8k", "test"): ("openai/gsm8k", "main", "test"),
+    ("math", "train"): ("EleutherAI/hendrycks_math", None, "train"),
+    ("math", "test"): ("HuggingFaceH4/MATH-500", None, "test"),
+    ("aime24", "test"): ("HuggingFaceH4/aime_2024", None, "train"),
+}
+EVAL_SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=16)  # the DQO paper's sampled-evaluation protocol
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, row and field."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The embedded task `arith`: seeded multi-step arithmetic word problems in GSM8K format
+# ---------------------------------------------------------------------------------------------------------------------
+ARITH_NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay")
+ARITH_ITEMS = ("apples", "coins", "cards", "books", "shells")
+ARITH_STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)$")
+
+
+def _arith_apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def arith_problem(rng: random.Random) -> dict:
+    """One problem: a start value and 2-4 steps. `answer` is the step spec ("7;+5;*3;-4") that the strict verifier
+    replays; `solution` is the gold worked solution, one step per segment, segments separated by a blank line."""
+    name, item = rng.choice(ARITH_NAMES), rng.choice(ARITH_ITEMS)
+    value = rng.randint(2, 20)
+    words, ops = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(2, 4)):  # intermediate values stay in [1, 99]: two digits at most
+        choices = (["+"] if value <= 89 else []) + (["-"] if value > 1 else []) + (["*"] if value <= 33 else [])
+        op = rng.choice(choices)
+        b = rng.randint(2, min(3, 99 // value)) if op == "*" else rng.randint(1, value - 1) if op == "-" else rng.randint(
+            2, min(10, 99 - value))
+        words.append({"+": f"Then {name} gets {b} more.", "-": f"Then {name} gives away {b}.",
+                      "*": f"Then {name} multiplies them by {b}."}[op])
+        ops.append((op, b))
+        value = _arith_apply(value, op, b)
+    words.append(f"How many {item} does {name} have now?")
+    start = int(words[0].split()[2])
+    return {"question": " ".join(words), "answer": ";".join([str(start)] + [f"{o}{b}" for o, b in ops]),
+            "solution": arith_solution(start, ops)[0], "final": value}
+
+
+def arith_solution(start: int, ops: list, slip_step: int | None = None, rng: random.Random | None = None) -> tuple:
+    """The worked solution. With `slip_step`, that step's result is wrong (off by 1 or 10) and the error is carried
+    through to a wrong final answer. Returns (text, slip_step)."""
+    lines, value = [], start
+    for i, (op, b) in enumerate(ops):
+        result = _arith_apply(value, op, b)
+        if i == slip_step:
+            deltas = [d for d in (-10, -1, 1, 10) if result + d >= 0]
+            result += rng.choice(deltas)
+        lines.append(f"{value}{op}{b}={result}")
+        value = result
+    return "\n\n".join(lines + [f"#### {value}"]), slip_step
+
+
+def arith_problems(split: str, n: int, seed: int = 0) -> list[dict]:
+    """`n` distinct problems. Train and test are disjoint by construction: a problem belongs to the test split iff
+    a hash of its question is 0 mod 5, whatever the seed or n."""
+    rng, seen, out = random.Random(f"arith-{split}-{seed}"), set(), []
+    while len(out) < n:
+        p = arith_problem(rng)
+        in_test = int(hashlib.md5(p["question"].encode()).hexdigest(), 16) % 5 == 0
+        if in_test == (split == "test") and p["question"] not in seen:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
+def grade_arith(response: str, spec: str) -> float:
+    """Strict verifier: 1.0 only if every step line is `a<op>b=c` with `a` the previous result, the problem's
+    operation, a correct result, and the final `#### N` equals the last result."""
+    start, *steps = spec.split(";")
+    lines = [ln.strip() for ln in response.strip().split("\n") if ln.strip()]
+    if len(lines) != len(steps) + 1 or not lines[-1].startswith("####"):
+        return 0.0
+    value = int(start)
+    for line, step in zip(lines[:-1], steps):
+        m = ARITH_STEP_RE.match(line)
+        if not m or int(m[1]) != value or m[2] != step[0] or int(m[3]) != int(step[1:]):
+            return 0.0
+        if int(m[4]) != _arith_apply(value, step[0], int(step[1:])):
+            return 0.0
+        value = int(m[4])
+    return float(lines[-1][4:].strip() == str(value))
+
+
+def first_wrong_step(response: str, spec: str) -> int | None:
+    """Index of the first step line that the strict verifier rejects (None if all steps are right)."""
+    start, *steps = spec.split(";")
+    lines = [ln.strip() for ln in response.strip().split("\n") if ln.strip()]
+    value = int(start)
+    for i, step in enumerate(steps):
+        m = ARITH_STEP_RE.match(lines[i]) if i < len(lines) else None
+        if not m or int(m[1]) != value or m[2] != step[0] or int(m[3]) != int(step[1:]):
+            return i
+        if int(m[4]) != _arith_apply(value, step[0], int(step[1:])):
+            return i
+        value = int(m[4])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grading: grade(response, answer, task) -> 0.0 or 1.0, never raises
+# ---------------------------------------------------------------------------------------------------------------------
+GSM8K_ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+MAX_ANSWER_CHARS = 2000  # longer boxed answers are compared as strings only: symbolic parsing of them can hang
+GRADE_TIMEOUT_S = 5.0
+
+
+def parse_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", "").strip())
+    except (ValueError, OverflowError):
+        return None
+
+
+def extract_gsm8k_answer(response: str) -> str | None:
+    """The number after the last `####`, with `,` and `$` removed."""
+    matches = GSM8K_ANSWER_RE.findall(response[-10_000:])  # the answer is at the end; bounds regex cost
+    return matches[-1].replace(",", "") if matches else None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), with nested braces matched; None if absent or unbalanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def _run_with_timeout(fn, timeout_s: float):
+    """Run `fn` in a daemon thread and give up after `timeout_s`. Unlike signal.alarm this works off the main
+    thread and inside worker processes; a timed-out thread is abandoned, not killed."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return result[0] if result else None
+
+
+def _math_equal(pred: str, ref: str) -> bool:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    def _parse(s):  # signal-based timeouts off: _run_with_timeout bounds the whole call instead
+        configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+        return parse(f"${s}$", extraction_config=configs, parsing_timeout=None)
+
+    gold, guess = _parse(ref), _parse(pred)
+    return bool(gold and guess and verify(gold, guess, timeout_seconds=None))
+
+
+def grade(response: str, answer: str, task: str) -> float:
+    """Reward 1.0 if `response` is correct for reference `answer`, else 0.0. Never raises.
+    `answer`: GSM8K the text after ####; MATH/AIME the `answer` field; arith the step spec."""
+    try:
+        if task == "arith":
+            return grade_arith(response, answer)
+        if task == "gsm8k":
+            pred, ref = extract_gsm8k_answer(response), parse_number(answer)
+            return float(pred is not None and ref is not None and parse_number(pred) == ref)
+        if task in ("math", "aime24"):
+            pred = last_boxed(response)
+            if pred is None:
+                return 0.0
+            if pred.strip() == answer.strip():
+                return 1.0
+            if len(pred) > MAX_ANSWER_CHARS or len(answer) > MAX_ANSWER_CHARS:
+                return 0.0
+            return float(_run_with_timeout(lambda: _math_equal(pred, answer), GRADE_TIMEOUT_S) is True)
+    except Exception:  # a grader must never take a training run down
+        return 0.0
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tasks: loading from the hub or a local JSONL file
+# ---------------------------------------------------------------------------------------------------------------------
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: row {i}: not valid JSON ({e})") from None
+    return rows
+
+
+def _problem_from_row(task: str, row: dict, where: str) -> dict:
+    """Normalise one raw row into {question, answer, solution}; `where` names the file and row for errors."""
+    def need(field):
+        if field not in row or not isinstance(row[field], str) or not row[field].strip():
+            raise DataError(f"{where}: missing or empty field {field!r} (fields present: {sorted(row)})")
+        return row[field]
+
+    if task == "gsm8k":
+        question, solution = need("question"), need("answer")
+        if "####" not in solution:
+            raise DataError(f"{where}: field 'answer' has no '#### <number>' line")
+        answer = solution.rsplit("####", 1)[1].strip()
+        if parse_number(answer) is None:
+            raise DataError(f"{where}: field 'answer': final answer {answer!r} after '####' is not a number")
+        return {"question": question, "answer": answer, "solution": solution}
+    question = need("problem")
+    answer = row.get("answer") if isinstance(row.get("answer"), str | int) else None
+    if answer is None or str(answer).strip() == "":
+        answer = last_boxed(row.get("solution", "")) if isinstance(row.get("solution"), str) else None
+    if answer is None:
+        raise DataError(f"{where}: missing field 'answer' (and no \\boxed{{}} in 'solution')")
+    return {"question": question, "answer": str(answer), "solution": row.get("solution") or f"\\boxed{{{answer}}}"}
+
+
+def load_task(task: str, split: str, path: str | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Problems of `task` and `split` as dicts {question, answer, solution}. `path` is a local JSONL file with the
+    hub dataset's fields; without it the data comes from the hub (or, for `arith`, from the generator)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if task == "arith":
+        return arith_problems(split, limit or (20_000 if split == "train" else 1000), seed=0)
+    if path:
+        rows, name = _read_jsonl(path), path
+    else:
+        if (task, split) not in HUB_SOURCES:
+            raise ValueError(f"task {task!r} has no {split} split (aime24 is test only); pass a JSONL file instead")
+        import datasets
+
+        hub, config, hub_split = HUB_SOURCES[(task, split)]
+        rows, name = list(datasets.load_dataset(hub, config, split=hub_split)), hub
+    problems = [_problem_from_row(task, row, f"{name}: row {i}") for i, row in enumerate(rows, 1)]
+    return problems[:limit] if limit else problems
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization: prompt and response encoded separately, masks exact at the boundary
+# ---------------------------------------------------------------------------------------------------------------------
+def encode_prompt(tokenizer, question: str, task: str) -> list[int]:
+    """Prompt ids: the task template, wrapped in the chat template as the user turn when the tokenizer has one."""
+    text = PROMPT_TEMPLATES[task].format(problem=question)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already carries BOS
+    return tokenizer(text)["input_ids"]
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response ids, EOS appended. Encoded on its own so no token straddles the prompt/response boundary."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_fields: tuple = ()) -> dict:
+    """Right-padded batch. `mask` is 1 exactly on response tokens (EOS included). Each of `token_fields` is a
+    per-response-token list on the row, placed at the response positions of a (B, T) tensor (0 elsewhere);
+    each of `seq_fields` is a number per row, giving a (B,) tensor."""
+    T = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T)
+    out = {f: torch.zeros(B, T) for f in token_fields}
+    for i, r in enumerate(rows):
+        p, n = len(r["prompt_ids"]), len(r["response_ids"])
+        input_ids[i, : p + n] = torch.tensor(r["prompt_ids"] + r["response_ids"])
+        attention_mask[i, : p + n] = 1
+        mask[i, p : p + n] = 1
+        for f in token_fields:
+            out[f][i, p : p + n] = torch.tensor(r[f], dtype=torch.float)
+    out.update({f: torch.tensor([float(r[f]) for r in rows]) for f in seq_fields})
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, **out}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-token log-probs, without a full-vocabulary fp32 log_softmax copy
+# ---------------------------------------------------------------------------------------------------------------------
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampler's logits, as transformers' warpers apply them: temperature, then top-k, then top-p."""
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - top_p
+        remove[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return logits
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, warp: dict | None) -> torch.Tensor:
+    logits = logits.float()  # only this chunk is upcast
+    if warp:
+        logits = warp_logits(logits, **warp)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, warp: dict | None = None,
+                         chunk_tokens: int = 4096) -> torch.Tensor:
+    """(B, T) log-prob of each token given its prefix (position 0, which has no prefix, gets 0): the gathered logit
+    minus logsumexp, over chunks of positions. Under autograd each chunk is checkpointed, so the fp32 copy of a
+    chunk is recomputed in backward rather than kept: peak extra memory is one chunk, not (B, T, V) in fp32."""
+    B, T, _ = logits.shape
+    out = [logits.new_zeros(B, 1, dtype=torch.float)]
+    step = max(1, chunk_tokens // B)
+    for s in range(0, T - 1, step):
+        lg, tgt = logits[:, s : min(s + step, T - 1)], input_ids[:, s + 1 : min(s + step, T - 1) + 1]
+        if torch.is_grad_enabled() and lg.requires_grad:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lg, tgt, warp, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(lg, tgt, warp))
+    return torch.cat(out, dim=1)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """(model, input_ids, attention_mask) -> (B, T) log-prob of each token given its prefix, 0 at position 0."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+    return logprobs_from_logits(logits, input_ids, chunk_tokens=chunk_tokens)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollouts: batched generate with KV cache and left padding
+# ---------------------------------------------------------------------------------------------------------------------
+def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: float, top_p: float, top_k: int,
+                   max_new_tokens: int) -> list[dict]:
+    """One batched `generate` call. Returns, per prompt, response ids (EOS included when it stopped), the finish
+    reason ("stop" or "length") and the decoded text."""
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sample = temperature > 0
+    kwargs = dict(temperature=temperature, top_p=top_p, top_k=top_k) if sample else {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=sample, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    model.train(was_training)
+    results = []
+    for row in out[:, L:].tolist():
+        finish = "stop" if tokenizer.eos_token_id in row else "length"
+        resp = row[: row.index(tokenizer.eos_token_id) + 1] if finish == "stop" else row
+        results.append({"response_ids": resp, "finish": finish,
+                        "response": tokenizer.decode(resp, skip_special_tokens=True)})
+    return results
+
+
+@torch.no_grad()
+def score_rows(model, rows: list[dict], pad_token_id: int, batch_size: int, warp: dict | None = None) -> None:
+    """Adds `logps` (the model's per-response-token log-probs) to each row, and with `warp` also `sampler_logps`
+    (the log-probs under the sampler's temperature/top-k/top-p). One forward pass, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        batch = collate(chunk, pad_token_id)
+        ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        variants = {"logps": None, "sampler_logps": warp} if warp else {"logps": None}
+        for name, w in variants.items():
+            lp = logprobs_from_logits(logits, ids, warp=w).cpu()
+            for i, r in enumerate(chunk):
+                p = len(r["prompt_ids"])
+                r[name] = lp[i, p : p + len(r["response_ids"])].tolist()
+    model.train(was_training)
+
+
+def _chunk_plan(n_prompts: int, n: int, gen_batch_size: int) -> list[range]:
+    """Prompts in fixed chunks of about `gen_batch_size` sequences. Chunk boundaries do not depend on the number of
+    processes, and each chunk is sampled under its own seed, so results are the same for any process count."""
+    per = max(1, gen_batch_size // n)
+    return [range(s, min(s + per, n_prompts)) for s in range(0, n_prompts, per)]
+
+
+def _rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, max_new_tokens, seed):
+    torch.manual_seed(seed)
+    flat = [i for i in chunk for _ in range(n)]
+    outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
+    for i, o in zip(flat, outs):
+        o.update(prompt_idx=i, prompt_ids=prompts[i], answer=answers[i], truncated=o["finish"] == "length",
+                 reward=grade(o["response"], answers[i], task))
+    return outs
+
+
+def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task: str, n: int = 1,
+            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
+            gen_batch_size: int = 256, seed: int = 0, accelerator: Accelerator | None = None, desc: str = "rollout"):
+    """n samples per prompt (temperature 0: greedy), graded. Under several processes each process samples its share
+    of the chunks, and the results are gathered back in prompt order. Returns rows, prompt-major."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    plan = _chunk_plan(len(prompts), n, gen_batch_size)
+    mine = []
+    for c in tqdm(range(rank, len(plan), world), desc=desc, disable=rank != 0, leave=False):
+        mine.append((c, _rollout_chunk(model, tokenizer, prompts, answers, task, plan[c], n, sampling,
+                                       max_new_tokens, seed * 1_000_003 + c)))
+    chunks = gather_object(mine) if world > 1 else mine
+    return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The offline dataset: n reference samples per training prompt, graded, with reference log-probs stored
+# ---------------------------------------------------------------------------------------------------------------------
+def _cache_key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
+    """The DQO paper's offline dataset: for each training prompt, `args.n_samples` samples from the reference policy,
+    graded 1/0, with the reference's per-token log-probs (`ref_logps`) and the sampler's (`sampler_logps`) stored.
+
+    Cached under `args.cache_dir/offline/<key>/`, keyed by model, task, split, n, sampling parameters and seed; a
+    second script on the same model and task reuses it. Each chunk of prompts is written atomically when done, so
+    an interrupted build resumes without redoing finished prompts. Chunks are shared round-robin across processes."""
+    key_fields = dict(model=model_key(args), task=args.task, split="train", train_file=args.train_file,
+                      n_prompts=len(problems), n=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=args.gen_batch_size)
+    root = os.path.join(args.cache_dir, "offline", _cache_key(key_fields))
+    os.makedirs(root, exist_ok=True)
+    if accelerator.is_main_process:
+        _write_json_atomic(os.path.join(root, "key.json"), key_fields)
+    prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in problems]
+    answers = [p["answer"] for p in problems]
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    plan = _chunk_plan(len(prompts), args.n_samples, args.gen_batch_size)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    todo = [c for c in range(rank, len(plan), world) if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
+    done_before = len(range(rank, len(plan), world)) - len(todo)
+    policy = accelerator.unwrap_model(model)
+    bar = tqdm(total=len(range(rank, len(plan), world)), initial=done_before, desc="offline dataset",
+               disable=not accelerator.is_local_main_process)
+    for c in todo:
+        with reference_mode(policy):
+            rows = _rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
+                                  args.max_new_tokens, args.seed * 1_000_003 + c)
+            score_rows(policy, rows, tokenizer.pad_token_id, args.gen_batch_size, warp=sampling)
+        for r in rows:
+            r["ref_logps"] = r.pop("logps")
+        _write_jsonl_atomic(os.path.join(root, f"chunk-{c:05d}.jsonl"), rows)
+        bar.update(1)
+    bar.close()
+    accelerator.wait_for_everyone()
+    rows = [r for c in range(len(plan)) for r in _read_jsonl(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
+    acc = np.mean([r["reward"] for r in rows])
+    accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompts)} prompts, "
+                      f"mean reward {acc:.3f}, truncated {np.mean([r['truncated'] for r in rows]):.3f} ({root})")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The embedded model `tiny`: a small Llama with a local word-level tokenizer, SFT'd into an imperfect reference
+# ---------------------------------------------------------------------------------------------------------------------
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)
+TINY_SFT = dict(steps=700, batch_size=64, lr=3e-3, warmup=50, slip_fraction=0.3, seed=0, version=2)
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer for the `arith` task, digits one per token, spaces and newlines as tokens, wrapped
+    as a PreTrainedTokenizerFast with pad, bos and eos, and a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = set("has Then gets more gives away multiplies them by How many does have now".split())
+    words |= set(ARITH_NAMES) | set(ARITH_ITEMS) | set(re.findall(r"[A-Za-z]+", PROMPT_TEMPLATES["gsm8k"]))
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+    chars = list("0123456789") + [" ", "\n"] + list(".,?'#+-*=:$()/")
+    vocab = {t: i for i, t in enumerate(specials + chars + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|\d|\s|[^\sA-Za-z\d]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_dir(cache_dir: str) -> str:
+    return os.path.join(cache_dir, "tiny", _cache_key({"config": TINY_CONFIG, "sft": TINY_SFT}))
+
+
+def build_tiny_reference(path: str, steps: int | None = None) -> None:
+    """Build the tiny Llama and SFT it on a mix of correct and slipped `arith` solutions, so the reference makes
+    step-level mistakes that reward-driven methods can learn to avoid. Saved atomically to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(TINY_SFT, steps=steps or TINY_SFT["steps"])
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(cfg["seed"])
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                         **TINY_CONFIG)
+    model = LlamaForCausalLM(config)
+    rng = random.Random(cfg["seed"])
+    problems = arith_problems("train", 4000, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * 0.5 * (
+        1 + math.cos(math.pi * min(s, cfg["steps"]) / cfg["steps"])))
+    model.train()
+    for _ in tqdm(range(cfg["steps"]), desc="SFT tiny reference"):
+        rows = []
+        for p in rng.sample(problems, cfg["batch_size"]):  # random batches: sorting by length hurts accuracy badly
+            start, *steps_ = p["answer"].split(";")
+            ops = [(s[0], int(s[1:])) for s in steps_]
+            slip = rng.randrange(len(ops)) if rng.random() < cfg["slip_fraction"] else None
+            text, _ = arith_solution(int(start), ops, slip, rng)
+            rows.append({"prompt_ids": encode_prompt(tokenizer, p["question"], "arith"),
+                         "response_ids": encode_response(tokenizer, text)})
+        batch = collate(rows, tokenizer.pad_token_id)
+        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        loss = -masked_mean(lp, batch["mask"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        sched.step()
+        optimizer.zero_grad(set_to_none=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+def model_key(args) -> str:
+    return tiny_dir(args.cache_dir) if args.model == "tiny" else args.model
+
+
+def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
+    """`--model tiny` builds (once, cached) and loads the embedded reference; anything else is a hub id or a local
+    directory, loaded with AutoModelForCausalLM / AutoTokenizer. Pads on the left for generation is handled in
+    `generate_batch`; the tokenizer gets a pad token if it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = args.model
+    if args.model == "tiny":
+        path = tiny_dir(args.cache_dir)
+        if not os.path.exists(path):
+            if accelerator is None or accelerator.is_main_process:
+                build_tiny_reference(path)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+    elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"--model {path}: no such directory (a local model must be a save_pretrained folder)")
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if getattr(args, "gradient_checkpointing", False):
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if getattr(args, "lora_r", 0):
+        model = add_lora(model, args.lora_r)
+    return model, tokenizer
+
+
+def add_lora(model, r: int):
+    """LoRA adapters on every linear layer (peft, imported only here). B starts at zero, so the adapted model equals
+    the base until trained; reference log-probs come from the same model with the adapter disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
+
+
+def reference_mode(model):
+    """Context in which `model` computes the reference policy: adapters off for a LoRA model, a no-op otherwise."""
+    from contextlib import nullcontext
+
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run plumbing: accelerator, seeding, batches, checkpoints, logging
+# ---------------------------------------------------------------------------------------------------------------------
+def arg(default, help: str):
+    """A dataclass field with a one-line doc that HfArgumentParser shows in --help."""
+    return field(default=default, metadata={"help": help})
+
+
+TASK_MAX_NEW_TOKENS = {"arith": 64, "gsm8k": 512, "math": 1024, "aime24": 2048}
+
+
+def resolve_defaults(args, tiny: dict, paper: dict) -> None:
+    """Fill fields left at None: `tiny` values for the embedded default (`--model tiny`), the paper's otherwise."""
+    for k, v in (tiny if args.model == "tiny" else paper).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = TASK_MAX_NEW_TOKENS[args.task]
+    if not args.output_dir:
+        raise ValueError("--output_dir is empty")
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; expected one of {TASKS}")
+
+
+def setup_accelerator(args, algo: str) -> Accelerator:
+    """Accelerator with TensorBoard tracking under `output_dir`, and seeding as one block (per-rank offset)."""
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no",
+                              log_with=args.report_to or None, project_dir=args.output_dir)
+    set_seed(args.seed + accelerator.process_index)
+    torch.use_deterministic_algorithms(False)
+    config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
+    if args.report_to:
+        accelerator.init_trackers(algo, config=config)
+    accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}")
+    return accelerator
+
+
+def iterate_batches(examples: list, per_device_batch_size: int, grad_accum: int, seed: int, epoch: int,
+                    accelerator: Accelerator, start: int = 0) -> Iterator[tuple[int, list]]:
+    """This process's micro-batches of one epoch, as (index, examples), from index `start` on (for resume).
+    The permutation depends only on (seed, epoch); each global batch of `per_device_batch_size * processes` is cut
+    into per-process slices, so one process with batch 2b sees the same data per step as two with batch b.
+    Incomplete global batches and accumulation windows at the end of an epoch are dropped."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    global_bs = per_device_batch_size * world
+    n_batches = len(perm) // global_bs // grad_accum * grad_accum
+    for b in range(start, n_batches):
+        idx = perm[b * global_bs + rank * per_device_batch_size : b * global_bs + (rank + 1) * per_device_batch_size]
+        yield b, [examples[i] for i in idx]
+
+
+def batches_per_epoch(n_examples: int, args, accelerator: Accelerator) -> int:
+    return n_examples // (args.per_device_batch_size * accelerator.num_processes) // args.grad_accum * args.grad_accum
+
+
+def global_token_scale(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor:
+    """Factor that turns a per-process token mean into this process's share of the global token mean: DDP averages
+    gradients over processes, so loss_local * (n_local * world / n_global) sums to the global token mean."""
+    n_local = mask.sum()
+    n_global = accelerator.reduce(n_local.detach().clone(), reduction="sum")
+    return n_local * accelerator.num_processes / n_global.clamp(min=1)
+
+
+def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: str) -> None:
+    """Log to the trackers and append to `output_dir/metrics.jsonl` (main process), one line per optimizer step."""
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> None:
+    """Atomic: accelerate's full state (models, optimizers, registered schedulers, RNG) plus `state` goes to a temp
+    dir that is renamed into place only when complete, so a kill during the save leaves the last good one intact."""
+    final, tmp, old = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        _write_json_atomic(os.path.join(tmp, "trainer_state.json"), state)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
+    """Restore the last good checkpoint (falls back to `checkpoint.old` if a save was cut off mid-swap)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(os.path.join(path, "trainer_state.json")):
+            accelerator.load_state(path)
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                state = json.load(f)
+            accelerator.print(f"resumed from {path} at step {state['step']}")
+            return state
+    return None
+
+
+def save_model(accelerator: Accelerator, model, tokenizer, path: str) -> None:
+    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe)."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "merge_and_unload"):  # LoRA: save the merged model, loadable without peft
+            unwrapped, state_dict = unwrapped.merge_and_unload(), None
+        unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Accelerator | None = None,
+             max_new_tokens: int = 256, gen_batch_size: int = 256, sampled_seeds: int = 1, pass_k: tuple = (),
+             pass_n: int = 0, pass_sampling: dict | None = None, seed: int = 0) -> dict:
+    """Greedy accuracy; sampled accuracy (the paper's T=0.7, top_p=0.9, top_k=16) as mean and std over seeds;
+    optionally pass@k from `pass_n` samples per problem (default sampling as above)."""
+    policy = accelerator.unwrap_model(model) if accelerator else model
+    prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
+    answers = [p["answer"] for p in problems]
+    common = dict(max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, accelerator=accelerator)
+    greedy = rollout(policy, tokenizer, prompts, answers, task, temperature=0.0, desc="eval greedy", **common)
+    out = {"greedy": float(np.mean([r["reward"] for r in greedy])), "n_problems": len(problems)}
+    accs = []
+    for s in range(sampled_seeds):
+        rows = rollout(policy, tokenizer, prompts, answers, task, seed=seed + s, desc="eval sampled", **EVAL_SAMPLING,
+                       **common)
+        accs.append(np.mean([r["reward"] for r in rows]))
+    if accs:
+        out.update(sampled=float(np.mean(accs)), sampled_std=float(np.std(accs)), sampled_seeds=len(accs))
+    if pass_n:
+        rows = rollout(policy, tokenizer, prompts, answers, task, n=pass_n, seed=seed + 10_000, desc="eval pass@k",
+                       **(pass_sampling or EVAL_SAMPLING), **common)
+        correct = np.array([r["reward"] for r in rows]).reshape(len(problems), pass_n).sum(1)
+        for k in pass_k:
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(pass_n, int(c), k) for c in correct]))
+    out["truncated"] = float(np.mean([r["truncated"] for r in greedy]))
+    out["samples"] = [{"question": problems[i]["question"], "response": greedy[i]["response"],
+                       "reward": greedy[i]["reward"]} for i in range(min(3, len(problems)))]
+    return out
+
+
+def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator) -> dict:
+    """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
+    model, task and test set reuses it."""
+    key = _cache_key(dict(model=model_key(args), task=args.task, test_file=args.test_file, n=len(problems),
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, v=1))
+    path = os.path.join(args.cache_dir, "eval", f"{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    with reference_mode(accelerator.unwrap_model(model)):
+        out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
+                       seed=args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_json_atomic(path, out)
+    return out
+
+
+def format_results(results: dict[str, dict]) -> str:
+    """A plain-text table: one row per evaluated policy."""
+    keys = [k for k in ("greedy", "sampled", "sampled_std") if any(k in r for r in results.values())]
+    keys += sorted({k for r in results.values() for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    lines = [f"{'policy':<12}" + "".join(f"{k:>12}" for k in keys)]
+    for name, r in results.items():
+        lines.append(f"{name:<12}" + "".join(f"{r[k]:>12.4f}" if k in r else f"{'-':>12}" for k in keys))
+    return "\n".join(lines)
+
+
+def log_eval(accelerator: Accelerator, results: dict[str, dict], step: int, output_dir: str) -> None:
+    """Print the table, log charts/*, and write results.json beside the run."""
+    accelerator.print(format_results(results))
+    last = list(results.values())[-1]
+    accelerator.log({f"charts/{k}": v for k, v in last.items() if isinstance(v, float)}, step=step)
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        _write_json_atomic(os.path.join(output_dir, "results.json"), results)
+
+
+def throughput(tokens: float, since: float) -> float:
+    return tokens / max(time.time() - since, 1e-9)

@@ -1,0 +1,223 @@
+# DPO: https://arxiv.org/abs/2305.18290, as the baseline in DQO https://arxiv.org/abs/2410.09302
+"""Direct preference optimisation on (correct, incorrect) pairs of the reference policy's own samples.
+
+Objective, over pairs (x, y_w, y_l) built from the offline dataset D (y_w correct, y_l incorrect, same prompt x):
+    min_θ  E [ -log σ( β (log π_θ(y_w|x) - log π_ref(y_w|x)) - β (log π_θ(y_l|x) - log π_ref(y_l|x)) ) ]  (pair mean)
+with log π(y|x) = Σ_t log π(y_t | x, y_<t), a sequence log-prob.
+
+Launch:
+    python dpo.py                                                    # embedded default: arith task, tiny model, CPU
+    python dpo.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
+    accelerate launch --config_file configs/fsdp.yaml dpo.py --model google/gemma-1.1-7b-it --task gsm8k
+
+Deviations from the paper:
+    - Pairs follow the DQO paper (Appendix A), not human preferences: for each prompt every correct response is paired
+      with every incorrect one and at most --max_pairs_per_prompt pairs are sampled (seeded); prompts whose responses
+      are all correct or all incorrect give no pairs and are dropped (their number is printed).
+    - log π_ref is the per-token reference log-prob stored with the offline dataset when it was sampled, so no
+      reference model is kept in memory.
+    - The tiny default (TINY) uses a far larger lr and β than the paper's 7B setting (PAPER): a 536k-parameter model
+      trained for a few hundred steps needs them to move at all.
+"""
+
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+from common import (
+    arg,
+    batches_per_epoch,
+    build_offline_dataset,
+    collate,
+    evaluate,
+    evaluate_reference,
+    iterate_batches,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    load_task,
+    log_eval,
+    log_metrics,
+    resolve_defaults,
+    save_checkpoint,
+    save_model,
+    setup_accelerator,
+    throughput,
+    token_logprobs,
+)
+
+
+@dataclass
+class Args:
+    model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
+    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
+    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
+    n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
+    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
+    seed: int = arg(1, "seed for sampling, data order and initialisation")
+    output_dir: str = arg("runs/dpo", "where checkpoints, the final model, metrics and results go")
+    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
+    n_samples: int = arg(8, "reference samples per training prompt in the offline dataset (paper: 20)")
+    temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
+    top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
+    top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    gen_batch_size: int = arg(256, "sequences per generate call")
+    epochs: int | None = arg(None, "passes over the training data")
+    lr: float | None = arg(None, "policy learning rate")
+    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    per_device_batch_size: int | None = arg(None, "micro-batch per process")
+    grad_accum: int = arg(1, "gradient accumulation steps; global batch = per_device_batch_size * processes * grad_accum")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
+    report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
+    beta: float | None = arg(None, "KL coefficient β (paper: 0.1)")
+    # Algorithm-specific arguments
+    max_pairs_per_prompt: int = arg(12, "at most this many (correct, incorrect) pairs per prompt, sampled (DQO paper: 12)")
+
+
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, per_device_batch_size=16, beta=0.1)
+PAPER = dict(epochs=1, lr=5e-8, per_device_batch_size=8, beta=0.1)  # DQO App. A (Gemma): 1 epoch, batch 64 = 8 x 8 GPUs
+
+
+# ALGO LOGIC: loss
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """The DPO loss, a pair mean (a loss to minimise):
+
+        L = mean_b [ -log σ( β · ((π_c[b] - ref_c[b]) - (π_r[b] - ref_r[b])) ) ]
+
+    All four arguments are (B,) sequence log-probs (sums over response tokens) of the chosen (correct) and rejected
+    (incorrect) response of each pair, under the policy π_θ and the reference. At π_θ = π_ref the loss is log 2.
+    Metrics (TRL's names): the implicit rewards β(π - ref) of chosen and rejected, the fraction of pairs whose chosen
+    reward is higher (rewards/accuracies) and the mean reward margin (rewards/margins). Returns (loss, metrics)."""
+    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    loss = -F.logsigmoid(beta * logits).mean()  # scalar
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return loss, {"losses/policy": loss.item(), "rewards/chosen": chosen_rewards.mean().item(),
+                  "rewards/rejected": rejected_rewards.mean().item(),
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                  "rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
+
+
+def build_pairs(rows: list[dict], max_pairs_per_prompt: int, seed: int) -> tuple[list[list[dict]], int]:
+    """DQO paper, Appendix A: per prompt, every correct response paired with every incorrect one, then at most
+    `max_pairs_per_prompt` of those pairs sampled with a seeded RNG (the same on every process). A row is correct iff
+    its reward is 1. Returns ([chosen, rejected] pairs, number of prompts dropped for having no pair)."""
+    by_prompt = defaultdict(lambda: ([], []))  # prompt_idx -> (correct rows, incorrect rows)
+    for i, r in enumerate(rows):
+        if not isinstance(r["reward"], int | float) or r["reward"] != r["reward"]:
+            raise ValueError(f"offline dataset row {i} (prompt {r['prompt_idx']}): reward {r['reward']!r} is not a number")
+        by_prompt[r["prompt_idx"]][0 if r["reward"] == 1.0 else 1].append(r)
+    rng, pairs, dropped = random.Random(seed), [], 0
+    for idx in sorted(by_prompt):
+        correct, incorrect = by_prompt[idx]
+        candidates = [[c, w] for c in correct for w in incorrect]
+        dropped += not candidates
+        pairs += rng.sample(candidates, max_pairs_per_prompt) if len(candidates) > max_pairs_per_prompt else candidates
+    if not pairs:
+        n_correct = sum(bool(c) and not w for c, w in by_prompt.values())
+        raise ValueError(f"DPO has no training pairs: none of the {len(by_prompt)} prompts has both a correct and an "
+                         f"incorrect response ({n_correct} all correct, {len(by_prompt) - n_correct} all incorrect); "
+                         "sample more responses per prompt (--n_samples) or use a task the reference partly solves")
+    return pairs, dropped
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    resolve_defaults(args, TINY, PAPER)
+
+    # setup
+    accelerator = setup_accelerator(args, "dpo")
+    device = accelerator.device
+
+    # models
+    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # data
+    train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
+    test_problems = load_task(args.task, "test", args.test_file, args.n_test)
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    # ALGO LOGIC: data
+    rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
+    examples, n_dropped = build_pairs(rows, args.max_pairs_per_prompt, args.seed)  # [chosen, rejected] pairs
+    accelerator.print(f"DPO pairs: {len(examples)} from {len(train_problems) - n_dropped} prompts; {n_dropped} prompts "
+                      "dropped (all responses correct or all incorrect)")
+    accelerator.print(f"training on {len(examples)} examples")
+    token_fields, seq_fields = ("ref_logps",), ()
+
+    # training loop
+    steps_per_epoch = batches_per_epoch(len(examples), args, accelerator) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples is less than one global batch; lower --per_device_batch_size")
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
+    step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
+    results = state["results"] if state else results
+    bar = tqdm(total=steps_per_epoch * args.epochs, initial=step, desc="train", disable=not accelerator.is_main_process)
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        t0, tokens = time.time(), 0.0
+        for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
+                                             accelerator, start=start_batch if epoch == start_epoch else 0):
+            batch = {k: v.to(device) for k, v in collate([r for pair in batch_rows for r in pair], tokenizer.pad_token_id,
+                                                            token_fields, seq_fields).items()}  # chosen, rejected, ...
+            with accelerator.accumulate(model):
+                policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
+                # ALGO LOGIC: loss
+                policy_seq_logps = (policy_logps * batch["mask"]).sum(-1)  # (2B,) chosen and rejected interleaved
+                ref_seq_logps = (batch["ref_logps"] * batch["mask"]).sum(-1)  # (2B,)
+                loss, metrics = dpo_loss(policy_seq_logps[0::2], policy_seq_logps[1::2], ref_seq_logps[0::2],
+                                         ref_seq_logps[1::2], args.beta)  # a pair mean: DDP's gradient mean is exact
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens += batch["attention_mask"].sum().item()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
+                    steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
+                log_metrics(accelerator, metrics, step, args.output_dir)
+                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
+                if args.eval_every and step % args.eval_every == 0:
+                    results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                      args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+                    log_eval(accelerator, results, step, args.output_dir)
+        if not args.eval_every and epoch + 1 < args.epochs:
+            results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                    args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+            log_eval(accelerator, results, step, args.output_dir)
+    bar.close()
+
+    # evaluate and save
+    results["final"] = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
+                                args.gen_batch_size, seed=args.seed)
+    log_eval(accelerator, results, step, args.output_dir)
+    save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+# DRO: https://arxiv.org/abs/2405.19107, as the baseline in DQO https://arxiv.org/abs/2410.09302
+"""Direct reward optimisation (DRO-V, Algorithm 1 of Richemond et al. 2024) on the reference policy's own samples.
+
+Objective, over the offline dataset D of single responses with reward r in {0, 1}, with the sequence log-probs
+log π(y|x) = Σ_t log π(y_t | x, y_<t) and a separate value network V_φ(x) (the 1/τ-rescaled form the paper trains):
+    policy:  min_θ  E_D [ -log π_θ(y|x) · sg(r - V_φ(x)) + β/2 · (log π_θ(y|x) - log π_ref(y|x))² ]
+    value:   min_φ  E_D [ 1/2 · (r - V_φ(x) - β · sg(log π_θ(y|x) - log π_ref(y|x)))² ]          (sg: stop-gradient)
+
+Launch:
+    python dro.py                                                    # embedded default: arith task, tiny model, CPU
+    python dro.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
+    accelerate launch --config_file configs/fsdp.yaml dro.py --model google/gemma-1.1-7b-it --task gsm8k
+
+Deviations from the paper:
+    - V_φ(x) is a separate copy of the reference's backbone (the causal LM without its LM head) with a zero-initialised
+      scalar linear head, read at the last prompt token, with its own optimizer and --value_lr: the DRO paper found a
+      separate value network and per-prompt values work better than sharing the policy's parameters. It is computed
+      once per distinct prompt of a batch and shared by that prompt's responses, and saved to output_dir/value_model
+      (the backbone as save_pretrained, the head as value_head.safetensors).
+    - log π_ref is the per-token reference log-prob stored with the offline dataset when it was sampled, so no
+      reference model is kept in memory.
+    - The tiny default (TINY) uses a far larger lr, value lr and β than the paper's 7B setting (PAPER): a 536k-parameter
+      model trained for a few hundred steps needs them to move at all.
+"""
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+from common import (
+    arg,
+    batches_per_epoch,
+    build_offline_dataset,
+    collate,
+    evaluate,
+    evaluate_reference,
+    iterate_batches,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    load_task,
+    log_eval,
+    log_metrics,
+    resolve_defaults,
+    save_checkpoint,
+    save_model,
+    setup_accelerator,
+    throughput,
+    token_logprobs,
+)
+
+
+@dataclass
+class Args:
+    model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
+    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
+    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
+    n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
+    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
+    seed: int = arg(1, "seed for sampling, data order and initialisation")
+    output_dir: str = arg("runs/dro", "where checkpoints, the final model, metrics and results go")
+    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
+    n_samples: int = arg(8, "reference samples per training prompt in the offline dataset (paper: 20)")
+    temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
+    top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
+    top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    gen_batch_size: int = arg(256, "sequences per generate call")
+    epochs: int | None = arg(None, "passes over the training data")
+    lr: float | None = arg(None, "policy learning rate")
+    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    per_device_batch_size: int | None = arg(None, "micro-batch per process")
+    grad_accum: int = arg(1, "gradient accumulation steps; global batch = per_device_batch_size * processes * grad_accum")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
+    report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
+    beta: float | None = arg(None, "KL coefficient β (paper: 0.03)")
+    # Algorithm-specific arguments
+    value_lr: float | None = arg(None, "value-network learning rate (paper: 1e-6)")
+
+
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, per_device_batch_size=32, beta=0.03, value_lr=1e-3)
+# DQO App. A: β 0.03, policy lr 1e-7 (Gemma; 5e-7 for Qwen), value lr 1e-6, global batch 256 = 32 x 8 GPUs
+PAPER = dict(epochs=1, lr=1e-7, per_device_batch_size=32, beta=0.03, value_lr=1e-6)
+
+
+# ALGO LOGIC: loss
+def dro_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor, rewards: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """DRO-V's two losses (Richemond et al. 2024, Algorithm 1, 1/τ-rescaled), each a row mean to minimise:
+
+        policy_loss = mean_b [ -π[b] · sg(r[b] - V[b]) + β/2 · (π[b] - ref[b])² ]
+        value_loss  = mean_b [ 1/2 · (r[b] - V[b] - β · sg(π[b] - ref[b]))² ]
+
+    policy_logps (π), ref_logps (ref): (B,) sequence log-probs (sums over response tokens) under π_θ and π_ref;
+    values (V): (B,) V_φ(x) of each row's prompt; rewards (r): (B,). sg is stop-gradient: the policy loss sends no
+    gradient into `values`, the value loss none into `policy_logps`. Returns (policy_loss, value_loss, metrics)."""
+    logratios = policy_logps - ref_logps  # (B,)
+    policy_loss = (-policy_logps * (rewards - values).detach() + beta / 2 * logratios**2).mean()  # scalar
+    value_loss = (0.5 * (rewards - values - beta * logratios.detach()) ** 2).mean()  # scalar
+    return policy_loss, value_loss, {
+        "losses/policy": policy_loss.item(), "losses/value": value_loss.item(), "rewards/mean": rewards.mean().item(),
+        "rewards/value": values.mean().item(), "rewards/advantage_abs": (rewards - values).abs().mean().item(),
+        "rewards/logratio": logratios.mean().item()}
+
+
+class ValueModel(torch.nn.Module):
+    """V_φ(x): a separate copy of the reference's backbone (the causal LM without its LM head) and a scalar linear head
+    (zero-initialised, so V = 0 at the start), read at the last prompt token."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.backbone = copy.deepcopy(policy.base_model)  # e.g. LlamaModel: loadable on its own with AutoModel
+        self.head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (P, L) right-padded prompts; last: (P,) index of each last prompt token -> (P,)"""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()  # (P,)
+
+
+def prompt_values(value_model, batch: dict) -> torch.Tensor:
+    """(B,) V_φ(x) of each row's prompt: one value-model forward over the distinct prompts of the batch (prompt tokens
+    only), shared by all rows that answer the same prompt."""
+    prompts, inverse = torch.unique(batch["prompt_idx"], return_inverse=True)  # (P,), (B,)
+    first = torch.empty_like(prompts, dtype=torch.long).scatter_(0, inverse, torch.arange(len(inverse),
+                                                                                             device=inverse.device))
+    prompt_len = batch["mask"].argmax(-1)[first]  # (P,) the first response position = the prompt length
+    L = int(prompt_len.max())
+    attention_mask = (torch.arange(L, device=prompt_len.device) < prompt_len[:, None]).long()  # (P, L)
+    return value_model(batch["input_ids"][first, :L], attention_mask, prompt_len - 1)[inverse]  # (B,)
+
+
+def check_rewards(rows: list[dict]) -> None:
+    for i, r in enumerate(rows):
+        if not isinstance(r["reward"], int | float) or r["reward"] != r["reward"] or abs(r["reward"]) == float("inf"):
+            raise ValueError(f"offline dataset row {i} (prompt {r['prompt_idx']}): reward {r['reward']!r} is not a number")
+
+
+def save_value_model(accelerator, value_model, path: str) -> None:
+    """The value model beside the policy: the backbone as save_pretrained (AutoModel.from_pretrained loads it), the
+    head as value_head.safetensors ({weight: (1, H), bias: (1,)}). Consolidated across processes (FSDP-safe)."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(value_model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(value_model)
+        unwrapped.backbone.save_pretrained(path, safe_serialization=True, state_dict={
+            k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")})
+        save_file({k.removeprefix("head."): v.contiguous() for k, v in state_dict.items() if k.startswith("head.")},
+                  os.path.join(path, "value_head.safetensors"))
+    accelerator.wait_for_everyone()
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    resolve_defaults(args, TINY, PAPER)
+
+    # setup
+    accelerator = setup_accelerator(args, "dro")
+    device = accelerator.device
+
+    # models
+    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    value_model = ValueModel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr, weight_decay=0.0)
+    model, value_model, optimizer, value_optimizer = accelerator.prepare(model, value_model, optimizer, value_optimizer)
+
+    # data
+    train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
+    test_problems = load_task(args.task, "test", args.test_file, args.n_test)
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    # ALGO LOGIC: data
+    examples = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)  # every response
+    check_rewards(examples)
+    accelerator.print(f"training on {len(examples)} examples")
+    token_fields, seq_fields = ("ref_logps",), ("reward", "prompt_idx")
+
+    # training loop
+    steps_per_epoch = batches_per_epoch(len(examples), args, accelerator) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples is less than one global batch; lower --per_device_batch_size")
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
+    step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
+    results = state["results"] if state else results
+    bar = tqdm(total=steps_per_epoch * args.epochs, initial=step, desc="train", disable=not accelerator.is_main_process)
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        t0, tokens = time.time(), 0.0
+        for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
+                                             accelerator, start=start_batch if epoch == start_epoch else 0):
+            batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
+                                                            seq_fields).items()}
+            with accelerator.accumulate(model, value_model):
+                policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
+                # ALGO LOGIC: loss
+                values = prompt_values(value_model, batch)  # (B,)
+                loss, value_loss, metrics = dro_loss((policy_logps * batch["mask"]).sum(-1), (batch["ref_logps"] * batch[
+                    "mask"]).sum(-1), values, batch["reward"], args.beta)  # row means: DDP's gradient mean is exact
+                accelerator.backward(loss + value_loss)  # disjoint parameters: each loss reaches only its own model
+                if accelerator.sync_gradients:
+                    metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                    metrics["charts/value_grad_norm"] = accelerator.clip_grad_norm_(value_model.parameters(),
+                                                                                    args.max_grad_norm).item()
+                optimizer.step()
+                value_optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value_optimizer.zero_grad(set_to_none=True)
+            tokens += batch["attention_mask"].sum().item()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics["losses/value"] = accelerator.reduce(value_loss.detach(), "mean").item()
+                metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
+                    steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
+                log_metrics(accelerator, metrics, step, args.output_dir)
+                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
+                if args.eval_every and step % args.eval_every == 0:
+                    results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                      args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+                    log_eval(accelerator, results, step, args.output_dir)
+        if not args.eval_every and epoch + 1 < args.epochs:
+            results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                    args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+            log_eval(accelerator, results, step, args.output_dir)
+    bar.close()
+
+    # evaluate and save
+    results["final"] = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
+                                args.gen_batch_size, seed=args.seed)
+    log_eval(accelerator, results, step, args.output_dir)
+    save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
+    save_value_model(accelerator, value_model, os.path.join(args.output_dir, "value_model"))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+# Evaluation protocol of DQO https://arxiv.org/abs/2410.09302 (greedy; T=0.7, top_p=0.9, top_k=16) and pass@k
+"""Evaluate a policy: greedy accuracy, sampled accuracy as mean ± std over seeds, and unbiased pass@k.
+
+    python eval.py                                          # the embedded tiny reference on arith
+    python eval.py --model runs/dqo/model --task arith
+    python eval.py --model google/gemma-1.1-7b-it --task gsm8k --bf16
+    python eval.py --model PATH --task math --test_file ../shared/data/math500/test.jsonl
+    python eval.py --model PATH --pass_n 20 --pass_k 1,10 --pass_temperature 0.4 --pass_top_p 0.95 --pass_top_k 0  # SPO
+
+Writes a JSON result (`--output`, default `<model dir or cache>/eval-<task>.json`) and prints a table.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+from transformers import HfArgumentParser
+
+from common import arg, evaluate, format_results, load_model_and_tokenizer, load_task, setup_accelerator
+
+
+@dataclass
+class Args:
+    model: str = arg("tiny", "hub id or local save_pretrained dir; `tiny` = the embedded reference")
+    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
+    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
+    seeds: int = arg(5, "sampled-accuracy seeds (mean ± std)")
+    seed: int = arg(0, "first seed")
+    pass_n: int = arg(16, "samples per problem for pass@k (0: skip)")
+    pass_k: str = arg("1,4,16", "comma-separated k for pass@k (each ≤ pass_n)")
+    pass_temperature: float = arg(0.7, "pass@k sampling temperature (DQO protocol 0.7; SPO reports 0.4)")
+    pass_top_p: float = arg(0.9, "pass@k sampling top_p (DQO 0.9; SPO 0.95)")
+    pass_top_k: int = arg(16, "pass@k sampling top_k (DQO 16; 0 = off)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    gen_batch_size: int = arg(256, "sequences per generate call")
+    bf16: bool = arg(False, "bf16 weights (GPU)")
+    cache_dir: str = arg(".cache", "where the tiny reference is cached")
+    output: str = arg("", "JSON result path (default: beside the model, or in cache_dir for hub ids)")
+    report_to: str = arg("", "accelerate tracker (none by default)")
+    output_dir: str = arg("runs/eval", "tracker directory")
+    grad_accum: int = arg(1, "unused; shared plumbing")
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    from common import TASK_MAX_NEW_TOKENS
+
+    args.max_new_tokens = args.max_new_tokens or TASK_MAX_NEW_TOKENS.get(args.task, 512)
+    ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip()) if args.pass_n else ()
+    if any(k > args.pass_n for k in ks):
+        raise ValueError(f"--pass_k {args.pass_k}: every k must be ≤ --pass_n {args.pass_n}")
+    accelerator = setup_accelerator(args, "eval")
+    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    model = accelerator.prepare(model)
+    problems = load_task(args.task, "test", args.test_file, args.n_test)
+    sampling = dict(temperature=args.pass_temperature, top_p=args.pass_top_p, top_k=args.pass_top_k)
+    out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
+                   sampled_seeds=args.seeds, pass_k=ks, pass_n=args.pass_n, pass_sampling=sampling, seed=args.seed)
+    out.update(model=args.model, task=args.task, pass_sampling=sampling if args.pass_n else None)
+    accelerator.print(format_results({os.path.basename(args.model.rstrip("/")) or args.model: out}))
+    accelerator.print(f"sampled accuracy: {out['sampled']:.4f} ± {out['sampled_std']:.4f} over {args.seeds} seeds"
+                      if args.seeds else "")
+    path = args.output or os.path.join(args.model if os.path.isdir(args.model) else args.cache_dir, f"eval-{args.task}.json")
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {path}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+# KTO: https://arxiv.org/abs/2402.01306, as the baseline in DQO https://arxiv.org/abs/2410.09302
+"""Kahneman-Tversky optimisation on the reference policy's own samples, labelled desirable iff correct.
+
+Objective, over the offline dataset D, with h(x, y) = log π_θ(y|x) - log π_ref(y|x) (sequence log-probs):
+    min_θ  E_D [ λ_D (1 - σ(β (h - z0)))  if y is correct,   λ_U (1 - σ(β (z0 - h)))  otherwise ]   (row mean)
+    z0 = max(0, mean over the batch of h(x_i, y_{i+1})), detached: the KL reference point, from mismatched pairs.
+
+Launch:
+    python kto.py                                                    # embedded default: arith task, tiny model, CPU
+    python kto.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
+    accelerate launch --config_file configs/fsdp.yaml kto.py --model google/gemma-1.1-7b-it --task gsm8k
+
+Deviations from the paper:
+    - Desirable means reward 1 on the verifier, not a human label. λ_D is set from the data so that
+      λ_D n_D / (λ_U n_U) = 1, the low end of the KTO paper's recommended [1, 4/3]; --desirable_weight overrides it.
+    - z0 pairs prompt i with the completion of row i+1 (mod B) of the same micro-batch, as TRL does; with several
+      responses per prompt that neighbour may answer the same prompt. Under several processes the mismatched log-probs
+      are gathered, so z0 is the global-batch estimate.
+    - log π_ref of the matched pairs is the one stored with the offline dataset; a frozen copy of the reference is kept
+      only for the mismatched pairs, whose completions change with every batch.
+    - The tiny default (TINY) uses a far larger lr than the paper's 7B setting (PAPER): a 536k-parameter model trained
+      for a few hundred steps needs it to move at all.
+"""
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+from common import (
+    arg,
+    batches_per_epoch,
+    build_offline_dataset,
+    collate,
+    evaluate,
+    evaluate_reference,
+    iterate_batches,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    load_task,
+    log_eval,
+    log_metrics,
+    resolve_defaults,
+    save_checkpoint,
+    save_model,
+    setup_accelerator,
+    throughput,
+    token_logprobs,
+)
+
+
+@dataclass
+class Args:
+    model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
+    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
+    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
+    n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
+    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
+    seed: int = arg(1, "seed for sampling, data order and initialisation")
+    output_dir: str = arg("runs/kto", "where checkpoints, the final model, metrics and results go")
+    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
+    n_samples: int = arg(8, "reference samples per training prompt in the offline dataset (paper: 20)")
+    temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
+    top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
+    top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    gen_batch_size: int = arg(256, "sequences per generate call")
+    epochs: int | None = arg(None, "passes over the training data")
+    lr: float | None = arg(None, "policy learning rate")
+    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    per_device_batch_size: int | None = arg(None, "micro-batch per process")
+    grad_accum: int = arg(1, "gradient accumulation steps; global batch = per_device_batch_size * processes * grad_accum")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
+    report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
+    beta: float | None = arg(None, "KL coefficient β (paper: 0.1)")
+    # Algorithm-specific arguments
+    desirable_weight: float | None = arg(None, "λ_D (default: λ_U n_U / n_D, so that λ_D n_D / (λ_U n_U) = 1)")
+    undesirable_weight: float = arg(1.0, "λ_U (KTO paper: 1)")
+
+
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, per_device_batch_size=16, beta=0.1)
+PAPER = dict(epochs=1, lr=5e-8, per_device_batch_size=8, beta=0.1)  # as DPO in DQO App. A; β 0.1 as in the KTO paper
+
+
+# ALGO LOGIC: loss
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, kl_policy_logps: torch.Tensor,
+             kl_ref_logps: torch.Tensor, desirable: torch.Tensor, beta: float, desirable_weight: float,
+             undesirable_weight: float) -> tuple[torch.Tensor, dict]:
+    """The KTO loss, a row mean (a loss to minimise). With h = policy_logps - ref_logps and the reference point
+    z0 = max(0, mean(kl_policy_logps - kl_ref_logps)), detached:
+
+        L = mean_b [ λ_D (1 - σ(β (h[b] - z0)))   if desirable[b]
+                     λ_U (1 - σ(β (z0 - h[b])))   otherwise ]
+
+    policy_logps, ref_logps: (B,) sequence log-probs (sums over response tokens) of each row under π_θ and π_ref;
+    kl_policy_logps, kl_ref_logps: (B_kl,) the same for mismatched (prompt, completion) pairs, e.g. prompt i with
+    the completion of row i+1 (mod B); under several processes pass them gathered from all processes. No gradient
+    flows through z0. desirable: (B,) bool. Returns (loss, metrics)."""
+    z0 = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()  # scalar
+    logratios = policy_logps - ref_logps  # (B,)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))  # (B,)
+    loss = losses.mean()  # scalar
+    rewards = beta * logratios.detach()  # (B,)
+    metrics = {"losses/policy": loss.item(), "rewards/kl": z0.item(),
+               "rewards/desirable_fraction": desirable.float().mean().item()}
+    if desirable.any():
+        metrics["rewards/desirable"] = rewards[desirable].mean().item()
+    if not desirable.all():
+        metrics["rewards/undesirable"] = rewards[~desirable].mean().item()
+    return loss, metrics
+
+
+def mismatched_pairs(rows: list[dict]) -> list[dict]:
+    """The rows of z0's estimate: prompt i with the completion of row i+1 (mod B), never a row with itself."""
+    if len(rows) < 2:
+        raise ValueError(f"KTO's z0 needs at least 2 rows per micro-batch (got {len(rows)}): a row's prompt is paired "
+                         "with another row's completion; raise --per_device_batch_size")
+    return [{"prompt_ids": r["prompt_ids"], "response_ids": rows[(i + 1) % len(rows)]["response_ids"]}
+            for i, r in enumerate(rows)]
+
+
+def kto_weights(rows: list[dict], desirable_weight: float | None, undesirable_weight: float) -> tuple[float, float]:
+    """(λ_D, λ_U). Desirable iff reward 1. λ_D defaults to λ_U n_U / n_D, so that λ_D n_D / (λ_U n_U) = 1, the low end
+    of the KTO paper's recommended [1, 4/3]; a given `desirable_weight` is used as is."""
+    for i, r in enumerate(rows):
+        if not isinstance(r["reward"], int | float) or r["reward"] != r["reward"]:
+            raise ValueError(f"offline dataset row {i} (prompt {r['prompt_idx']}): reward {r['reward']!r} is not a number")
+    n_d = sum(r["reward"] == 1.0 for r in rows)
+    if desirable_weight is None and n_d in (0, len(rows)):
+        raise ValueError(f"KTO: {n_d} of {len(rows)} responses are correct, so λ_D n_D / (λ_U n_U) cannot be balanced; "
+                         "pass --desirable_weight explicitly")
+    if desirable_weight is None:
+        desirable_weight = undesirable_weight * (len(rows) - n_d) / n_d
+    return desirable_weight, undesirable_weight
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    resolve_defaults(args, TINY, PAPER)
+    if args.per_device_batch_size < 2:  # fail before any work: z0 needs a mismatched pair per row
+        raise ValueError(f"KTO needs --per_device_batch_size >= 2 (got {args.per_device_batch_size}): z0 pairs each "
+                         "row's prompt with another row's completion")
+
+    # setup
+    accelerator = setup_accelerator(args, "kto")
+    device = accelerator.device
+
+    # models
+    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)  # frozen π_ref, for z0's pairs only
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # data
+    train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
+    test_problems = load_task(args.task, "test", args.test_file, args.n_test)
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    # ALGO LOGIC: data
+    examples = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)  # every response
+    desirable_weight, undesirable_weight = kto_weights(examples, args.desirable_weight, args.undesirable_weight)
+    n_d = sum(r["reward"] == 1.0 for r in examples)
+    accelerator.print(f"KTO: {n_d} desirable, {len(examples) - n_d} undesirable; λ_D {desirable_weight:.3f}, "
+                      f"λ_U {undesirable_weight:.3f}")
+    accelerator.print(f"training on {len(examples)} examples")
+    token_fields, seq_fields = ("ref_logps",), ("reward",)
+
+    # training loop
+    steps_per_epoch = batches_per_epoch(len(examples), args, accelerator) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples is less than one global batch; lower --per_device_batch_size")
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
+    step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
+    results = state["results"] if state else results
+    bar = tqdm(total=steps_per_epoch * args.epochs, initial=step, desc="train", disable=not accelerator.is_main_process)
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        t0, tokens = time.time(), 0.0
+        for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
+                                             accelerator, start=start_batch if epoch == start_epoch else 0):
+            batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
+                                                            seq_fields).items()}
+            with accelerator.accumulate(model):
+                policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
+                # ALGO LOGIC: loss
+                kl = {k: v.to(device) for k, v in collate(mismatched_pairs(batch_rows), tokenizer.pad_token_id).items()}
+                with torch.no_grad():  # z0 is detached: its log-probs need no graph
+                    kl_policy_logps = (token_logprobs(model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
+                    kl_ref_logps = (token_logprobs(ref_model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
+                loss, metrics = kto_loss((policy_logps * batch["mask"]).sum(-1), (batch["ref_logps"] * batch["mask"]).sum(-1),
+                                         accelerator.gather(kl_policy_logps), accelerator.gather(kl_ref_logps),
+                                         batch["reward"] == 1.0, args.beta, desirable_weight, undesirable_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens += batch["attention_mask"].sum().item()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
+                    steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
+                log_metrics(accelerator, metrics, step, args.output_dir)
+                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
+                if args.eval_every and step % args.eval_every == 0:
+                    results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                      args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+                    log_eval(accelerator, results, step, args.output_dir)
+        if not args.eval_every and epoch + 1 < args.epochs:
+            results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                    args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+            log_eval(accelerator, results, step, args.output_dir)
+    bar.close()
+
+    # evaluate and save
+    results["final"] = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
+                                args.gen_batch_size, seed=args.seed)
+    log_eval(accelerator, results, step, args.output_dir)
+    save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+# Rejection sampling (RS / RFT): https://arxiv.org/abs/2308.01825, as the baseline in DQO https://arxiv.org/abs/2410.09302
+"""Rejection sampling: supervised fine-tuning on the policy's own correct samples.
+
+Objective, over the offline dataset D of reference samples with reward r in {0, 1}:
+    max_θ  E_{(x, y) ~ D, r(x, y) = 1} [ Σ_t log π_θ(y_t | x, y_<t) ]     (token mean over the batch)
+
+Launch:
+    python rs.py                                                    # embedded default: arith task, tiny model, CPU
+    python rs.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
+    accelerate launch --config_file configs/fsdp.yaml rs.py --model google/gemma-1.1-7b-it --task gsm8k
+
+Deviations from the paper:
+    - The loss is a token mean over the global batch (all processes), not a per-sequence mean: longer correct
+      solutions are not down-weighted, and the value does not depend on the number of processes.
+    - `--data gold` trains on the dataset's reference solutions instead: the paper's SFT baseline.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+from common import (
+    arg,
+    batches_per_epoch,
+    build_offline_dataset,
+    collate,
+    encode_prompt,
+    encode_response,
+    evaluate,
+    evaluate_reference,
+    global_token_scale,
+    iterate_batches,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    load_task,
+    log_eval,
+    log_metrics,
+    resolve_defaults,
+    save_checkpoint,
+    save_model,
+    setup_accelerator,
+    throughput,
+    token_logprobs,
+)
+
+
+@dataclass
+class Args:
+    model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
+    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
+    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
+    n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
+    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
+    seed: int = arg(1, "seed for sampling, data order and initialisation")
+    output_dir: str = arg("runs/rs", "where checkpoints, the final model, metrics and results go")
+    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
+    n_samples: int = arg(8, "reference samples per training prompt in the offline dataset (paper: 20)")
+    temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
+    top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
+    top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    gen_batch_size: int = arg(256, "sequences per generate call")
+    epochs: int | None = arg(None, "passes over the training data")
+    lr: float | None = arg(None, "policy learning rate")
+    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    per_device_batch_size: int | None = arg(None, "micro-batch per process")
+    grad_accum: int = arg(1, "gradient accumulation steps; global batch = per_device_batch_size * processes * grad_accum")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
+    report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
+    beta: float | None = arg(None, "KL coefficient β (unused by RS; kept so every file takes the same flags)")
+    # Algorithm-specific arguments
+    data: str = arg("samples", "samples: the correct reference samples (RS); gold: the dataset's solutions (SFT)")
+
+
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=3, lr=3e-4, per_device_batch_size=32, beta=0.0)
+PAPER = dict(epochs=3, lr=1e-6, per_device_batch_size=8, beta=0.0)  # DQO paper, Appendix A: 3 epochs
+
+
+# ALGO LOGIC: loss
+def rs_loss(policy_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Negative log-likelihood of the correct responses, as a token mean over the batch (a loss to minimise):
+
+        L = -Σ_{b,t} mask[b,t] · log π_θ(y_t | x, y_<t) / Σ_{b,t} mask[b,t]
+
+    policy_logps: (B, T) per-token log-probs of the policy; mask: (B, T), 1 on response tokens (EOS included).
+    Returns (loss, metrics)."""
+    loss = -(policy_logps * mask).sum() / mask.sum()  # scalar
+    return loss, {"losses/policy": loss.item(), "charts/response_tokens": mask.sum().item()}
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    resolve_defaults(args, TINY, PAPER)
+
+    # setup
+    accelerator = setup_accelerator(args, "rs")
+    device = accelerator.device
+
+    # models
+    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # data
+    train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
+    test_problems = load_task(args.task, "test", args.test_file, args.n_test)
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    # ALGO LOGIC: data
+    if args.data == "gold":
+        examples = [{"prompt_ids": encode_prompt(tokenizer, p["question"], args.task),
+                     "response_ids": encode_response(tokenizer, p["solution"])} for p in train_problems]
+    elif args.data == "samples":
+        rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
+        examples = [r for r in rows if r["reward"] == 1.0 and not r["truncated"]]
+    else:
+        raise ValueError(f"--data {args.data!r}: expected 'samples' or 'gold'")
+    accelerator.print(f"training on {len(examples)} examples")
+    token_fields, seq_fields = (), ()
+
+    # training loop
+    steps_per_epoch = batches_per_epoch(len(examples), args, accelerator) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples is less than one global batch; lower --per_device_batch_size")
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
+    step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
+    results = state["results"] if state else results
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        t0, tokens = time.time(), 0.0
+        for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
+                                             accelerator, start=start_batch if epoch == start_epoch else 0):
+            if step >= total_steps:
+                break
+            batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
+                                                            seq_fields).items()}
+            with accelerator.accumulate(model):
+                policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
+                # ALGO LOGIC: loss
+                loss, metrics = rs_loss(policy_logps, batch["mask"])
+                loss = loss * global_token_scale(accelerator, batch["mask"])  # token mean over all processes
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens += batch["attention_mask"].sum().item()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
+                    steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
+                log_metrics(accelerator, metrics, step, args.output_dir)
+                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
+                if args.eval_every and step % args.eval_every == 0:
+                    results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                      args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+                    log_eval(accelerator, results, step, args.output_dir)
+        if not args.eval_every and epoch + 1 < args.epochs and step < total_steps:
+            results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                    args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+            log_eval(accelerator, results, step, args.output_dir)
+    bar.close()
+
+    # evaluate and save
+    results["final"] = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
+                                args.gen_batch_size, seed=args.seed)
+    log_eval(accelerator, results, step, args.output_dir)
+    save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

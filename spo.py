@@ -1,0 +1,340 @@
+# Soft Policy Optimization (SPO): https://arxiv.org/abs/2503.05453
+"""SPO: soft RL with the cumulative Q-parameterisation, from offline data and fresh rollouts mixed in each batch,
+with no value network.
+
+Objective. The policy is read as a soft Q-function relative to the reference π_0 (paper §2):
+    A_t = β (log π_θ(y_t | s_t) − log π_0(y_t | s_t)),      Q_t = Q̂_0 + Σ_{t' ≤ t} A_t'
+For any θ this Q satisfies the soft Bellman equation β log Σ_a π_0(a | s_t) exp(Q_{t+1}(a) / β) = Q_t (Theorem 2.2),
+so only the terminal condition Q_T = r is learned:
+    min_θ  E_{(x, y) ~ offline data ∪ rollouts} [ (Q_T − r)² ]      (--loss_type squared; bce, advantage_bce, reverse_q)
+with r = reward − 1 ∈ {0, −1} and Q̂_0 = β log E_{π_0}[exp(r / β)] = β log(Ŝ_0 + (1 − Ŝ_0) e^{−1/β}), where Ŝ_0 is the
+prompt's success rate under the reference. The optimum is π_θ ∝ π_0 exp(Q / β): the reference, tilted towards success.
+
+Launch:
+    python spo.py                                                    # embedded default: arith task, tiny model, CPU
+    python spo.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
+    accelerate launch --config_file configs/fsdp.yaml spo.py --model google/gemma-1.1-7b-it --task gsm8k
+    python spo.py --online_fraction 0                                # purely offline (1: purely online)
+
+Memory: one trainable policy (with gradients and AdamW state). With --online_fraction > 0, two frozen copies more
+(weights only, no gradients or optimizer state): the reference, to score fresh rollouts (offline rows carry their
+reference log-probs from the offline dataset), and the rollout policy, refreshed every --model_update_interval steps.
+For a 7B model in bf16 that is 2 x 14 GB; --online_fraction 0 needs neither. Peak memory is in the results.
+
+Deviations from the paper:
+    - Ŝ_0 comes from the offline dataset's n samples per prompt (default 8; the paper uses 800), drawn with the
+      offline sampler (T=0.9, top_p 0.9, top_k 16) rather than π_0 at temperature 1, so Q̂_0 is that of the sampler.
+      `--q0_samples N` pools N more samples per prompt from the same sampler.
+    - An online rollout takes the prompt of the offline row it replaces: a half-online epoch trains on half of the
+      offline rows plus one fresh rollout for each prompt of the other half (the mix is exact at every step).
+    - The rollout temperature ~ U(0.1, 0.8) is drawn per generate call (one per process and micro-batch), not per
+      sequence. Under several processes each samples its own share; the offline part of the batch does not depend
+      on the number of processes, the sampled responses do.
+    - The loss is a mean over sequences (the paper's sum over the batch only rescales the learning rate).
+    - Tiny default (TINY): β, lr and the epoch count are tuned for the 536k-parameter model and a 10-minute CPU budget.
+"""
+
+import copy
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+from common import (
+    _rollout_chunk,
+    arg,
+    batches_per_epoch,
+    build_offline_dataset,
+    collate,
+    evaluate,
+    evaluate_reference,
+    iterate_batches,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    load_task,
+    log_eval,
+    log_metrics,
+    resolve_defaults,
+    rollout,
+    save_checkpoint,
+    save_model,
+    score_rows,
+    setup_accelerator,
+    throughput,
+    token_logprobs,
+)
+
+
+@dataclass
+class Args:
+    model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
+    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
+    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
+    n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
+    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
+    seed: int = arg(1, "seed for sampling, data order and initialisation")
+    output_dir: str = arg("runs/spo", "where checkpoints, the final model, metrics and results go")
+    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
+    n_samples: int = arg(8, "reference samples per training prompt in the offline dataset (paper: 20)")
+    temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
+    top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
+    top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    gen_batch_size: int = arg(256, "sequences per generate call")
+    epochs: int | None = arg(None, "passes over the training data")
+    lr: float | None = arg(None, "policy learning rate")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant")
+    per_device_batch_size: int | None = arg(None, "micro-batch per process")
+    grad_accum: int = arg(1, "gradient accumulation steps; global batch = per_device_batch_size * processes * grad_accum")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
+    report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
+    beta: float | None = arg(None, "KL coefficient β: the soft-RL temperature (paper: 1/ln(100000) ≈ 0.087)")
+    # Algorithm-specific arguments
+    loss_type: str = arg("squared", "squared (paper's best), bce, advantage_bce or reverse_q")
+    online_fraction: float = arg(0.5, "share of each batch that is fresh rollouts (0: purely offline, 1: purely online)")
+    model_update_interval: int = arg(10, "refresh the rollout policy from the trained one every N optimizer steps")
+    rollout_min_temperature: float = arg(0.1, "rollout temperature ~ U(min, max), drawn per generate call (paper: 0.1)")
+    rollout_max_temperature: float = arg(0.8, "rollout temperature ~ U(min, max) (paper: 0.8)")
+    rollout_top_p: float = arg(0.95, "rollout top_p")
+    q0_samples: int = arg(0, "extra reference samples per prompt for Ŝ_0, pooled with the offline ones (paper: 800)")
+
+
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=3, lr=3e-4, warmup_steps=0, per_device_batch_size=32, beta=0.25)
+PAPER = dict(epochs=1, lr=6e-8, warmup_steps=200, per_device_batch_size=16, beta=1 / math.log(100_000))  # batch 16 x 8 GPUs
+PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}  # paper's metric
+BCE_MAX_LOGP = -1e-4  # bce: the predicted log P(success) is clipped to at most this, strictly below 0
+
+
+# ALGO LOGIC: loss
+def soft_q(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, q0: torch.Tensor,
+           beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cumulative Q-parameterisation. policy_logps, ref_logps, mask: (B, T); q0: (B,).
+    Returns (advantages, q), both (B, T): A_t = β mask_t (ℓ_t − ℓ_ref,t) and Q_t = Q̂_0 + Σ_{t' ≤ t} A_t'
+    (Q_t = Q̂_0 before the response, Q_T after its last token)."""
+    advantages = beta * (policy_logps - ref_logps) * mask  # (B, T)
+    return advantages, q0[:, None] + advantages.cumsum(-1)  # (B, T), (B, T)
+
+
+def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, q0: torch.Tensor,
+             rewards: torch.Tensor, beta: float, loss_type: str = "squared") -> tuple[torch.Tensor, dict]:
+    """SPO's terminal regression of the cumulative Q onto the reward, as a mean over the batch (a loss to minimise).
+    With Q_T = q0 + β Σ_t mask (ℓ_t − ℓ_ref,t), per sequence:
+        squared:        (Q_T − r)²
+        bce:            −x ŷ − (1 − x) log(1 − e^ŷ),  ŷ = Q_T/β the predicted log P(success), x = e^{r/β} the target;
+                        ŷ is clipped below 0 (straight-through in the second term, a plain clip in the first, so
+                        nothing pushes ŷ above 0)
+        advantage_bce:  the same cross-entropy between σ(Σ_t A_t / β) and σ((r − q0) / β): both sides of
+                        Σ_t A_t = r − q0 warped by a sigmoid
+        reverse_q:      Σ_t mask_t (Q_t − R_t)², R_t = r − Σ_{t' > t} A_t' (detached): every Q_t regressed
+    policy_logps, ref_logps: (B, T) per-token log-probs of the policy and the reference; mask: (B, T), 1 on response
+    tokens; q0: (B,) Q̂_0 of each prompt; rewards: (B,) r ∈ {0, −1}. Returns (loss, metrics)."""
+    advantages, q = soft_q(policy_logps, ref_logps, mask, q0, beta)  # (B, T), (B, T)
+    q_T = q[:, -1]  # (B,) padding after the response adds nothing
+    if loss_type == "squared":
+        losses = (q_T - rewards) ** 2  # (B,)
+    elif loss_type == "bce":
+        y, x = q_T / beta, torch.exp(rewards / beta)  # (B,) predicted and target log P(success), P(success)
+        y_clip = y.clamp(max=BCE_MAX_LOGP)  # (B,) no gradient above the clip: the positive term never pushes ŷ up there
+        y_st = y + (y_clip - y).detach()  # (B,) clipped value, straight-through gradient
+        losses = -x * y_clip - (1 - x) * torch.log(-torch.expm1(y_st))  # (B,)
+    elif loss_type == "advantage_bce":
+        target = torch.sigmoid((rewards - q0) / beta)  # (B,)
+        losses = F.binary_cross_entropy_with_logits(advantages.sum(-1) / beta, target, reduction="none")  # (B,)
+    elif loss_type == "reverse_q":
+        targets = (rewards[:, None] - (q_T[:, None] - q)).detach()  # (B, T) R_t = r − Σ_{t' > t} A_t'
+        losses = ((q - targets) ** 2 * mask).sum(-1)  # (B,)
+    else:
+        raise ValueError(f"--loss_type {loss_type!r}: expected squared, bce, advantage_bce or reverse_q")
+    loss = losses.mean()
+    metrics = {"losses/policy": loss.item(), "rewards/q_T": q_T.mean().item(), "rewards/q0": q0.mean().item(),
+               "rewards/kl": (advantages.sum(-1) / beta).mean().item()}
+    return loss, metrics
+
+
+# Small algorithm-only helpers
+def soft_value_q0(success_rate: torch.Tensor, beta: float) -> torch.Tensor:
+    """Q̂_0 = β log E_{π_0}[e^{r/β}] = β log(Ŝ_0 + (1 − Ŝ_0) e^{−1/β}) for r ∈ {0, −1}, stable at Ŝ_0 ∈ {0, 1}."""
+    s = success_rate.double()
+    return (beta * torch.logaddexp(s.log(), torch.log1p(-s) - 1 / beta)).float()
+
+
+def estimate_q0(rows: list[dict], beta: float) -> dict[int, float]:
+    """Q̂_0 per prompt (keyed by `prompt_idx`) from the success rate of that prompt's reference samples."""
+    rewards: dict[int, list[float]] = {}
+    for r in rows:
+        rewards.setdefault(r["prompt_idx"], []).append(r["reward"])
+    idx = sorted(rewards)
+    q0 = soft_value_q0(torch.tensor([sum(rewards[i]) / len(rewards[i]) for i in idx]), beta)
+    return dict(zip(idx, q0.tolist()))
+
+
+class RolloutPolicy:
+    """A frozen copy of the policy that generates the online rollouts, refreshed every `interval` optimizer steps
+    (`version`: the step it was copied at). Has state_dict/load_state_dict, so checkpoints resume it exactly."""
+
+    def __init__(self, model, interval: int):
+        self.model, self.interval, self.version = copy.deepcopy(model).eval().requires_grad_(False), interval, 0
+
+    def maybe_refresh(self, model, step: int) -> None:
+        if step % self.interval == 0:
+            self.model.load_state_dict(model.state_dict())
+            self.version = step
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.version = state["version"]
+
+
+def online_rollouts(rollout_policy, ref_model, tokenizer, rows: list[dict], args, seed: int) -> list[dict]:
+    """One fresh rollout of the rollout policy per row's prompt (temperature ~ U(rollout_min_temperature,
+    rollout_max_temperature), top_p
+    rollout_top_p), graded with the task's grader, scored by the frozen reference (`ref_logps`), with the prompt's Q̂_0."""
+    temperature = random.Random(seed).uniform(args.rollout_min_temperature, args.rollout_max_temperature)
+    sampling = {"temperature": temperature, "top_p": args.rollout_top_p, "top_k": 0}
+    fresh = _rollout_chunk(rollout_policy, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
+                           args.task, range(len(rows)), 1, sampling, args.max_new_tokens, seed)
+    score_rows(ref_model, fresh, tokenizer.pad_token_id, args.gen_batch_size)
+    for f, r in zip(fresh, rows):
+        f.update(ref_logps=f.pop("logps"), q0=r["q0"], prompt_idx=r["prompt_idx"], online=True, temperature=temperature)
+    return fresh
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory on CUDA, else the maximum resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    resolve_defaults(args, TINY, PAPER)
+
+    # setup
+    accelerator = setup_accelerator(args, "spo")
+    device = accelerator.device
+
+    # models
+    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    n_online = round(args.per_device_batch_size * args.online_fraction)  # rollouts per micro-batch and process
+    if not 0 <= args.online_fraction <= 1 or abs(n_online - args.per_device_batch_size * args.online_fraction) > 1e-6:
+        raise ValueError(f"--online_fraction {args.online_fraction} x --per_device_batch_size "
+                         f"{args.per_device_batch_size} must be a whole number of rollouts in [0, batch]")
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device) if n_online else None  # scores rollouts
+    rollout_policy = RolloutPolicy(model, args.model_update_interval) if n_online else None
+    if rollout_policy is not None:
+        rollout_policy.model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # data
+    train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
+    test_problems = load_task(args.task, "test", args.test_file, args.n_test)
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    # ALGO LOGIC: data
+    reference_pass = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
+                              args.gen_batch_size, sampled_seeds=0, seed=args.seed, **PASS_EVAL)
+    results["reference"].update({k: v for k, v in reference_pass.items() if k.startswith("pass@")})
+    rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
+    q0_rows = rows
+    if args.q0_samples:  # more reference samples for Ŝ_0, with the offline sampler
+        q0_rows = rows + rollout(accelerator.unwrap_model(model), tokenizer, [r["prompt_ids"] for r in rows[:: args.n_samples]],
+                                 [p["answer"] for p in train_problems], args.task, n=args.q0_samples,
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                 max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                                 seed=args.seed + 1, accelerator=accelerator, desc="q0 samples")
+    q0 = estimate_q0(q0_rows, args.beta)  # prompt_idx -> Q̂_0
+    examples = [dict(r, q0=q0[r["prompt_idx"]]) for r in rows]
+    accelerator.print(f"training on {len(examples)} offline examples, {args.online_fraction:.0%} of each batch "
+                      f"replaced by fresh rollouts; mean Q̂_0 {sum(q0.values()) / len(q0):.4f}")
+    token_fields, seq_fields = ("ref_logps",), ("q0", "reward")
+
+    # training loop
+    steps_per_epoch = batches_per_epoch(len(examples), args, accelerator) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples is less than one global batch; lower --per_device_batch_size")
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
+    accelerator.register_for_checkpointing(scheduler, *([rollout_policy] if rollout_policy is not None else []))
+    state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
+    step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
+    results = state["results"] if state else results
+    bar = tqdm(total=steps_per_epoch * args.epochs, initial=step, desc="train", disable=not accelerator.is_main_process)
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        t0, tokens = time.time(), 0.0
+        for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
+                                             accelerator, start=start_batch if epoch == start_epoch else 0):
+            if n_online:  # ALGO LOGIC: the batch's last n_online rows become fresh rollouts of their prompts
+                seed = args.seed * 1_000_003 + (epoch * 100_003 + b) * accelerator.num_processes + accelerator.process_index
+                batch_rows = batch_rows[: len(batch_rows) - n_online] + online_rollouts(
+                    rollout_policy.model, ref_model, tokenizer, batch_rows[len(batch_rows) - n_online :], args, seed)
+            batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
+                                                            seq_fields).items()}
+            with accelerator.accumulate(model):
+                policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
+                # ALGO LOGIC: loss
+                loss, metrics = spo_loss(policy_logps, batch["ref_logps"], batch["mask"], batch["q0"], batch["reward"] - 1,
+                                         args.beta, args.loss_type)  # r_spo = reward - 1 in {0, -1}; mean over sequences
+                online = torch.tensor([bool(r.get("online")) for r in batch_rows], device=device)  # (B,)
+                metrics.update({"charts/online_fraction": online.float().mean().item(),
+                                "rewards/offline": batch["reward"][~online].mean().item() if (~online).any() else 0.0,
+                                "rewards/online": batch["reward"][online].mean().item() if online.any() else 0.0,
+                                "charts/rollout_policy_step": rollout_policy.version if n_online else 0})
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens += batch["attention_mask"].sum().item()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                if rollout_policy is not None:
+                    rollout_policy.maybe_refresh(accelerator.unwrap_model(model), step)
+                bar.update(1)
+                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
+                    steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
+                log_metrics(accelerator, metrics, step, args.output_dir)
+                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
+                if args.eval_every and step % args.eval_every == 0:
+                    results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                      args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+                    log_eval(accelerator, results, step, args.output_dir)
+        if not args.eval_every and epoch + 1 < args.epochs:
+            results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
+                                                    args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+            log_eval(accelerator, results, step, args.output_dir)
+    bar.close()
+
+    # evaluate and save
+    results["final"] = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
+                                args.gen_batch_size, seed=args.seed, **PASS_EVAL)
+    results["final"]["peak_memory_mb"] = peak_memory_mb(device)
+    accelerator.print(f"peak memory: {results['final']['peak_memory_mb']:.0f} MiB (policy"
+                      f"{' + frozen reference + rollout policy' if n_online else ''})")
+    log_eval(accelerator, results, step, args.output_dir)
+    save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

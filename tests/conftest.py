@@ -1,0 +1,53 @@
+"""Shared fixtures: a quickly SFT'd tiny reference in a session temp cache, and a helper that runs a script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+# A short SFT: weaker than the real default, but it already samples a mix of right and wrong answers.
+TEST_SFT_STEPS = int(os.environ.get("TEST_TINY_SFT_STEPS", "250"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A cache dir whose `tiny` reference is SFT'd for TEST_SFT_STEPS steps (built once per session)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    common.build_tiny_reference(common.tiny_dir(cache), steps=TEST_SFT_STEPS)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = common.tiny_dir(tiny_cache)
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+SMOKE_ARGS = ["--n_train_prompts", "48", "--n_test", "32", "--n_samples", "4", "--epochs", "1",
+              "--per_device_batch_size", "8", "--report_to", "", "--save_every", "0"]
+
+
+def run_script(script: str, cache: str, output_dir: str, *extra: str, launcher: tuple = (), timeout: int = 600):
+    """Run `script` on the tiny default with small settings; returns (results.json, metrics.jsonl rows).
+    Raises with the script's output on failure."""
+    cmd = [*(launcher or (sys.executable,)), os.path.join(ROOT, script), "--cache_dir", cache, "--output_dir", output_dir,
+           *SMOKE_ARGS, *extra]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    metrics = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    return results, metrics

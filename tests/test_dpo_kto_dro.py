@@ -1,0 +1,312 @@
+"""dpo.py, kto.py, dro.py: the pure losses against hand-derived values and gradients, the data views (DPO pairs,
+KTO's mismatched pairs and weights, DRO's per-prompt values), one optimizer step on a tiny batch, smoke runs, and
+clear errors on bad input."""
+
+import copy
+import math
+import os
+import random
+
+import pytest
+import torch
+from conftest import run_script
+
+import common
+import dpo
+import dro
+import kto
+
+
+def _t(*xs):
+    return torch.tensor(xs, dtype=torch.float64, requires_grad=True)
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DPO
+# ---------------------------------------------------------------------------------------------------------------------
+def test_dpo_loss_values_and_gradients():
+    pc, pr, rc, rr, beta = _t(-3.0, -10.0), _t(-5.0, -2.0), _t(-4.0, -9.0), _t(-4.5, -3.0), 0.5
+    loss, metrics = dpo.dpo_loss(pc, pr, rc, rr, beta)
+    # pair 0: (pc - rc) - (pr - rr) = 1 - (-0.5) = 1.5; pair 1: -1 - 1 = -2
+    z = [1.5, -2.0]
+    expected = sum(-math.log(_sig(beta * zi)) for zi in z) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    loss.backward()
+    # d/dz -log σ(βz) = -β (1 - σ(βz)), and z = pc - rc - pr + rr; the pair mean divides by B = 2
+    g = [-beta * (1 - _sig(beta * zi)) / 2 for zi in z]
+    assert pc.grad.tolist() == pytest.approx(g, abs=1e-12)
+    assert pr.grad.tolist() == pytest.approx([-x for x in g], abs=1e-12)
+    assert rc.grad.tolist() == pytest.approx([-x for x in g], abs=1e-12)
+    assert rr.grad.tolist() == pytest.approx(g, abs=1e-12)
+    # implicit rewards: chosen β(pc - rc) = [0.5, -0.5], rejected β(pr - rr) = [-0.25, 0.5]
+    assert metrics["rewards/chosen"] == pytest.approx(0.0)
+    assert metrics["rewards/rejected"] == pytest.approx(0.125)
+    assert metrics["rewards/accuracies"] == pytest.approx(0.5)
+    assert metrics["rewards/margins"] == pytest.approx((0.75 - 1.0) / 2)
+    assert metrics["losses/policy"] == pytest.approx(expected)
+
+
+def test_dpo_loss_at_initialisation_is_log2():
+    torch.manual_seed(0)
+    chosen, rejected = -50 * torch.rand(16, dtype=torch.float64), -50 * torch.rand(16, dtype=torch.float64)
+    for beta in (0.01, 0.1, 3.0):
+        loss, metrics = dpo.dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta)
+        assert loss.item() == math.log(2)
+        assert metrics["rewards/margins"] == 0.0
+
+
+def _rows(pairs):
+    """Offline-dataset-like rows from (prompt_idx, reward) pairs; response ids name the row."""
+    return [{"prompt_idx": p, "reward": r, "prompt_ids": [1, 100 + p], "response_ids": [200 + i, 2]}
+            for i, (p, r) in enumerate(pairs)]
+
+
+def test_dpo_build_pairs_all_correct_x_incorrect_capped_and_dropped():
+    rows = _rows([(0, 1.0), (0, 0.0), (0, 0.0), (1, 1.0), (1, 1.0), (2, 0.0), (2, 0.0)]
+                 + [(3, 1.0)] * 4 + [(3, 0.0)] * 4)
+    pairs, dropped = dpo.build_pairs(rows, max_pairs_per_prompt=12, seed=0)
+    assert dropped == 2  # prompt 1 all correct, prompt 2 all incorrect
+    by_prompt = {}
+    for c, w in pairs:
+        assert c["reward"] == 1.0 and w["reward"] == 0.0 and c["prompt_idx"] == w["prompt_idx"]
+        by_prompt.setdefault(c["prompt_idx"], []).append((c["response_ids"][0], w["response_ids"][0]))
+    assert sorted(by_prompt[0]) == [(200, 201), (200, 202)]  # every correct x incorrect pair of prompt 0
+    assert len(by_prompt[3]) == 12 and len(set(by_prompt[3])) == 12  # 16 candidates, 12 distinct sampled
+    again, _ = dpo.build_pairs(rows, max_pairs_per_prompt=12, seed=0)
+    assert [(c["response_ids"], w["response_ids"]) for c, w in again] == [(c["response_ids"], w["response_ids"])
+                                                                         for c, w in pairs]  # seeded
+    other, _ = dpo.build_pairs(rows, max_pairs_per_prompt=12, seed=1)
+    assert [(c["response_ids"], w["response_ids"]) for c, w in other] != [(c["response_ids"], w["response_ids"])
+                                                                         for c, w in pairs]
+
+
+def test_dpo_no_pairs_and_nan_reward_are_clear_errors():
+    with pytest.raises(ValueError, match="none of the 2 prompts has both a correct and an incorrect"):
+        dpo.build_pairs(_rows([(0, 1.0), (0, 1.0), (1, 0.0)]), 12, 0)
+    with pytest.raises(ValueError, match="reward nan is not a number"):
+        dpo.build_pairs(_rows([(0, 1.0), (0, float("nan"))]), 12, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KTO
+# ---------------------------------------------------------------------------------------------------------------------
+def test_kto_loss_values_and_gradients():
+    policy, ref = _t(-2.0, -5.0, -7.0), _t(-3.0, -4.0, -7.5)
+    kl_policy, kl_ref = _t(-10.0, -8.0, -6.0), _t(-10.5, -8.5, -6.5)  # mean(kl_policy - kl_ref) = 0.5 = z0
+    desirable = torch.tensor([True, False, True])
+    beta, wd, wu = 0.2, 1.5, 0.75
+    loss, metrics = kto.kto_loss(policy, ref, kl_policy, kl_ref, desirable, beta, wd, wu)
+    h, z0 = [1.0, -1.0, 0.5], 0.5
+    per_row = [wd * (1 - _sig(beta * (h[0] - z0))), wu * (1 - _sig(beta * (z0 - h[1]))), wd * (1 - _sig(beta * (h[2] - z0)))]
+    assert loss.item() == pytest.approx(sum(per_row) / 3, abs=1e-12)
+    assert metrics["rewards/kl"] == pytest.approx(z0)
+    loss.backward()
+    # d/dh (1 - σ(β(h - z0))) = -β σ(1 - σ); d/dh (1 - σ(β(z0 - h))) = +β σ(1 - σ); row mean over B = 3
+    def ds(x):
+        return _sig(x) * (1 - _sig(x))
+    g = [-wd * beta * ds(beta * (h[0] - z0)) / 3, wu * beta * ds(beta * (z0 - h[1])) / 3, -wd * beta * ds(0.0) / 3]
+    assert policy.grad.tolist() == pytest.approx(g, abs=1e-12)
+    assert ref.grad.tolist() == pytest.approx([-x for x in g], abs=1e-12)
+    assert kl_policy.grad is None and kl_ref.grad is None  # z0 is detached
+
+
+def test_kto_reference_point_is_clamped_at_zero():
+    policy, ref = _t(-2.0, -5.0), _t(-2.0, -5.0)
+    loss, metrics = kto.kto_loss(policy, ref, _t(-9.0, -9.0), _t(-8.0, -8.0), torch.tensor([True, False]), 1.0, 1.0, 1.0)
+    assert metrics["rewards/kl"] == 0.0  # mean KL estimate -1 clamps to 0
+    assert loss.item() == pytest.approx(0.5, abs=1e-12)  # h = 0 = z0: both rows give 1 - σ(0)
+
+
+def test_kto_mismatched_pairs_never_pair_a_row_with_itself():
+    for B in range(2, 10):  # odd and even
+        rows = _rows([(i, 1.0) for i in range(B)])
+        kl = kto.mismatched_pairs(rows)
+        assert len(kl) == B
+        for i, r in enumerate(kl):
+            assert r["prompt_ids"] == rows[i]["prompt_ids"]
+            assert r["response_ids"] == rows[(i + 1) % B]["response_ids"] != rows[i]["response_ids"]
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        kto.mismatched_pairs(_rows([(0, 1.0)]))
+
+
+def test_kto_weights_balance_and_nan_error():
+    rows = _rows([(0, 1.0)] * 3 + [(0, 0.0)] * 7)
+    wd, wu = kto.kto_weights(rows, None, 1.0)
+    assert 1.0 <= wd * 3 / (wu * 7) <= 4 / 3
+    assert kto.kto_weights(rows, 2.5, 0.5) == (2.5, 0.5)  # flags override
+    with pytest.raises(ValueError, match="cannot be balanced"):
+        kto.kto_weights(_rows([(0, 0.0)] * 3), None, 1.0)
+    with pytest.raises(ValueError, match="reward nan is not a number"):
+        kto.kto_weights(_rows([(0, 1.0), (0, float("nan"))]), None, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DRO
+# ---------------------------------------------------------------------------------------------------------------------
+def test_dro_loss_values_and_gradients():
+    beta = 0.3
+    pi, ref, v, r = _t(-2.0, -6.0), _t(-3.0, -5.0), _t(0.25, 0.5), _t(1.0, 0.0)
+    policy_loss, value_loss, metrics = dro.dro_loss(pi, ref, v, r, beta)
+    # row 0: π - ref = 1, r - V = 0.75; row 1: π - ref = -1, r - V = -0.5
+    exp_policy = (2.0 * 0.75 + beta / 2 * 1 + (6.0 * -0.5) + beta / 2 * 1) / 2
+    exp_value = (0.5 * (0.75 - beta) ** 2 + 0.5 * (-0.5 + beta) ** 2) / 2
+    assert policy_loss.item() == pytest.approx(exp_policy, abs=1e-12)
+    assert value_loss.item() == pytest.approx(exp_value, abs=1e-12)
+    assert metrics["losses/policy"] == pytest.approx(exp_policy) and metrics["losses/value"] == pytest.approx(exp_value)
+    g_pi, g_ref, g_v, g_r = torch.autograd.grad(policy_loss, (pi, ref, v, r), retain_graph=True, allow_unused=True)
+    assert g_pi.tolist() == pytest.approx([(-0.75 + beta * 1) / 2, (0.5 + beta * -1) / 2], abs=1e-12)
+    assert g_ref.tolist() == pytest.approx([-beta * 1 / 2, -beta * -1 / 2], abs=1e-12)
+    assert g_v is None and g_r is None  # the advantage is detached
+    g_pi, g_ref, g_v = torch.autograd.grad(value_loss, (pi, ref, v), allow_unused=True)
+    assert g_pi is None and g_ref is None  # the log-ratio is detached
+    assert g_v.tolist() == pytest.approx([-(0.75 - beta) / 2, -(-0.5 + beta) / 2], abs=1e-12)
+
+
+def test_dro_nan_rewards_are_a_clear_error():
+    dro.check_rewards(_rows([(0, 1.0), (0, 0.0)]))
+    with pytest.raises(ValueError, match="row 1 .*reward nan is not a number"):
+        dro.check_rewards(_rows([(0, 1.0), (0, float("nan"))]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On the tiny model: one batch of real rows
+# ---------------------------------------------------------------------------------------------------------------------
+def _batch_rows(model, tokenizer, n_prompts=4):
+    """Per prompt one correct and one slipped (incorrect) arith solution, with the reference's log-probs stored as
+    the offline dataset stores them."""
+    rng, rows = random.Random(0), []
+    for i, p in enumerate(common.arith_problems("train", n_prompts, seed=5)):
+        start, *steps = p["answer"].split(";")
+        ops = [(s[0], int(s[1:])) for s in steps]
+        for slip in (None, len(ops) - 1):
+            text, _ = common.arith_solution(int(start), ops, slip, rng)
+            rows.append({"prompt_idx": i, "prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
+                         "response_ids": common.encode_response(tokenizer, text), "truncated": False,
+                         "reward": common.grade(text, p["answer"], "arith")})
+    assert [r["reward"] for r in rows] == [1.0, 0.0] * n_prompts
+    common.score_rows(model, rows, tokenizer.pad_token_id, batch_size=64)
+    for r in rows:
+        r["ref_logps"] = r.pop("logps")
+    return rows
+
+
+def _seq_logps(model, batch):
+    return (common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]) * batch["mask"]).sum(-1)
+
+
+def test_dpo_one_step_lowers_loss_and_starts_at_log2(tiny_model):
+    model, tokenizer = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    pairs, dropped = dpo.build_pairs(_batch_rows(model, tokenizer), 12, 0)
+    assert dropped == 0 and len(pairs) == 4
+    batch = common.collate([r for pair in pairs for r in pair], tokenizer.pad_token_id, ("ref_logps",))
+    ref = (batch["ref_logps"] * batch["mask"]).sum(-1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(2):
+        policy = _seq_logps(model, batch)
+        loss, _ = dpo.dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], 0.1)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # stored ref log-probs line up with the training ones
+    assert losses[1] < losses[0]
+
+
+def test_kto_one_step_lowers_loss(tiny_model):
+    model, tokenizer = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+    rows = _batch_rows(model, tokenizer)
+    rows = rows[1:] + rows[:1]  # B = 8 with neighbours of different prompts, and 5 rows: odd B
+    batch = common.collate(rows[:5], tokenizer.pad_token_id, ("ref_logps",), ("reward",))
+    kl = common.collate(kto.mismatched_pairs(rows[:5]), tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(2):
+        with torch.no_grad():
+            kl_policy, kl_ref = _seq_logps(model, kl), _seq_logps(ref_model, kl)
+        loss, metrics = kto.kto_loss(_seq_logps(model, batch), (batch["ref_logps"] * batch["mask"]).sum(-1), kl_policy,
+                                     kl_ref, batch["reward"] == 1.0, 0.1, 1.0, 1.0)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[0] == pytest.approx(0.5, abs=1e-4)  # policy = reference: h = 0 and z0 = 0, every row 1 - σ(0)
+    assert losses[1] < losses[0]
+
+
+def test_dro_value_is_read_once_per_prompt_at_the_last_prompt_token(tiny_model):
+    model, tokenizer = tiny_model
+    value_model = dro.ValueModel(model)
+    torch.nn.init.normal_(value_model.head.weight)  # a non-trivial head, so the read position matters
+    rows = _batch_rows(model, tokenizer, n_prompts=3)
+    rows = [rows[i] for i in (0, 2, 1, 4, 3, 5)]  # prompts 0, 1, 0, 2, 1, 2
+    batch = common.collate(rows, tokenizer.pad_token_id, ("ref_logps",), ("reward", "prompt_idx"))
+    calls = []
+    value_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    values = dro.prompt_values(value_model, batch)
+    assert calls == [3]  # one forward, over the 3 distinct prompts
+    for r, v in zip(rows, values.tolist()):
+        ids = torch.tensor([r["prompt_ids"]])
+        h = value_model.backbone(input_ids=ids).last_hidden_state[0, -1]  # the prompt alone, unpadded
+        assert v == pytest.approx(value_model.head(h).item(), abs=1e-5)
+    assert dro.ValueModel(model)(batch["input_ids"], batch["attention_mask"], torch.zeros(6, dtype=torch.long)).eq(
+        0).all()  # zero-initialised head: V = 0 at the start
+    assert value_model.backbone is not model.base_model
+    assert all(p.data_ptr() != q.data_ptr() for p in value_model.parameters() for q in model.parameters())
+
+
+def test_dro_one_step_lowers_both_losses(tiny_model):
+    model, tokenizer = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    value_model = dro.ValueModel(model)
+    batch = common.collate(_batch_rows(model, tokenizer), tokenizer.pad_token_id, ("ref_logps",), ("reward", "prompt_idx"))
+    ref = (batch["ref_logps"] * batch["mask"]).sum(-1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(2):
+        policy_loss, value_loss, _ = dro.dro_loss(_seq_logps(model, batch), ref, dro.prompt_values(value_model, batch),
+                                                  batch["reward"], 0.03)
+        losses.append((policy_loss.item(), value_loss.item()))
+        (policy_loss + value_loss).backward()
+        optimizer.step()
+        value_optimizer.step()
+        optimizer.zero_grad()
+        value_optimizer.zero_grad()
+    assert losses[0][1] == pytest.approx(0.25, abs=1e-4)  # V = 0, rewards half 1, π = ref: mean 0.5 r² = 0.25
+    assert losses[1][0] < losses[0][0] and losses[1][1] < losses[0][1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Smoke runs and script-level errors
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["dpo.py", "kto.py", "dro.py"])
+def test_smoke_run(script, tiny_cache, tmp_path):
+    out = str(tmp_path / script)
+    results, metrics = run_script(script, tiny_cache, out)
+    assert {"reference", "final"} <= set(results) and 0.0 <= results["final"]["greedy"] <= 1.0
+    assert metrics and all(math.isfinite(m["losses/policy"]) for m in metrics)
+    assert os.path.exists(os.path.join(out, "model", "config.json"))
+    if script == "dro.py":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        assert all(math.isfinite(m["losses/value"]) for m in metrics)
+        backbone = AutoModel.from_pretrained(os.path.join(out, "value_model"))
+        head = load_file(os.path.join(out, "value_model", "value_head.safetensors"))
+        assert head["weight"].shape == (1, backbone.config.hidden_size) and head["bias"].shape == (1,)
+        assert head["weight"].abs().sum() > 0  # the value head was trained
+
+
+def test_dpo_script_without_pairs_says_so(tiny_cache, tmp_path):
+    with pytest.raises(AssertionError, match="DPO has no training pairs"):  # one sample per prompt: never a pair
+        run_script("dpo.py", tiny_cache, str(tmp_path / "dpo"), "--n_samples", "1")
+
+
+def test_kto_script_batch_size_one_is_a_clear_error(tiny_cache, tmp_path):
+    with pytest.raises(AssertionError, match="KTO needs --per_device_batch_size >= 2"):
+        run_script("kto.py", tiny_cache, str(tmp_path / "kto"), "--per_device_batch_size", "1")

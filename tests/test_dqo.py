@@ -1,0 +1,308 @@
+"""dqo.py: the loss against a plain-loop implementation of its equations, the horizon-one reduction to DRO, the
+λ-return, one optimizer step, the value model's alignment, process scores on a hand-made case, and smoke runs."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+import common
+import dqo
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------------------------
+def reference_dqo(pl, rl, bl, v, r, mask, beta, lam, is_clip, is_policy=True, is_value=True):
+    """The issue's equations, one trajectory and one token at a time, on scalar tensors (so autograd sees exactly
+    which terms are detached)."""
+    policy_terms, value_terms = [], []
+    for b in range(mask.shape[0]):
+        idx = mask[b].nonzero().flatten().tolist()
+        H = len(idx)
+        delta = [r[b, t] - beta * (pl[b, t].detach() - rl[b, t]) for t in idx]
+        v_bar = [v[b, t].detach() for t in idx] + [0.0]  # V̄_{H+1} = 0
+        G = [0.0] * (H + 1)  # G_{H+1} = 0
+        for h in reversed(range(H)):
+            G[h] = delta[h] + (1 - lam) * v_bar[h + 1] + lam * G[h + 1]
+        log_w = sum(float(pl[b, t].detach() - bl[b, t]) for t in idx)
+        w = 1.0 if is_clip is None else math.exp(min(math.log(is_clip), log_w))
+        value_terms.append((w if is_value else 1.0) * sum((G[h] - v[b, idx[h]]) ** 2 for h in range(H)))
+        policy_terms.append((w if is_policy else 1.0) * sum(
+            (beta * (pl[b, idx[h]] - rl[b, idx[h]]) - (r[b, idx[h]] + G[h + 1] - v_bar[h])) ** 2 for h in range(H)))
+    return sum(policy_terms) / len(policy_terms), sum(value_terms) / len(value_terms)
+
+
+def ragged_batch(seed=0, B=5, T=9):
+    """Rows with different prompt lengths and response lengths (one of length 1, one running to the last column).
+    Off-mask positions hold garbage, which the loss must ignore."""
+    g = torch.Generator().manual_seed(seed)
+    spans = [(2, 7), (0, 9), (4, 5), (1, 4), (3, 9)][:B]
+    mask = torch.zeros(B, T, dtype=torch.float64)
+    for b, (s, e) in enumerate(spans):
+        mask[b, s:e] = 1
+    pl = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    rl = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    # behaviour: some trajectories far above the policy (w < 1), some below (w clipped at is_clip)
+    bl = pl.detach() + torch.randn(B, 1, generator=g, dtype=torch.float64) * 0.6
+    v = torch.randn(B, T, generator=g, dtype=torch.float64).requires_grad_()
+    r = torch.randn(B, T, generator=g, dtype=torch.float64) * mask + (1 - mask) * 7.0
+    return pl, rl, bl, v, r, mask
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.95, 0.5])
+@pytest.mark.parametrize("is_clip", [None, math.e])
+def test_dqo_loss_matches_plain_loop(lam, is_clip):
+    pl, rl, bl, v, r, mask = ragged_batch()
+    beta = 0.3
+    log_w = ((pl.detach() - bl) * mask).sum(1)
+    if is_clip is not None:  # the batch exercises both sides of the clip
+        assert (log_w > 1).any() and (log_w < 1).any()
+    policy_loss, value_loss, metrics = dqo.dqo_loss(pl, rl, bl, v, r, mask, beta, lam, is_clip)
+    ref_policy, ref_value = reference_dqo(pl, rl, bl, v, r, mask, beta, lam, is_clip)
+    torch.testing.assert_close(policy_loss, ref_policy)
+    torch.testing.assert_close(value_loss, ref_value)
+    assert metrics["losses/policy"] == pytest.approx(ref_policy.item())
+    # gradients, each loss into its own network only
+    for loss, ref, wrt, other in ((policy_loss, ref_policy, pl, v), (value_loss, ref_value, v, pl)):
+        (grad,) = torch.autograd.grad(loss, wrt, retain_graph=True)
+        (ref_grad,) = torch.autograd.grad(ref, wrt, retain_graph=True)
+        torch.testing.assert_close(grad, ref_grad)
+        assert grad.abs().sum() > 0
+        assert (grad * (1 - mask)).abs().sum() == 0  # nothing flows into off-mask positions
+        (cross,) = torch.autograd.grad(loss, other, retain_graph=True, allow_unused=True)
+        assert cross is None or cross.abs().sum() == 0
+
+
+@pytest.mark.parametrize("no_is", ["policy", "value"])
+def test_dqo_loss_drops_importance_weight_from_one_loss(no_is):
+    pl, rl, bl, v, r, mask = ragged_batch(seed=1)
+    flags = dict(is_policy=no_is != "policy", is_value=no_is != "value")
+    policy_loss, value_loss, _ = dqo.dqo_loss(pl, rl, bl, v, r, mask, 0.1, 0.95, math.e, **flags)
+    ref_policy, ref_value = reference_dqo(pl, rl, bl, v, r, mask, 0.1, 0.95, math.e, **flags)
+    torch.testing.assert_close(policy_loss, ref_policy)
+    torch.testing.assert_close(value_loss, ref_value)
+    unweighted = reference_dqo(pl, rl, bl, v, r, mask, 0.1, 0.95, None)
+    weighted = reference_dqo(pl, rl, bl, v, r, mask, 0.1, 0.95, math.e)
+    dropped, kept = (0, 1) if no_is == "policy" else (1, 0)
+    torch.testing.assert_close((policy_loss, value_loss)[dropped], unweighted[dropped])
+    torch.testing.assert_close((policy_loss, value_loss)[kept], weighted[kept])
+    assert not torch.isclose(weighted[dropped], unweighted[dropped])  # the flag really changes something
+
+
+def test_horizon_one_reduces_to_dro():
+    """Remark 4.2: one token, behaviour = policy (w = 1): DRO's (βΔ − (r − V̄))² and (r − βΔ̄ − V)²."""
+    g = torch.Generator().manual_seed(3)
+    B, T, beta = 4, 6, 0.2
+    mask = torch.zeros(B, T, dtype=torch.float64)
+    mask[torch.arange(B), torch.tensor([1, 5, 3, 0])] = 1
+    pl = (-torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    rl = -torch.rand(B, T, generator=g, dtype=torch.float64)
+    v = torch.randn(B, T, generator=g, dtype=torch.float64).requires_grad_()
+    r = torch.bernoulli(torch.full((B, T), 0.5, dtype=torch.float64), generator=g)
+    for lam in (1.0, 0.5):
+        policy_loss, value_loss, metrics = dqo.dqo_loss(pl, rl, pl.detach(), v, r, mask, beta, lam, math.e)
+        assert metrics["charts/is_weight"] == 1.0
+        sel = mask.bool()
+        delta_, r_, v_ = (pl - rl)[sel], r[sel], v[sel]  # (B,) the one action of each trajectory
+        dro_policy = ((beta * delta_ - (r_ - v_.detach())) ** 2).mean()
+        dro_value = ((r_ - beta * delta_.detach() - v_) ** 2).mean()
+        torch.testing.assert_close(policy_loss, dro_policy)
+        torch.testing.assert_close(value_loss, dro_value)
+        torch.testing.assert_close(torch.autograd.grad(policy_loss, pl)[0], torch.autograd.grad(dro_policy, pl)[0])
+        torch.testing.assert_close(torch.autograd.grad(value_loss, v)[0], torch.autograd.grad(dro_value, v)[0])
+
+
+def test_lambda_returns():
+    _, _, _, v, r, mask = ragged_batch(seed=2)
+    delta, v = r * mask, v.detach()
+    G = dqo.lambda_returns(delta, v, mask, 1.0)
+    torch.testing.assert_close(G, delta.flip(1).cumsum(1).flip(1) * mask)  # λ = 1: reverse cumulative sum of δ
+    G0 = dqo.lambda_returns(delta, v, mask, 0.0)  # λ = 0: one-step TD target δ_h + V_{h+1}, 0 after the last token
+    v_next = torch.cat([v[:, 1:] * mask[:, 1:], torch.zeros(v.shape[0], 1, dtype=v.dtype)], dim=1)
+    torch.testing.assert_close(G0, (delta + v_next) * mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The value model and one optimizer step on the tiny model
+# ---------------------------------------------------------------------------------------------------------------------
+def tiny_batch(tokenizer, n=4):
+    """Gold and slipped solutions of a few arith problems, rewards 1 and 0 on the last token."""
+    import random
+
+    rng, rows = random.Random(0), []
+    for i, p in enumerate(common.arith_problems("train", n, seed=5)):
+        start, *steps = p["answer"].split(";")
+        text, _ = common.arith_solution(int(start), [(s[0], int(s[1:])) for s in steps], i % 2 or None, rng)
+        resp = common.encode_response(tokenizer, text)
+        rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "response_ids": resp,
+                     "rewards": dqo.token_rewards(len(resp), common.grade(text, p["answer"], "arith"))})
+    assert {r["rewards"][-1] for r in rows} == {0.0, 1.0}
+    return common.collate(rows, tokenizer.pad_token_id, ("rewards",))
+
+
+def test_value_model_alignment_and_save_load(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    vm = dqo.ValueModel(copy.deepcopy(model))
+    assert vm.head.weight.abs().sum() == 0  # V ≡ 0 before training
+    torch.nn.init.normal_(vm.head.weight)
+    batch = tiny_batch(tokenizer)
+    with torch.no_grad():
+        values = vm(batch["input_ids"], batch["attention_mask"])  # (B, T)
+        hidden = vm.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert values.shape == batch["input_ids"].shape
+    torch.testing.assert_close(values[:, 1:], vm.head(hidden).squeeze(-1)[:, :-1])  # V(s_t) = head(hidden[t - 1])
+    assert (values[:, 0] == 0).all()
+    # V(s_t) depends only on tokens before t: changing token t leaves values[:, :t + 1] unchanged
+    ids = batch["input_ids"].clone()
+    ids[:, 10] = (ids[:, 10] + 1) % len(tokenizer)
+    with torch.no_grad():
+        changed = vm(ids, batch["attention_mask"])
+    torch.testing.assert_close(changed[:, :11], values[:, :11])
+    assert not torch.allclose(changed[:, 11:], values[:, 11:])
+    vm.save_pretrained(str(tmp_path / "vm"))
+    with torch.no_grad():
+        torch.testing.assert_close(dqo.ValueModel.from_pretrained(str(tmp_path / "vm"))(batch["input_ids"],
+                                                                                        batch["attention_mask"]), values)
+
+
+def test_one_step_lowers_both_losses(tiny_model):
+    model, tokenizer = tiny_model
+    policy, vm = copy.deepcopy(model), dqo.ValueModel(copy.deepcopy(model))
+    batch = tiny_batch(tokenizer)
+    with torch.no_grad():
+        ref_logps = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(vm.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def losses():
+        pl = common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
+        values = vm(batch["input_ids"], batch["attention_mask"])
+        return dqo.dqo_loss(pl, ref_logps, ref_logps, values, batch["rewards"], batch["mask"], 0.1, 0.95, math.e)
+
+    for _ in range(2):  # the second step also moves the value backbone (the zero head blocks its first gradient)
+        policy_loss, value_loss, _ = losses()
+        (policy_loss + value_loss).backward()
+        opt.step()
+        value_opt.step()
+        opt.zero_grad()
+        value_opt.zero_grad()
+        with torch.no_grad():
+            new_policy_loss, new_value_loss, _ = losses()
+        assert new_policy_loss < policy_loss and new_value_loss < value_loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Process scores on a hand-made case
+# ---------------------------------------------------------------------------------------------------------------------
+def arith_case(tokenizer):
+    """A 3-step problem; responses: the gold solution, and slips at steps 0, 1 and 2 (first wrong segment known)."""
+    import random
+
+    p = next(q for q in common.arith_problems("train", 100, seed=3) if q["answer"].count(";") == 3)
+    start, *steps = p["answer"].split(";")
+    ops = [(s[0], int(s[1:])) for s in steps]
+    rows = []
+    for slip in (None, 0, 1, 2):
+        text, _ = common.arith_solution(int(start), ops, slip, random.Random(slip))
+        rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
+                     "response_ids": common.encode_response(tokenizer, text), "response": text, "answer": p["answer"],
+                     "reward": common.grade(text, p["answer"], "arith")})
+    assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
+    assert [dqo.arith_first_wrong(r) for r in rows] == [None, 0, 1, 2]
+    return p, rows
+
+
+def fake_generator(tokenizer, gold: str, ps_samples: int, log: list):
+    """Stands in for generate_batch: continues a prefix with the gold solution's remaining lines in one sample out of
+    every `ps_samples` (the last), with a wrong answer otherwise. The grader decides whether prefix + completion is
+    correct, so only gold prefixes can be completed correctly."""
+    gold_lines = gold.split("\n\n")
+    counter = [0]
+
+    def generate(model, tok, prompts, temperature, top_p, top_k, max_new_tokens):
+        out = []
+        for ids in prompts:
+            prefix = tok.decode(ids).split("<|assistant|>\n", 1)[1]
+            log.append(prefix)
+            k = len([s for s in prefix.split("\n\n") if s.strip()])
+            rest = "\n\n".join(gold_lines[k:]) if counter[0] % ps_samples == ps_samples - 1 else "#### 99999"
+            counter[0] += 1
+            ids_out = common.encode_response(tok, rest)
+            out.append({"response_ids": ids_out, "finish": "stop", "response": rest})
+        return out
+
+    return generate
+
+
+def test_segments_and_process_scores(monkeypatch, tmp_path):
+    tokenizer = common.build_tiny_tokenizer()
+    p, rows = arith_case(tokenizer)
+    # segments: split at blank lines, partitioning the response, each keeping its blank line; the last ends at EOS
+    for r in rows:
+        ends = dqo.segment_ends(tokenizer, r["response_ids"])
+        pieces = [tokenizer.decode(r["response_ids"][a:e], skip_special_tokens=True) for a, e in zip([0] + ends, ends)]
+        assert pieces == [s + "\n\n" for s in r["response"].split("\n\n")[:-1]] + [r["response"].split("\n\n")[-1]]
+        assert ends[-1] == len(r["response_ids"]) and r["response_ids"][-1] == tokenizer.eos_token_id
+    ps, log = 3, []
+    monkeypatch.setattr(dqo, "generate_batch", fake_generator(tokenizer, p["solution"], ps, log))
+    scores = dqo.score_segments(None, tokenizer, rows, "arith", ps, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+                                64, 7, seed=0)
+    assert [s["correct_segments"] for s in scores] == [4, 0, 1, 2]  # = the first wrong step, for each slip
+    # backwards from the longest proper prefix, stopping at the first prefix with a correct completion
+    n_prefix_segments = [len([s for s in x.split("\n\n") if s.strip()]) for x in log[::ps]]
+    assert sorted(n_prefix_segments, reverse=True) == n_prefix_segments  # one prefix length per round, longest first
+    assert n_prefix_segments == [3, 3, 3, 2, 2, 2, 1, 1]  # rounds: slips 0, 1, 2 | 0, 1, 2 (2 found) | 0, 1 (1 found)
+    assert not any(x == "" for x in log)  # never the empty prefix
+    # rewards: 1/n on the last token of each correct segment, the outcome on the last token
+    ends = scores[2]["segment_ends"]
+    r = dqo.token_rewards(len(rows[2]["response_ids"]), rows[2]["reward"], scores[2])
+    assert r[ends[0] - 1] == 0.25 and sum(r) == 0.25
+    assert tokenizer.decode(rows[2]["response_ids"][ends[0] - 2 : ends[0]]) == "\n\n"  # it sits on the blank line
+    r = dqo.token_rewards(len(rows[0]["response_ids"]), rows[0]["reward"], scores[0])
+    assert sum(r) == 2.0 and r[-1] == 1.25 and [r[e - 1] for e in scores[0]["segment_ends"][:-1]] == [0.25] * 3
+
+    # cached and resumable: a second build reads the cache; a lost chunk is rebuilt alone
+    monkeypatch.setattr(dqo, "PS_CHUNK", 2)
+    args = SimpleNamespace(model="x", task="arith", ps_samples=ps, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64,
+                           seed=0, gen_batch_size=7, cache_dir=str(tmp_path))
+    log.clear()
+    built = dqo.build_process_scores(None, None, tokenizer, rows, args)
+    assert built == scores and log
+    root = os.path.join(str(tmp_path), "process_scores", os.listdir(os.path.join(str(tmp_path), "process_scores"))[0])
+    os.remove(os.path.join(root, "chunk-00001.json"))
+    log.clear()
+    assert dqo.build_process_scores(None, None, tokenizer, rows, args) == scores
+    assert len(log) == ps * 5  # only the lost chunk's rows (slips 1 and 2: 3 + 2 prefixes), not all 8 prefixes
+    monkeypatch.setattr(dqo, "generate_batch", None)  # a complete cache never generates
+    assert dqo.build_process_scores(None, None, tokenizer, rows, args) == scores
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Smoke runs
+# ---------------------------------------------------------------------------------------------------------------------
+def test_smoke_run_and_show_values(tiny_cache, tmp_path):
+    out = str(tmp_path / "dqo")
+    results, metrics = run_script("dqo.py", tiny_cache, out, "--process_rewards", "--ps_samples", "2", "--lam", "0.95",
+                                  "--behavior", "sampler")
+    assert {"reference", "final"} <= set(results) and 0.0 <= results["final"]["greedy"] <= 1.0
+    assert metrics and all(math.isfinite(m["losses/policy"]) and math.isfinite(m["losses/value"]) for m in metrics)
+    assert os.path.exists(os.path.join(out, "value_model", "value_head.pt"))
+    assert os.path.exists(os.path.join(out, "value_trace.html"))
+    assert os.listdir(os.path.join(tiny_cache, "process_scores"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dqo.py"), "--show_values", out, "--cache_dir", tiny_cache,
+                           "--n_test", "16", "--report_to", ""], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "value trace" in proc.stdout and "(start)" in proc.stdout
+    assert "incorrect response" in proc.stdout  # the weak test reference always fails some
+    with open(os.path.join(out, "value_trace.html")) as f:
+        assert "<span style='background:" in f.read()
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f) == results
