@@ -11,7 +11,10 @@ import math
 import os
 import random
 import re
+import select
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -77,18 +80,30 @@ def arith_problem(rng: random.Random) -> dict:
             "solution": arith_solution(start, ops)[0], "final": value}
 
 
-def arith_solution(start: int, ops: list, slip_step: int | None = None, rng: random.Random | None = None) -> tuple:
-    """The worked solution. With `slip_step`, that step's result is wrong (off by 1 or 10) and the error is carried
-    through to a wrong final answer. Returns (text, slip_step)."""
-    lines, value = [], start
+def has_carry(a: int, op: str, b: int) -> bool:
+    """Whether the step needs a carry (addition) or a borrow (subtraction) in the units digit."""
+    return (op == "+" and a % 10 + b % 10 >= 10) or (op == "-" and a % 10 < b % 10)
+
+
+def arith_solution(start: int, ops: list, slip_step: int | None = None, rng: random.Random | None = None,
+                   carry_slip: float = 0.0) -> tuple:
+    """The worked solution, returned as (text, index of the first slipped step or None). Slips are carried through
+    to a wrong final answer:
+      - `slip_step`: that step's result is off by 1 or 10;
+      - `carry_slip`: each step that needs a carry or a borrow "forgets" it (result off by 10) with this probability:
+        a systematic misconception, which the reference's greedy decoding keeps when the probability is above 1/2."""
+    lines, value, first = [], start, None
     for i, (op, b) in enumerate(ops):
         result = _arith_apply(value, op, b)
         if i == slip_step:
-            deltas = [d for d in (-10, -1, 1, 10) if result + d >= 0]
-            result += rng.choice(deltas)
+            result += rng.choice([d for d in (-10, -1, 1, 10) if result + d >= 0])
+        elif carry_slip and has_carry(value, op, b) and rng.random() < carry_slip:
+            result += -10 if op == "+" else 10
+        if result != _arith_apply(value, op, b) and first is None:
+            first = i
         lines.append(f"{value}{op}{b}={result}")
         value = result
-    return "\n\n".join(lines + [f"#### {value}"]), slip_step
+    return "\n\n".join(lines + [f"#### {value}"]), first
 
 
 def arith_problems(split: str, n: int, seed: int = 0) -> list[dict]:
@@ -147,9 +162,10 @@ GRADE_TIMEOUT_S = 5.0
 
 def parse_number(text: str) -> float | None:
     try:
-        return float(text.replace(",", "").replace("$", "").strip())
+        value = float(text.replace(",", "").replace("$", "").strip())
     except (ValueError, OverflowError):
         return None
+    return value if math.isfinite(value) else None  # "inf", "nan" and 400-digit numbers are not answers
 
 
 def extract_gsm8k_answer(response: str) -> str | None:
@@ -174,25 +190,49 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _run_with_timeout(fn, timeout_s: float):
-    """Run `fn` in a daemon thread and give up after `timeout_s`. Unlike signal.alarm this works off the main
-    thread and inside worker processes; a timed-out thread is abandoned, not killed."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return result[0] if result else None
+_MATH_WORKER = r"""
+import json, sys
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+print("ready", flush=True)
+for line in sys.stdin:
+    try:
+        pred, ref = json.loads(line)
+        gold, guess = (parse("$" + s + "$", extraction_config=configs, parsing_timeout=None) for s in (ref, pred))
+        ok = bool(gold and guess and verify(gold, guess, timeout_seconds=None))
+    except Exception:
+        ok = False
+    print(int(ok), flush=True)
+"""
+_math_worker = {"proc": None, "lock": threading.Lock()}
+os.register_at_fork(after_in_child=lambda: _math_worker.update(proc=None, lock=threading.Lock()))
 
 
-def _math_equal(pred: str, ref: str) -> bool:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+def _readline(proc, timeout_s: float) -> bytes:
+    return proc.stdout.readline() if select.select([proc.stdout], [], [], timeout_s)[0] else b""
 
-    def _parse(s):  # signal-based timeouts off: _run_with_timeout bounds the whole call instead
-        configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-        return parse(f"${s}$", extraction_config=configs, parsing_timeout=None)
 
-    gold, guess = _parse(ref), _parse(pred)
-    return bool(gold and guess and verify(gold, guess, timeout_seconds=None))
+def _math_equal(pred: str, ref: str, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
+    """math-verify equivalence, computed in a persistent helper process that is killed (and restarted on the next
+    call) when one answer takes longer than `timeout_s`. Neither a thread nor signal.alarm can bound it: sympy
+    evaluating e.g. 10^{10^{10^{10}}} is one C call that holds the GIL. A subprocess works from any thread and
+    inside (daemonic) worker processes."""
+    with _math_worker["lock"]:
+        proc = _math_worker["proc"]
+        if proc is None or proc.poll() is not None:
+            proc = subprocess.Popen([sys.executable, "-c", _MATH_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, bufsize=0)
+            _math_worker["proc"] = proc if _readline(proc, 300) == b"ready\n" else proc.kill()
+        try:
+            proc.stdin.write((json.dumps([pred, ref]) + "\n").encode())
+            reply = _readline(proc, timeout_s)
+        except OSError:
+            reply = b""
+        if not reply:  # timed out or died: kill it, the next call starts a fresh one
+            proc.kill()
+            proc.wait()
+            _math_worker["proc"] = None
+        return reply == b"1\n"
 
 
 def grade(response: str, answer: str, task: str) -> float:
@@ -212,7 +252,7 @@ def grade(response: str, answer: str, task: str) -> float:
                 return 1.0
             if len(pred) > MAX_ANSWER_CHARS or len(answer) > MAX_ANSWER_CHARS:
                 return 0.0
-            return float(_run_with_timeout(lambda: _math_equal(pred, answer), GRADE_TIMEOUT_S) is True)
+            return float(_math_equal(pred, answer, GRADE_TIMEOUT_S))
     except Exception:  # a grader must never take a training run down
         return 0.0
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -523,7 +563,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
 # ---------------------------------------------------------------------------------------------------------------------
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)
-TINY_SFT = dict(steps=700, batch_size=64, lr=3e-3, warmup=50, slip_fraction=0.3, seed=0, version=2)
+TINY_SFT = dict(steps=700, batch_size=64, lr=3e-3, warmup=50, carry_slip=0.6, seed=0, version=3)
 TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -575,8 +615,7 @@ def build_tiny_reference(path: str, steps: int | None = None) -> None:
         for p in rng.sample(problems, cfg["batch_size"]):  # random batches: sorting by length hurts accuracy badly
             start, *steps_ = p["answer"].split(";")
             ops = [(s[0], int(s[1:])) for s in steps_]
-            slip = rng.randrange(len(ops)) if rng.random() < cfg["slip_fraction"] else None
-            text, _ = arith_solution(int(start), ops, slip, rng)
+            text, _ = arith_solution(int(start), ops, rng=rng, carry_slip=cfg["carry_slip"])
             rows.append({"prompt_ids": encode_prompt(tokenizer, p["question"], "arith"),
                          "response_ids": encode_response(tokenizer, text)})
         batch = collate(rows, tokenizer.pad_token_id)
@@ -591,7 +630,10 @@ def build_tiny_reference(path: str, steps: int | None = None) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)
+    if os.path.exists(path):  # another process finished first: keep its copy
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -661,12 +703,12 @@ def resolve_defaults(args, tiny: dict, paper: dict) -> None:
     for k, v in (tiny if args.model == "tiny" else paper).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.task not in TASKS:  # before the lookup below, which would fail with a bare KeyError
+        raise ValueError(f"--task {args.task!r}: unknown task; expected one of {TASKS}")
     if args.max_new_tokens is None:
         args.max_new_tokens = TASK_MAX_NEW_TOKENS[args.task]
     if not args.output_dir:
         raise ValueError("--output_dir is empty")
-    if args.task not in TASKS:
-        raise ValueError(f"unknown task {args.task!r}; expected one of {TASKS}")
 
 
 def setup_accelerator(args, algo: str) -> Accelerator:
@@ -679,6 +721,10 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     if args.report_to:
         accelerator.init_trackers(algo, config=config)
     accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}")
+    if accelerator.is_main_process:  # what ran: tests read the world size from here
+        os.makedirs(args.output_dir, exist_ok=True)
+        _write_json_atomic(os.path.join(args.output_dir, "run.json"),
+                           {"algo": algo, "world_size": accelerator.num_processes, "args": config})
     return accelerator
 
 
@@ -803,18 +849,19 @@ def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Acc
     return out
 
 
-def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator) -> dict:
+def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
     """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
-    model, task and test set reuses it."""
+    model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
+    into the cache key."""
     key = _cache_key(dict(model=model_key(args), task=args.task, test_file=args.test_file, n=len(problems),
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, v=1))
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, v=1, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     with reference_mode(accelerator.unwrap_model(model)):
         out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
-                       seed=args.seed)
+                       seed=args.seed, **eval_kwargs)
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _write_json_atomic(path, out)

@@ -117,8 +117,8 @@ class Args:
     show_values: str | None = arg(None, "print the value trace of a trained run's output_dir (model/, value_model/)")
 
 
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=3, lr=3e-4, value_lr=1e-3, per_device_batch_size=32, beta=0.03,
-            lam=1.0)
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=1e-4, value_lr=1e-3, per_device_batch_size=32, beta=0.3,
+            lam=1.0)  # β = 0.03 with lr ≥ 2e-4 drives Σ(ℓ − μ) to −30 within 100 steps: the IS weights vanish, training stalls
 PAPER = dict(epochs=5, lr=1e-7, value_lr=1e-6, per_device_batch_size=8, beta=0.03, lam=1.0)  # Gemma; Qwen: --lr 5e-7
 
 
@@ -399,15 +399,15 @@ def value_trace_html(out: dict) -> str:
              f"<h2>DQO value trace</h2><p>Each segment is coloured by the learned V at its end (red {lo:.3f}, "
              + f"green {hi:.3f}); hover for the value.</p>"]
     for t in out["traces"]:
-        parts.append(f"<h3>{'correct' if t['reward'] == 1.0 else 'incorrect'} (V at start {t['value_start']:.3f})</h3>"
-                     f"<p>{html.escape(t['question'])}</p><pre style='font-size:14px'>")
+        spans = []
         for sg in t["segments"]:
             x = (sg["value"] - lo) / (hi - lo) if hi > lo else 0.5
             colour = f"rgb({int(255 * (1 - x))},{int(200 * x + 55)},110)"
             note = f" [{sg['status']}]" if sg["status"] else ""
-            parts.append(f"<span style='background:{colour}' title='V = {sg['value']:.3f}{note}'>"
+            spans.append(f"<span style='background:{colour}' title='V = {sg['value']:.3f}{note}'>"
                          f"{html.escape(sg['text'])}</span>")
-        parts.append("</pre>")
+        parts.append(f"<h3>{'correct' if t['reward'] == 1.0 else 'incorrect'} (V at start {t['value_start']:.3f})</h3>"
+                     f"<p>{html.escape(t['question'])}</p><pre style='font-size:14px'>{''.join(spans)}</pre>")
     return "\n".join(parts + ["</body></html>"])
 
 

@@ -84,12 +84,14 @@ class Args:
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β (paper: 0.03)")
     # Algorithm-specific arguments
     value_lr: float | None = arg(None, "value-network learning rate (paper: 1e-6)")
 
 
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, per_device_batch_size=32, beta=0.03, value_lr=1e-3)
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, per_device_batch_size=32, beta=0.1, value_lr=3e-4)
 # DQO App. A: β 0.03, policy lr 1e-7 (Gemma; 5e-7 for Qwen), value lr 1e-6, global batch 256 = 32 x 8 GPUs
 PAPER = dict(epochs=1, lr=1e-7, per_device_batch_size=32, beta=0.03, value_lr=1e-6)
 
@@ -166,6 +168,8 @@ def save_value_model(accelerator, value_model, path: str) -> None:
 def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     resolve_defaults(args, TINY, PAPER)
+    if args.lora_r:  # fail before any work
+        raise ValueError("dro.py does not support --lora_r: its value network is a full trainable copy of the model")
 
     # setup
     accelerator = setup_accelerator(args, "dro")
@@ -197,12 +201,15 @@ def main():
     state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
     step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
     results = state["results"] if state else results
-    bar = tqdm(total=steps_per_epoch * args.epochs, initial=step, desc="train", disable=not accelerator.is_main_process)
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     model.train()
     for epoch in range(start_epoch, args.epochs):
         t0, tokens = time.time(), 0.0
         for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
                                              accelerator, start=start_batch if epoch == start_epoch else 0):
+            if step >= total_steps:
+                break
             batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
                                                             seq_fields).items()}
             with accelerator.accumulate(model, value_model):
@@ -237,7 +244,7 @@ def main():
                     results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
                                                       args.max_new_tokens, args.gen_batch_size, seed=args.seed)
                     log_eval(accelerator, results, step, args.output_dir)
-        if not args.eval_every and epoch + 1 < args.epochs:
+        if not args.eval_every and epoch + 1 < args.epochs and step < total_steps:
             results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
                                                     args.max_new_tokens, args.gen_batch_size, seed=args.seed)
             log_eval(accelerator, results, step, args.output_dir)

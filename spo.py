@@ -19,17 +19,19 @@ Launch:
 Memory: one trainable policy (with gradients and AdamW state). With --online_fraction > 0, two frozen copies more
 (weights only, no gradients or optimizer state): the reference, to score fresh rollouts (offline rows carry their
 reference log-probs from the offline dataset), and the rollout policy, refreshed every --model_update_interval steps.
-For a 7B model in bf16 that is 2 x 14 GB; --online_fraction 0 needs neither. Peak memory is in the results.
+For a 7B model in bf16 that is 2 x 14 GB; --online_fraction 0 needs neither, and with --lora_r the reference is the
+policy with its adapters off (no copy). Peak memory is printed and stored in results.json (final.peak_memory_mb).
 
 Deviations from the paper:
     - Ŝ_0 comes from the offline dataset's n samples per prompt (default 8; the paper uses 800), drawn with the
       offline sampler (T=0.9, top_p 0.9, top_k 16) rather than π_0 at temperature 1, so Q̂_0 is that of the sampler.
       `--q0_samples N` pools N more samples per prompt from the same sampler.
     - An online rollout takes the prompt of the offline row it replaces: a half-online epoch trains on half of the
-      offline rows plus one fresh rollout for each prompt of the other half (the mix is exact at every step).
+      offline rows plus one fresh rollout for each prompt of the other half. The mix is exact at every step and on
+      every process, and which rows are replaced does not depend on the number of processes (`online_slots`).
     - The rollout temperature ~ U(0.1, 0.8) is drawn per generate call (one per process and micro-batch), not per
-      sequence. Under several processes each samples its own share; the offline part of the batch does not depend
-      on the number of processes, the sampled responses do.
+      sequence. Under several processes each samples its own share, so the sampled responses (not the offline
+      rows) depend on the number of processes.
     - The loss is a mean over sequences (the paper's sum over the batch only rescales the learning rate).
     - Tiny default (TINY): β, lr and the epoch count are tuned for the 536k-parameter model and a 10-minute CPU budget.
 """
@@ -53,6 +55,7 @@ from common import (
     batches_per_epoch,
     build_offline_dataset,
     collate,
+    encode_prompt,
     evaluate,
     evaluate_reference,
     iterate_batches,
@@ -61,6 +64,7 @@ from common import (
     load_task,
     log_eval,
     log_metrics,
+    reference_mode,
     resolve_defaults,
     rollout,
     save_checkpoint,
@@ -101,6 +105,8 @@ class Args:
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β: the soft-RL temperature (paper: 1/ln(100000) ≈ 0.087)")
     # Algorithm-specific arguments
     loss_type: str = arg("squared", "squared (paper's best), bce, advantage_bce or reverse_q")
@@ -114,7 +120,8 @@ class Args:
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=3, lr=3e-4, warmup_steps=0, per_device_batch_size=32, beta=0.25)
 PAPER = dict(epochs=1, lr=6e-8, warmup_steps=200, per_device_batch_size=16, beta=1 / math.log(100_000))  # batch 16 x 8 GPUs
-PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}  # paper's metric
+# The paper's metric: pass@1 and pass@10 from 20 samples at T=0.4, top_p 0.95, before and after training
+PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}
 BCE_MAX_LOGP = -1e-4  # bce: the predicted log P(success) is clipped to at most this, strictly below 0
 
 
@@ -181,6 +188,12 @@ def estimate_q0(rows: list[dict], beta: float) -> dict[int, float]:
     return dict(zip(idx, q0.tolist()))
 
 
+def online_slots(batch_size: int, fraction: float) -> list[int]:
+    """Positions j of a micro-batch whose rows become fresh rollouts: those with ⌊(j+1)f⌋ > ⌊jf⌋, spread evenly, ⌊Bf⌋
+    of them. When B·f is whole, the per-process slices of a global batch get the same slots as one process would."""
+    return [j for j in range(batch_size) if math.floor((j + 1) * fraction + 1e-9) > math.floor(j * fraction + 1e-9)]
+
+
 class RolloutPolicy:
     """A frozen copy of the policy that generates the online rollouts, refreshed every `interval` optimizer steps
     (`version`: the step it was copied at). Has state_dict/load_state_dict, so checkpoints resume it exactly."""
@@ -209,7 +222,8 @@ def online_rollouts(rollout_policy, ref_model, tokenizer, rows: list[dict], args
     sampling = {"temperature": temperature, "top_p": args.rollout_top_p, "top_k": 0}
     fresh = _rollout_chunk(rollout_policy, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
                            args.task, range(len(rows)), 1, sampling, args.max_new_tokens, seed)
-    score_rows(ref_model, fresh, tokenizer.pad_token_id, args.gen_batch_size)
+    with reference_mode(ref_model):  # a LoRA policy with its adapters off, or the frozen reference copy
+        score_rows(ref_model, fresh, tokenizer.pad_token_id, args.gen_batch_size)
     for f, r in zip(fresh, rows):
         f.update(ref_logps=f.pop("logps"), q0=r["q0"], prompt_idx=r["prompt_idx"], online=True, temperature=temperature)
     return fresh
@@ -232,11 +246,13 @@ def main():
 
     # models
     model, tokenizer = load_model_and_tokenizer(args, accelerator)
-    n_online = round(args.per_device_batch_size * args.online_fraction)  # rollouts per micro-batch and process
+    slots = online_slots(args.per_device_batch_size, args.online_fraction)  # rollouts per micro-batch and process
+    n_online = len(slots)
     if not 0 <= args.online_fraction <= 1 or abs(n_online - args.per_device_batch_size * args.online_fraction) > 1e-6:
         raise ValueError(f"--online_fraction {args.online_fraction} x --per_device_batch_size "
                          f"{args.per_device_batch_size} must be a whole number of rollouts in [0, batch]")
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device) if n_online else None  # scores rollouts
+    # frozen copies (weights only) for the online part: the reference scores rollouts (with LoRA: the adapters off)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device) if n_online and not args.lora_r else None
     rollout_policy = RolloutPolicy(model, args.model_update_interval) if n_online else None
     if rollout_policy is not None:
         rollout_policy.model.to(device)
@@ -246,19 +262,18 @@ def main():
     # data
     train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
     test_problems = load_task(args.task, "test", args.test_file, args.n_test)
-    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator, **PASS_EVAL)}
     # ALGO LOGIC: data
-    reference_pass = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
-                              args.gen_batch_size, sampled_seeds=0, seed=args.seed, **PASS_EVAL)
-    results["reference"].update({k: v for k, v in reference_pass.items() if k.startswith("pass@")})
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
     q0_rows = rows
-    if args.q0_samples:  # more reference samples for Ŝ_0, with the offline sampler
-        q0_rows = rows + rollout(accelerator.unwrap_model(model), tokenizer, [r["prompt_ids"] for r in rows[:: args.n_samples]],
-                                 [p["answer"] for p in train_problems], args.task, n=args.q0_samples,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                 max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
-                                 seed=args.seed + 1, accelerator=accelerator, desc="q0 samples")
+    if args.q0_samples:  # more reference samples for Ŝ_0, with the offline sampler; prompt_idx as in the offline rows
+        prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in train_problems]
+        policy = accelerator.unwrap_model(model)
+        with reference_mode(policy):
+            q0_rows = rows + rollout(policy, tokenizer, prompts, [p["answer"] for p in train_problems], args.task,
+                                     n=args.q0_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                     max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                                     seed=args.seed + 1, accelerator=accelerator, desc="q0 samples")
     q0 = estimate_q0(q0_rows, args.beta)  # prompt_idx -> Q̂_0
     examples = [dict(r, q0=q0[r["prompt_idx"]]) for r in rows]
     accelerator.print(f"training on {len(examples)} offline examples, {args.online_fraction:.0%} of each batch "
@@ -274,16 +289,21 @@ def main():
     state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
     step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
     results = state["results"] if state else results
-    bar = tqdm(total=steps_per_epoch * args.epochs, initial=step, desc="train", disable=not accelerator.is_main_process)
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     model.train()
     for epoch in range(start_epoch, args.epochs):
         t0, tokens = time.time(), 0.0
         for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
                                              accelerator, start=start_batch if epoch == start_epoch else 0):
-            if n_online:  # ALGO LOGIC: the batch's last n_online rows become fresh rollouts of their prompts
+            if step >= total_steps:
+                break
+            if n_online:  # ALGO LOGIC: the rows in the online slots become fresh rollouts of their prompts
                 seed = args.seed * 1_000_003 + (epoch * 100_003 + b) * accelerator.num_processes + accelerator.process_index
-                batch_rows = batch_rows[: len(batch_rows) - n_online] + online_rollouts(
-                    rollout_policy.model, ref_model, tokenizer, batch_rows[len(batch_rows) - n_online :], args, seed)
+                fresh = iter(online_rollouts(rollout_policy.model, ref_model if ref_model is not None else
+                                             accelerator.unwrap_model(model), tokenizer, [batch_rows[j] for j in slots],
+                                             args, seed))
+                batch_rows = [next(fresh) if j in slots else row for j, row in enumerate(batch_rows)]
             batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
                                                             seq_fields).items()}
             with accelerator.accumulate(model):
@@ -319,7 +339,7 @@ def main():
                     results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
                                                       args.max_new_tokens, args.gen_batch_size, seed=args.seed)
                     log_eval(accelerator, results, step, args.output_dir)
-        if not args.eval_every and epoch + 1 < args.epochs:
+        if not args.eval_every and epoch + 1 < args.epochs and step < total_steps:
             results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
                                                     args.max_new_tokens, args.gen_batch_size, seed=args.seed)
             log_eval(accelerator, results, step, args.output_dir)

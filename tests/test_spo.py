@@ -175,6 +175,17 @@ def test_bellman_consistency_by_construction(tiny_model):
     assert q_path[0] == pytest.approx(q0) and max(abs(q - q0) for q in q_path) > 1e-2  # Q moves: a real test
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_online_slots_mix_is_exact_and_process_invariant(fraction):
+    """Exactly B·f rows per micro-batch are online, and two processes with batch b get, slice by slice, the slots that
+    one process with batch 2b gets."""
+    for b in (4, 8, 32):
+        slots = spo.online_slots(b, fraction)
+        assert len(slots) == b * fraction and len(set(slots)) == len(slots) and all(0 <= j < b for j in slots)
+        assert spo.online_slots(2 * b, fraction) == slots + [b + j for j in slots]
+    assert spo.online_slots(8, 0.5) == [1, 3, 5, 7]  # spread evenly, not all at the end
+
+
 def test_rollout_policy_refresh_schedule(tiny_model):
     """The rollout copy is frozen between refreshes and equals the trained policy at the last multiple of the interval."""
     model = copy.deepcopy(tiny_model[0])
@@ -225,8 +236,10 @@ def test_one_step_lowers_loss(tiny_model, loss_type):
     policy = copy.deepcopy(ref)
     problems = common.load_task("arith", "train", limit=6)
     prompts = [common.encode_prompt(tokenizer, p["question"], "arith") for p in problems]
-    rows = common.rollout(ref, tokenizer, prompts, [p["answer"] for p in problems], "arith", n=4, temperature=1.0,
+    rows = common.rollout(ref, tokenizer, prompts, [p["answer"] for p in problems], "arith", n=3, temperature=1.0,
                           max_new_tokens=64, seed=0)
+    rows += [{"prompt_idx": i, "prompt_ids": prompts[i], "response_ids": common.encode_response(tokenizer, p["solution"]),
+              "reward": 1.0} for i, p in enumerate(problems)]  # the gold solutions: correct for sure
     q0 = spo.estimate_q0(rows, 0.5)
     batch = common.collate([dict(r, q0=q0[r["prompt_idx"]]) for r in rows], tokenizer.pad_token_id, (), ("q0", "reward"))
     assert 0 < batch["reward"].mean() < 1
