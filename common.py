@@ -52,6 +52,7 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 ARITH_NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay")
 ARITH_ITEMS = ("apples", "coins", "cards", "books", "shells")
+ARITH_STEPS = (2, 4)  # min and max number of steps per problem
 ARITH_STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)$")
 
 
@@ -65,7 +66,7 @@ def arith_problem(rng: random.Random) -> dict:
     name, item = rng.choice(ARITH_NAMES), rng.choice(ARITH_ITEMS)
     value = rng.randint(2, 20)
     words, ops = [f"{name} has {value} {item}."], []
-    for _ in range(rng.randint(2, 4)):  # intermediate values stay in [1, 99]: two digits at most
+    for _ in range(rng.randint(*ARITH_STEPS)):  # intermediate values stay in [1, 99]: two digits at most
         choices = (["+"] if value <= 89 else []) + (["-"] if value > 1 else []) + (["*"] if value <= 33 else [])
         op = rng.choice(choices)
         b = rng.randint(2, min(3, 99 // value)) if op == "*" else rng.randint(1, value - 1) if op == "-" else rng.randint(
@@ -592,12 +593,13 @@ def tiny_dir(cache_dir: str) -> str:
     return os.path.join(cache_dir, "tiny", _cache_key({"config": TINY_CONFIG, "sft": TINY_SFT}))
 
 
-def build_tiny_reference(path: str, steps: int | None = None) -> None:
+def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float | None = None) -> None:
     """Build the tiny Llama and SFT it on a mix of correct and slipped `arith` solutions, so the reference makes
     step-level mistakes that reward-driven methods can learn to avoid. Saved atomically to `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(TINY_SFT, steps=steps or TINY_SFT["steps"])
+    cfg = dict(TINY_SFT, steps=steps or TINY_SFT["steps"])  # tests override steps and carry_slip for a quick model
+    cfg["carry_slip"] = TINY_SFT["carry_slip"] if carry_slip is None else carry_slip
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(cfg["seed"])
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -713,8 +715,11 @@ def resolve_defaults(args, tiny: dict, paper: dict) -> None:
 
 def setup_accelerator(args, algo: str) -> Accelerator:
     """Accelerator with TensorBoard tracking under `output_dir`, and seeding as one block (per-rank offset)."""
+    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo needs cpu=True,
+    # or accelerate silently runs each process as a world of one.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no",
-                              log_with=args.report_to or None, project_dir=args.output_dir)
+                              log_with=args.report_to or None, project_dir=args.output_dir, cpu=cpu)
     set_seed(args.seed + accelerator.process_index)
     torch.use_deterministic_algorithms(False)
     config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}

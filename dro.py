@@ -86,9 +86,9 @@ class Args:
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
-    beta: float | None = arg(None, "KL coefficient β (paper: 0.03)")
+    beta: float | None = arg(None, "KL coefficient β (paper: 0.03; tiny default: 0.1)")
     # Algorithm-specific arguments
-    value_lr: float | None = arg(None, "value-network learning rate (paper: 1e-6)")
+    value_lr: float | None = arg(None, "value-network learning rate (paper: 1e-6; tiny default: 3e-4)")
 
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, per_device_batch_size=32, beta=0.1, value_lr=3e-4)

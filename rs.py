@@ -84,7 +84,7 @@ class Args:
     data: str = arg("samples", "samples: the correct reference samples (RS); gold: the dataset's solutions (SFT)")
 
 
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=3, lr=3e-4, per_device_batch_size=32, beta=0.0)
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=3e-4, per_device_batch_size=32, beta=0.0)
 PAPER = dict(epochs=3, lr=1e-6, per_device_batch_size=8, beta=0.0)  # DQO paper, Appendix A: 3 epochs
 
 

@@ -13,15 +13,17 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-# A short SFT: weaker than the real default, but it already samples a mix of right and wrong answers.
-TEST_SFT_STEPS = int(os.environ.get("TEST_TINY_SFT_STEPS", "250"))
+# A short SFT without the carry misconception: weaker than the real default, but it already samples a mix of right
+# and wrong answers, which the smoke runs need (DPO needs prompts with both).
+TEST_SFT_STEPS = int(os.environ.get("TEST_TINY_SFT_STEPS", "450"))
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A cache dir whose `tiny` reference is SFT'd for TEST_SFT_STEPS steps (built once per session)."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    common.build_tiny_reference(common.tiny_dir(cache), steps=TEST_SFT_STEPS)
+    cache = os.environ.get("TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse across runs
+    if not os.path.exists(common.tiny_dir(cache)):
+        common.build_tiny_reference(common.tiny_dir(cache), steps=TEST_SFT_STEPS, carry_slip=0.0)
     return cache
 
 
