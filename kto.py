@@ -13,9 +13,9 @@ Launch:
 Deviations from the paper:
     - Desirable means reward 1 on the verifier, not a human label. λ_D is set from the data so that
       λ_D n_D / (λ_U n_U) = 1, the low end of the KTO paper's recommended [1, 4/3]; --desirable_weight overrides it.
-    - z0 pairs prompt i with the completion of row i+1 (mod B) of the same micro-batch, as TRL does; with several
-      responses per prompt that neighbour may answer the same prompt. Under several processes the mismatched log-probs
-      are gathered, so z0 is the global-batch estimate.
+    - z0 pairs prompt i with the completion of row i+1 (mod B) of the global micro-batch (all processes), and the
+      mismatched log-probs are gathered, so z0 and the loss do not depend on the process count; with several
+      responses per prompt that neighbour may answer the same prompt.
     - log π_ref of the matched pairs is the one stored with the offline dataset; a frozen copy of the reference is kept
       only for the mismatched pairs, whose completions change with every batch.
     - The tiny default (TINY) uses a larger lr and β than the paper's 7B setting (PAPER): lr 3e-5, β 0.3, kept small
@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
@@ -200,7 +201,11 @@ def main():
             with accelerator.accumulate(model):
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
-                kl = {k: v.to(device) for k, v in collate(mismatched_pairs(batch_rows), tokenizer.pad_token_id).items()}
+                # Mismatched pairs over the global batch (row i+1 may live on the next process), this process's slice
+                global_rows = gather_object(batch_rows) if accelerator.num_processes > 1 else batch_rows
+                first = accelerator.process_index * len(batch_rows)
+                kl_rows = mismatched_pairs(global_rows)[first : first + len(batch_rows)]
+                kl = {k: v.to(device) for k, v in collate(kl_rows, tokenizer.pad_token_id).items()}
                 with torch.no_grad():  # z0 is detached: its log-probs need no graph
                     kl_policy_logps = (token_logprobs(model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
                     kl_ref_logps = (token_logprobs(ref_model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
