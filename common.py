@@ -675,11 +675,26 @@ def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
 
 
 def add_lora(model, r: int):
-    """LoRA adapters on every linear layer (peft, imported only here). B starts at zero, so the adapted model equals
-    the base until trained; reference log-probs come from the same model with the adapter disabled."""
+    """LoRA adapters on every linear layer (peft, imported only here); every other weight is frozen. B starts at zero,
+    so the adapted model equals the base until trained; reference log-probs come from the same model with the adapter
+    disabled. `model` is a causal LM (the policy) or a bare backbone (a value model's)."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
+
+
+def merge_lora(model):
+    """Fold LoRA adapters into their base weights, in place, wherever they are: `model` itself (a LoRA policy) or a
+    direct child (a value model's backbone). Returns the merged model, a plain transformers model again that loads
+    without peft, or None if `model` has no adapters. The adapters are gone afterwards: call it once training is done."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    merged = None
+    for name, child in model.named_children():
+        if hasattr(child, "merge_and_unload"):
+            setattr(model, name, child.merge_and_unload())
+            merged = model
+    return merged
 
 
 def reference_mode(model):
@@ -801,13 +816,15 @@ def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
 
 
 def save_model(accelerator: Accelerator, model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe)."""
+    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe). A LoRA model is
+    merged first (in place, see `merge_lora`), so the saved model is the same format with or without --lora_r."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    merged = merge_lora(unwrapped)  # on every process, so that all keep the same model after the save
+    if merged is not None:  # LoRA: save the merged model, loadable without peft (the state dict has adapter keys)
+        unwrapped, state_dict = merged, None
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if hasattr(unwrapped, "merge_and_unload"):  # LoRA: save the merged model, loadable without peft
-            unwrapped, state_dict = unwrapped.merge_and_unload(), None
         unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
@@ -826,9 +843,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Accelerator | None = None,
              max_new_tokens: int = 256, gen_batch_size: int = 256, sampled_seeds: int = 1, pass_k: tuple = (),
-             pass_n: int = 0, pass_sampling: dict | None = None, seed: int = 0) -> dict:
+             pass_n: int = 0, pass_sampling: dict | None = None, pass_problems: int | None = None, seed: int = 0) -> dict:
     """Greedy accuracy; sampled accuracy (the paper's T=0.7, top_p=0.9, top_k=16) as mean and std over seeds;
-    optionally pass@k from `pass_n` samples per problem (default sampling as above)."""
+    optionally pass@k from `pass_n` samples per problem (default sampling as above) on the first `pass_problems`
+    problems (None: all; pass_n samples per problem make this the costly part)."""
     policy = accelerator.unwrap_model(model) if accelerator else model
     prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
@@ -843,9 +861,11 @@ def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Acc
     if accs:
         out.update(sampled=float(np.mean(accs)), sampled_std=float(np.std(accs)), sampled_seeds=len(accs))
     if pass_n:
-        rows = rollout(policy, tokenizer, prompts, answers, task, n=pass_n, seed=seed + 10_000, desc="eval pass@k",
-                       **(pass_sampling or EVAL_SAMPLING), **common)
-        correct = np.array([r["reward"] for r in rows]).reshape(len(problems), pass_n).sum(1)
+        m = min(pass_problems or len(problems), len(problems))
+        rows = rollout(policy, tokenizer, prompts[:m], answers[:m], task, n=pass_n, seed=seed + 10_000,
+                       desc="eval pass@k", **(pass_sampling or EVAL_SAMPLING), **common)
+        correct = np.array([r["reward"] for r in rows]).reshape(m, pass_n).sum(1)
+        out["pass_problems"] = m
         for k in pass_k:
             out[f"pass@{k}"] = float(np.mean([pass_at_k(pass_n, int(c), k) for c in correct]))
     out["truncated"] = float(np.mean([r["truncated"] for r in greedy]))

@@ -32,6 +32,7 @@ class Args:
     pass_temperature: float = arg(0.7, "pass@k sampling temperature (DQO protocol 0.7; SPO reports 0.4)")
     pass_top_p: float = arg(0.9, "pass@k sampling top_p (DQO 0.9; SPO 0.95)")
     pass_top_k: int = arg(16, "pass@k sampling top_k (DQO 16; 0 = off)")
+    pass_problems: int | None = arg(None, "pass@k on the first N test problems only (default: all)")
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
     gen_batch_size: int = arg(256, "sequences per generate call")
     bf16: bool = arg(False, "bf16 weights (GPU)")
@@ -56,7 +57,8 @@ def main():
     problems = load_task(args.task, "test", args.test_file, args.n_test)
     sampling = dict(temperature=args.pass_temperature, top_p=args.pass_top_p, top_k=args.pass_top_k)
     out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
-                   sampled_seeds=args.seeds, pass_k=ks, pass_n=args.pass_n, pass_sampling=sampling, seed=args.seed)
+                   sampled_seeds=args.seeds, pass_k=ks, pass_n=args.pass_n, pass_sampling=sampling,
+                   pass_problems=args.pass_problems, seed=args.seed)
     out.update(model=args.model, task=args.task, pass_sampling=sampling if args.pass_n else None)
     accelerator.print(format_results({os.path.basename(args.model.rstrip("/")) or args.model: out}))
     accelerator.print(f"sampled accuracy: {out['sampled']:.4f} ± {out['sampled_std']:.4f} over {args.seeds} seeds"

@@ -1,0 +1,229 @@
+"""--lora_r: LoRA adapters through peft. The adapted model starts as the base and only its adapters train; the reference
+(adapters off) stays the base model exactly, so the offline dataset a LoRA run caches is the base model's; the saved
+model is merged into a plain transformers model; DRO's and DQO's value models are LoRAs of the same base; and every
+script runs end to end with --lora_r."""
+
+import copy
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import run_script
+from safetensors import safe_open
+
+import common
+import dqo
+import dro
+
+
+def _batch(tokenizer, n=6):
+    """Gold arith solutions to `n` training prompts, collated."""
+    rows = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
+             "response_ids": common.encode_response(tokenizer, p["solution"])}
+            for p in common.arith_problems("train", n, seed=3)]
+    return common.collate(rows, tokenizer.pad_token_id)
+
+
+def _logps(model, batch):
+    with torch.no_grad():
+        return common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]) * batch["mask"]  # (B, T)
+
+
+def _sft_step(model, batch, lr=1e-2):
+    """One AdamW step on the NLL of `batch`, over the trainable parameters only."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    loss = -common.masked_mean(common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["mask"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _keys(path):
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def _tensor(path, key):
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return f.get_tensor(key)
+
+
+def test_lora_starts_at_the_base_trains_only_adapters_and_merges(tiny_model, tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_model
+    batch = _batch(tokenizer)
+    base = _logps(model, batch)
+    policy = common.add_lora(copy.deepcopy(model), 4)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    # A and B on every linear layer of the 2 blocks (q, k, v, o, gate, up, down); nothing else, not the tied embeddings
+    assert len(trainable) == 2 * 7 * 2 and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert torch.equal(_logps(policy, batch), base)  # B = 0: exactly the base model
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+
+    policy.train()
+    _sft_step(policy, batch)
+    policy.eval()
+    adapted = _logps(policy, batch)
+    assert (adapted - base).abs().max() > 1e-2  # the adapters moved the policy
+    with common.reference_mode(policy):
+        assert torch.equal(_logps(policy, batch), base)  # and the reference is still the base model, exactly
+    assert torch.equal(_logps(policy, batch), adapted)  # the context restores the adapters
+    assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if n in frozen)
+
+    # The saved model is merged: the base's format (same tensor names, no adapter keys), the adapted model's log-probs
+    path = str(tmp_path / "model")
+    common.save_model(Accelerator(cpu=True), policy, tokenizer, path)
+    model.save_pretrained(str(tmp_path / "base"))
+    assert _keys(path) == _keys(str(tmp_path / "base")) and not any("lora" in k for k in _keys(path))
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    torch.testing.assert_close(_logps(loaded, batch), adapted, rtol=0, atol=1e-5)
+
+
+def test_lora_with_gradient_checkpointing_trains_every_adapter(tiny_cache):
+    args = SimpleNamespace(model="tiny", cache_dir=tiny_cache, bf16=False, gradient_checkpointing=True, lora_r=4)
+    policy, tokenizer = common.load_model_and_tokenizer(args)
+    batch = _batch(tokenizer)
+    policy.train()
+    loss = -common.masked_mean(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])
+    loss.backward()
+    # B starts at zero, so A's first gradient is zero; every B must get one through the checkpointed layers
+    grads = {n: p.grad for n, p in policy.named_parameters() if ".lora_B." in n}
+    assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for n, p in policy.named_parameters() if not p.requires_grad)
+
+
+def test_offline_dataset_under_lora_is_the_base_models(tiny_model, tmp_path):
+    """A LoRA run builds (and caches, under the base model's key) the offline dataset with its adapters off: the rows
+    are identical to those the base model writes, so a cache shared by LoRA and full runs is correct either way."""
+    from accelerate import Accelerator
+
+    model, tokenizer = tiny_model
+    policy = common.add_lora(copy.deepcopy(model), 4)
+    policy.train()
+    _sft_step(policy, _batch(tokenizer))  # adapters far from zero: a reference computed with them on would differ
+    accelerator = Accelerator(cpu=True)
+    problems = common.load_task("arith", "train", limit=8)
+    rows = {}
+    for name, m in (("base", model), ("lora", policy)):
+        args = SimpleNamespace(model="tiny", cache_dir=str(tmp_path / name), task="arith", train_file=None, n_samples=2,
+                               temperature=0.9, top_p=0.9, top_k=16, max_new_tokens=48, seed=5, gen_batch_size=8)
+        rows[name] = common.build_offline_dataset(accelerator, m, tokenizer, problems, args)
+    assert rows["lora"] == rows["base"] and len(rows["base"]) == 16  # responses, rewards, ref and sampler log-probs
+    batch = common.collate(rows["lora"], tokenizer.pad_token_id, token_fields=("ref_logps",))
+    assert (_logps(policy, batch) - batch["ref_logps"]).abs().max() > 1e-2  # the adapted policy's are not these
+
+
+@pytest.mark.parametrize("algo", ["dro", "dqo"])
+def test_value_model_under_lora_trains_only_its_adapters_and_head(algo, tiny_model, tmp_path):
+    from accelerate import Accelerator
+
+    model, tokenizer = tiny_model
+    batch = _batch(tokenizer)
+    policy = common.add_lora(copy.deepcopy(model), 4)
+    policy.train()
+    _sft_step(policy, batch)  # the policy's adapters must not leak into the value model
+    if algo == "dro":
+        value_model = dro.ValueModel(policy, 4)
+        last = batch["mask"].argmax(-1) - 1  # (B,) the last prompt token
+
+        def values(vm):
+            return vm(batch["input_ids"], batch["attention_mask"], last)  # (B,)
+    else:
+        value_model = dqo.ValueModel(common.add_lora(copy.deepcopy(model), 4), 4)  # as dqo.main: a fresh LoRA load
+
+        def values(vm):
+            return vm(batch["input_ids"], batch["attention_mask"]) * batch["mask"]  # (B, T)
+
+    trainable = [n for n, p in value_model.named_parameters() if p.requires_grad]
+    adapters = [n for n in trainable if ".lora_A." in n or ".lora_B." in n]
+    assert len(adapters) == 2 * 7 * 2 and sorted(set(trainable) - set(adapters)) == ["head.bias", "head.weight"]
+    policy_ptrs = {p.data_ptr() for p in policy.parameters()}
+    assert not any(p.data_ptr() in policy_ptrs for p in value_model.parameters())  # its own copy of the base
+    with torch.no_grad():  # at the start the backbone is exactly the base model's, without the policy's adapters
+        hidden = value_model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        base_hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert torch.equal(hidden, base_hidden)
+
+    frozen = {n: p.detach().clone() for n, p in value_model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in value_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(value_model.parameters(), lr=1e-2, weight_decay=0.0)
+    target = torch.rand(batch["input_ids"].shape[0])  # (B,) a value per row, regressed at every position (DQO)
+    for _ in range(2):  # the zero head blocks the backbone's first gradient: the second step moves the adapters
+        v = values(value_model)
+        loss = ((v - (target if v.dim() == 1 else target[:, None] * batch["mask"])) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert all(torch.equal(p, frozen[n]) for n, p in value_model.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, before[n]) for n, p in value_model.named_parameters() if ".lora_B." in n or "head" in n)
+    with torch.no_grad():
+        trained = values(value_model)
+
+    # Saved merged, in the format without LoRA: a plain backbone and the head, giving the trained values
+    path = str(tmp_path / "value_model")
+    accelerator = Accelerator(cpu=True)
+    if algo == "dro":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        dro.save_value_model(accelerator, value_model, path)
+        loaded = dro.ValueModel(AutoModel.from_pretrained(path))  # a bare backbone: its own base_model
+        loaded.head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+    else:
+        common.save_model(accelerator, value_model, None, path)
+        loaded = dqo.ValueModel.from_pretrained(path)
+    model.base_model.save_pretrained(str(tmp_path / "base"))
+    assert _keys(path) == _keys(str(tmp_path / "base")) and not any("lora" in k for k in _keys(path))
+    with torch.no_grad():
+        torch.testing.assert_close(values(loaded.eval()), trained, rtol=0, atol=1e-5)
+    assert trained.abs().max() > 1e-3
+
+
+# Per script: the metric that is (β times) log π/π_ref on the data, summed over tokens (RS has none), and the run's
+# length. DRO's and DQO's gradients vanish on a batch with no correct response while π = π_ref and V = 0, and only a
+# few percent are correct, so they run a whole epoch in batches of 32 (6 steps); RS keeps only the correct responses.
+LOGRATIO_METRICS = {"dpo": ("rewards/margins",), "kto": ("rewards/desirable", "rewards/undesirable"),
+                    "dro": ("rewards/logratio",), "dqo": ("rewards/kl",), "spo": ("rewards/kl",)}
+RUN_ARGS = {"rs": ["--per_device_batch_size", "4"], "dpo": ["--max_steps", "2"], "kto": ["--max_steps", "2"],
+            "dro": ["--per_device_batch_size", "32", "--value_lr", "1e-2"],
+            "dqo": ["--per_device_batch_size", "32", "--value_lr", "1e-2"], "spo": ["--max_steps", "2"]}
+
+
+@pytest.mark.parametrize("algo", ["rs", "dpo", "kto", "dro", "dqo", "spo"])
+def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tmp_path):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    out = str(tmp_path / algo)
+    results, metrics = run_script(f"{algo}.py", tiny_cache, out, "--lora_r", "4", "--lr", "1e-2", "--n_test", "8",
+                                  *RUN_ARGS[algo])
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["args"]["lora_r"] == 4
+    assert len(metrics) >= 2 and all(math.isfinite(m["losses/policy"]) for m in metrics)
+    assert 0.0 <= results["final"]["greedy"] <= 1.0
+    if algo in LOGRATIO_METRICS:
+        first = [metrics[0][k] for k in LOGRATIO_METRICS[algo] if k in metrics[0]]
+        last = [metrics[-1][k] for k in LOGRATIO_METRICS[algo] if k in metrics[-1]]
+        assert first and all(x == pytest.approx(0.0, abs=1e-3) for x in first)  # the stored reference: the base model
+        assert last and any(abs(x) > 1e-3 for x in last)  # and the adapters moved the policy away from it
+
+    base = common.tiny_dir(tiny_cache)
+    path = os.path.join(out, "model")
+    assert _keys(path) == _keys(base) and not any("lora" in k for k in _keys(path))  # merged: the base's format
+    AutoModelForCausalLM.from_pretrained(path)
+    assert torch.equal(_tensor(path, "model.embed_tokens.weight"), _tensor(base, "model.embed_tokens.weight"))  # frozen
+    assert not torch.equal(_tensor(path, "model.layers.0.self_attn.q_proj.weight"),
+                           _tensor(base, "model.layers.0.self_attn.q_proj.weight"))  # adapted, merged
+    if algo in ("dro", "dqo"):
+        assert all(math.isfinite(m["losses/value"]) for m in metrics)
+        vpath = os.path.join(out, "value_model")
+        backbone_keys = {k.removeprefix("model.") for k in _keys(base) if k.startswith("model.")}
+        assert _keys(vpath) == backbone_keys and not any("lora" in k for k in _keys(vpath))
+        AutoModel.from_pretrained(vpath)
+        assert torch.equal(_tensor(vpath, "embed_tokens.weight"), _tensor(base, "model.embed_tokens.weight"))
+        assert not torch.equal(_tensor(vpath, "layers.0.self_attn.q_proj.weight"),
+                               _tensor(base, "model.layers.0.self_attn.q_proj.weight"))  # its own adapters, merged
