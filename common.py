@@ -469,7 +469,9 @@ def _chunk_plan(n_prompts: int, n: int, gen_batch_size: int) -> list[range]:
     return [range(s, min(s + per, n_prompts)) for s in range(0, n_prompts, per)]
 
 
-def _rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, max_new_tokens, seed):
+def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, max_new_tokens, seed):
+    """n samples for each prompt index in `chunk`, graded: the unit of work that `rollout` shares across processes, and
+    that SPO calls directly for its online rollouts. Seeded per chunk, so a chunk's rows do not depend on who samples it."""
     torch.manual_seed(seed)
     flat = [i for i in chunk for _ in range(n)]
     outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
@@ -489,7 +491,7 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
     plan = _chunk_plan(len(prompts), n, gen_batch_size)
     mine = []
     for c in tqdm(range(rank, len(plan), world), desc=desc, disable=rank != 0, leave=False):
-        mine.append((c, _rollout_chunk(model, tokenizer, prompts, answers, task, plan[c], n, sampling,
+        mine.append((c, rollout_chunk(model, tokenizer, prompts, answers, task, plan[c], n, sampling,
                                        max_new_tokens, seed * 1_000_003 + c)))
     chunks = gather_object(mine) if world > 1 else mine
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
@@ -498,11 +500,13 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
 # ---------------------------------------------------------------------------------------------------------------------
 # The offline dataset: n reference samples per training prompt, graded, with reference log-probs stored
 # ---------------------------------------------------------------------------------------------------------------------
-def _cache_key(obj) -> str:
+def cache_key(obj) -> str:
+    """A short stable hash of a JSON-able description (model, task, sampling, ...): the name of a cache directory."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
+    """Write to a temp file and rename it into place, so a kill mid-write never leaves a truncated file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f)
@@ -527,10 +531,10 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     key_fields = dict(model=model_key(args), task=args.task, split="train", train_file=args.train_file,
                       n_prompts=len(problems), n=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "offline", _cache_key(key_fields))
+    root = os.path.join(args.cache_dir, "offline", cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
     if accelerator.is_main_process:
-        _write_json_atomic(os.path.join(root, "key.json"), key_fields)
+        write_json_atomic(os.path.join(root, "key.json"), key_fields)
     prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in problems]
     answers = [p["answer"] for p in problems]
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
@@ -543,7 +547,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
                disable=not accelerator.is_local_main_process)
     for c in todo:
         with reference_mode(policy):
-            rows = _rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
+            rows = rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
                                   args.max_new_tokens, args.seed * 1_000_003 + c)
             score_rows(policy, rows, tokenizer.pad_token_id, args.gen_batch_size, warp=sampling)
         for r in rows:
@@ -590,7 +594,7 @@ def build_tiny_tokenizer():
 
 
 def tiny_dir(cache_dir: str) -> str:
-    return os.path.join(cache_dir, "tiny", _cache_key({"config": TINY_CONFIG, "sft": TINY_SFT}))
+    return os.path.join(cache_dir, "tiny", cache_key({"config": TINY_CONFIG, "sft": TINY_SFT}))
 
 
 def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float | None = None) -> None:
@@ -743,7 +747,7 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}")
     if accelerator.is_main_process:  # what ran: tests read the world size from here
         os.makedirs(args.output_dir, exist_ok=True)
-        _write_json_atomic(os.path.join(args.output_dir, "run.json"),
+        write_json_atomic(os.path.join(args.output_dir, "run.json"),
                            {"algo": algo, "world_size": accelerator.num_processes, "args": config})
     return accelerator
 
@@ -794,7 +798,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> N
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
-        _write_json_atomic(os.path.join(tmp, "trainer_state.json"), state)
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), state)
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
@@ -878,7 +882,7 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
     """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
     model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
     into the cache key."""
-    key = _cache_key(dict(model=model_key(args), task=args.task, test_file=args.test_file, n=len(problems),
+    key = cache_key(dict(model=model_key(args), task=args.task, test_file=args.test_file, n=len(problems),
                           max_new_tokens=args.max_new_tokens, seed=args.seed, v=1, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")
     if os.path.exists(path):
@@ -889,7 +893,7 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
                        seed=args.seed, **eval_kwargs)
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_json_atomic(path, out)
+        write_json_atomic(path, out)
     return out
 
 
@@ -910,7 +914,7 @@ def log_eval(accelerator: Accelerator, results: dict[str, dict], step: int, outp
     accelerator.log({f"charts/{k}": v for k, v in last.items() if isinstance(v, float)}, step=step)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-        _write_json_atomic(os.path.join(output_dir, "results.json"), results)
+        write_json_atomic(os.path.join(output_dir, "results.json"), results)
 
 
 def throughput(tokens: float, since: float) -> float:

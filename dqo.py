@@ -33,7 +33,7 @@ Deviations from the paper:
       |Δ| ≈ 17 nats per token, and at a tiny model's learning rate the policy drifts so far from μ on the data
       (Σ_h (ℓ_h − μ_h) ≈ −30 after 100 steps) that the importance weights, and with them both losses, vanish. It
       trains one epoch (250 steps): a second one lowered greedy accuracy again (0.182 after one, 0.171 after two), and
-      λ = 0.9 did no better (0.169 at step 125).
+      λ = 0.9 did no better (0.169 at step 125). `python dqo.py`: 3 min on 2 idle cores with the reference cached.
 """
 
 import html
@@ -51,12 +51,11 @@ from transformers import HfArgumentParser, get_scheduler
 
 from common import (
     EVAL_SAMPLING,
-    _cache_key,
-    _write_json_atomic,
     add_lora,
     arg,
     batches_per_epoch,
     build_offline_dataset,
+    cache_key,
     collate,
     encode_prompt,
     evaluate,
@@ -78,6 +77,7 @@ from common import (
     setup_accelerator,
     throughput,
     token_logprobs,
+    write_json_atomic,
 )
 
 
@@ -161,7 +161,9 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
     All tensors (B, T), aligned to sequence positions: position t holds log p(x_t | x_<t), V(s_t) of the state
     before token t, and r_t the reward for token t (outcome reward on the last response token, plus process rewards).
     mask: 1 on one contiguous run of response tokens per row. `is_policy` / `is_value` False drop w from that loss
-    (the paper's Table 6 ablation). Returns (policy_loss, value_loss, metrics)."""
+    (the paper's Table 6 ablation). Returns (policy_loss, value_loss, metrics). With λ = 1 the two residuals are the
+    same number with opposite signs (Ḡ_h − V_h = −(β Δ_h − (r_h + Ḡ_{h+1} − V_h)), as G_h = δ_h + G_{h+1}), so the two
+    losses are equal in value whenever both or neither carry w; they differ only in where the gradient goes."""
     mask = mask.to(policy_logps.dtype)
     log_ratio = (policy_logps - ref_logps) * mask  # (B, T)
     delta = (rewards - beta * log_ratio.detach()) * mask  # (B, T) KL-shaped reward
@@ -290,10 +292,10 @@ def build_process_scores(accelerator, policy, tokenizer, rows: list[dict], args)
     """`score_segments` for every offline row, cached under `cache_dir/process_scores/<key>/`, keyed by the offline
     rows themselves and the sampling parameters. Chunks of PS_CHUNK rows are written atomically when done (an
     interrupted build resumes) and shared round-robin across processes (accelerator None: one process)."""
-    key = dict(model=model_key(args), task=args.task, rows=_cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
+    key = dict(model=model_key(args), task=args.task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
                ps_samples=args.ps_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=PS_CHUNK, gen_batch_size=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "process_scores", _cache_key(key))
+    root = os.path.join(args.cache_dir, "process_scores", cache_key(key))
     os.makedirs(root, exist_ok=True)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
@@ -304,7 +306,7 @@ def build_process_scores(accelerator, policy, tokenizer, rows: list[dict], args)
     for c in todo:
         scores = score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], args.task, args.ps_samples, sampling,
                                 args.max_new_tokens, args.gen_batch_size, args.seed * 1_000_003 + c)
-        _write_json_atomic(os.path.join(root, f"chunk-{c:05d}.json"), scores)
+        write_json_atomic(os.path.join(root, f"chunk-{c:05d}.json"), scores)
         bar.update(1)
     bar.close()
     if accelerator:

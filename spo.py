@@ -34,6 +34,8 @@ Deviations from the paper:
       rows) depend on the number of processes.
     - The loss is a mean over sequences (the paper's sum over the batch only rescales the learning rate).
     - Tiny default (TINY): β, lr and the epoch count are tuned for the 536k-parameter model and a 10-minute CPU budget.
+      With it `python spo.py` goes 0.174 -> 0.187 greedy, pass@1 0.152 -> 0.159, pass@10 0.252 -> 0.251, in 3.5 min
+      on 2 idle cores (6 min when it must also sample the offline dataset and evaluate the reference).
 """
 
 import copy
@@ -50,7 +52,6 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from common import (
-    _rollout_chunk,
     arg,
     batches_per_epoch,
     build_offline_dataset,
@@ -67,6 +68,7 @@ from common import (
     reference_mode,
     resolve_defaults,
     rollout,
+    rollout_chunk,
     save_checkpoint,
     save_model,
     score_rows,
@@ -224,7 +226,7 @@ def online_rollouts(rollout_policy, ref_model, tokenizer, rows: list[dict], args
     rollout_top_p), graded with the task's grader, scored by the frozen reference (`ref_logps`), with the prompt's Q̂_0."""
     temperature = random.Random(seed).uniform(args.rollout_min_temperature, args.rollout_max_temperature)
     sampling = {"temperature": temperature, "top_p": args.rollout_top_p, "top_k": 0}
-    fresh = _rollout_chunk(rollout_policy, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
+    fresh = rollout_chunk(rollout_policy, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
                            args.task, range(len(rows)), 1, sampling, args.max_new_tokens, seed)
     with reference_mode(ref_model):  # a LoRA policy with its adapters off, or the frozen reference copy
         score_rows(ref_model, fresh, tokenizer.pad_token_id, args.gen_batch_size)

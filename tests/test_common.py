@@ -558,13 +558,13 @@ def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch):
     args = SimpleNamespace(model="tiny", cache_dir=str(tmp_path), task="arith", train_file=None, n_samples=2,
                            temperature=0.9, top_p=0.9, top_k=16, max_new_tokens=48, seed=5, gen_batch_size=8)
     problems = common.load_task("arith", "train", limit=12)
-    calls, real = [], common._rollout_chunk
+    calls, real = [], common.rollout_chunk
 
     def counting(*a, **kw):
         calls.append(list(a[5]))
         return real(*a, **kw)
 
-    monkeypatch.setattr(common, "_rollout_chunk", counting)
+    monkeypatch.setattr(common, "rollout_chunk", counting)
     rows = common.build_offline_dataset(accelerator, model, tok, problems, args)
     assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # 8 sequences / 2 samples = 4 prompts per chunk
     assert len(rows) == 24 and [r["prompt_idx"] for r in rows] == [i for i in range(12) for _ in range(2)]

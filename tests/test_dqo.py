@@ -120,6 +120,19 @@ def test_horizon_one_reduces_to_dro():
         torch.testing.assert_close(torch.autograd.grad(value_loss, v)[0], torch.autograd.grad(dro_value, v)[0])
 
 
+def test_lambda_one_losses_equal_in_value_not_in_gradient():
+    """With λ = 1, Ḡ_h − V_h = −(βΔ_h − (r_h + Ḡ_{h+1} − V̄_h)) token by token: the two losses are the same number
+    (which is why the progress bar shows loss = value_loss), yet each still trains only its own network. With λ < 1
+    they differ."""
+    pl, rl, bl, v, r, mask = ragged_batch(seed=4)
+    policy_loss, value_loss, _ = dqo.dqo_loss(pl, rl, bl, v, r, mask, 0.3, 1.0, math.e)
+    torch.testing.assert_close(policy_loss, value_loss)
+    assert torch.autograd.grad(policy_loss, v, retain_graph=True, allow_unused=True)[0] is None
+    assert torch.autograd.grad(value_loss, pl, retain_graph=True, allow_unused=True)[0] is None
+    policy_loss, value_loss, _ = dqo.dqo_loss(pl, rl, bl, v, r, mask, 0.3, 0.5, math.e)
+    assert not torch.isclose(policy_loss, value_loss)
+
+
 def test_lambda_returns():
     _, _, _, v, r, mask = ragged_batch(seed=2)
     delta, v = r * mask, v.detach()
