@@ -646,7 +646,17 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
 def model_key(args) -> str:
-    return tiny_dir(args.cache_dir) if args.model == "tiny" else args.model
+    """The reference's identity in cache keys. The tiny model: its config hash, wherever the cache lives. A hub id: the
+    id. A local directory: its absolute path plus the size and mtime of each file in it, so a model saved again to the
+    same folder never reuses samples, reference log-probs or evaluations of the old one."""
+    if args.model == "tiny":
+        return "tiny/" + os.path.basename(tiny_dir(args.cache_dir))
+    path = os.path.expanduser(args.model)
+    if not os.path.isdir(path):
+        return args.model
+    files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    stats = [(f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))) for f in files]
+    return f"{os.path.abspath(path)}:{cache_key(stats)}"
 
 
 def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):

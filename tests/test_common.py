@@ -547,6 +547,22 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
             common.load_model_and_tokenizer(_model_args(path))
 
 
+def test_model_key_follows_the_model_not_the_path(tiny_model, tmp_path, monkeypatch):
+    model, tok = tiny_model
+    # the tiny model: the same key from a relative or an absolute cache dir
+    monkeypatch.chdir(tmp_path)
+    assert common.model_key(_model_args("tiny", ".cache")) == common.model_key(_model_args("tiny", str(tmp_path / ".cache")))
+    # a local folder: the same key by a relative or an absolute path, a new key once a model is saved there again
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path)
+    key = common.model_key(_model_args("ckpt"))
+    assert key == common.model_key(_model_args(str(path))) and key.startswith(str(path))
+    weights = path / "model.safetensors"
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))  # re-saved: a newer file
+    assert common.model_key(_model_args(str(path))) != key
+    assert common.model_key(_model_args("google/gemma-1.1-7b-it")) == "google/gemma-1.1-7b-it"  # a hub id
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The offline dataset: caching and resume
 # ---------------------------------------------------------------------------------------------------------------------
