@@ -681,7 +681,8 @@ def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if getattr(args, "gradient_checkpointing", False):
-        model.gradient_checkpointing_enable()
+        # renamed in recent transformers; a GPU node's own older install has only gradient_checkpointing_enable
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
     if getattr(args, "lora_r", 0):
         model = add_lora(model, args.lora_r)
