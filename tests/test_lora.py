@@ -227,3 +227,23 @@ def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tmp_pa
         assert torch.equal(_tensor(vpath, "embed_tokens.weight"), _tensor(base, "model.embed_tokens.weight"))
         assert not torch.equal(_tensor(vpath, "layers.0.self_attn.q_proj.weight"),
                                _tensor(base, "model.layers.0.self_attn.q_proj.weight"))  # its own adapters, merged
+
+
+def test_resume_under_lora_continues_exactly(tiny_cache, tmp_path):
+    """A LoRA run stopped after its step-2 checkpoint and resumed with --resume logs the same losses at steps 3 and 4
+    as an uninterrupted run: the checkpoint restores both sets of adapters (policy and value model), their optimizer
+    states and the RNG. DQO, because it has the most state to restore."""
+    args = ["--lora_r", "4", "--lr", "1e-2", "--value_lr", "1e-2", "--n_test", "4", "--save_every", "2",
+            "--per_device_batch_size", "32"]  # batches of 32 hold correct responses: nonzero losses to compare
+    _, full = run_script("dqo.py", tiny_cache, str(tmp_path / "full"), *args, "--max_steps", "4")
+    out = str(tmp_path / "stopped")
+    run_script("dqo.py", tiny_cache, out, *args, "--max_steps", "2")
+    _, resumed = run_script("dqo.py", tiny_cache, out, *args, "--max_steps", "4", "--resume")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]  # appended to the stopped run's log: it went on at step 3
+    full, resumed = ({m["step"]: m for m in rows} for rows in (full, resumed))
+    assert sorted(full) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("losses/policy", "losses/value"):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert all(full[step]["losses/value"] > 0 for step in (3, 4))  # nonzero, so the comparison above can fail
+    assert full[4]["losses/policy"] != pytest.approx(full[1]["losses/policy"], rel=1e-3)  # the adapters did train
