@@ -5,6 +5,7 @@ Nothing in here is part of an algorithm: losses, targets, pair building and valu
 algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO.
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, field
 
 import numpy as np
@@ -492,7 +494,7 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
     mine = []
     for c in tqdm(range(rank, len(plan), world), desc=desc, disable=rank != 0, leave=False):
         mine.append((c, rollout_chunk(model, tokenizer, prompts, answers, task, plan[c], n, sampling,
-                                       max_new_tokens, seed * 1_000_003 + c)))
+                                      max_new_tokens, seed * 1_000_003 + c)))
     chunks = gather_object(mine) if world > 1 else mine
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
 
@@ -548,7 +550,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     for c in todo:
         with reference_mode(policy):
             rows = rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
-                                  args.max_new_tokens, args.seed * 1_000_003 + c)
+                                 args.max_new_tokens, args.seed * 1_000_003 + c)
             score_rows(policy, rows, tokenizer.pad_token_id, args.gen_batch_size, warp=sampling)
         for r in rows:
             r["ref_logps"] = r.pop("logps")
@@ -698,6 +700,17 @@ def add_lora(model, r: int):
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
 
 
+def value_backbone(causal_lm, lora_r: int = 0):
+    """A copy of `causal_lm`'s backbone for a value network V_φ: its base transformer without the LM head
+    (LlamaForCausalLM -> LlamaModel; a bare backbone -> itself), a LoRA policy's adapters left out. `causal_lm` is not
+    changed. With `lora_r`, the copy is frozen and gets LoRA adapters of its own: a LoRA of the same base."""
+    if hasattr(causal_lm, "unload"):  # a LoRA policy (load_model_and_tokenizer under --lora_r): its base alone
+        backbone = copy.deepcopy(causal_lm).unload().base_model
+    else:
+        backbone = copy.deepcopy(causal_lm.base_model)
+    return add_lora(backbone, lora_r) if lora_r else backbone
+
+
 def merge_lora(model):
     """Fold LoRA adapters into their base weights, in place, wherever they are: `model` itself (a LoRA policy) or a
     direct child (a value model's backbone). Returns the merged model, a plain transformers model again that loads
@@ -712,11 +725,17 @@ def merge_lora(model):
     return merged
 
 
+@contextmanager
 def reference_mode(model):
-    """Context in which `model` computes the reference policy: adapters off for a LoRA model, a no-op otherwise."""
-    from contextlib import nullcontext
-
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    """Context in which `model` computes the reference policy: in eval mode (no dropout), with its adapters off if it
+    is a LoRA model. The model's train/eval mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -759,7 +778,7 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     if accelerator.is_main_process:  # what ran: tests read the world size from here
         os.makedirs(args.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(args.output_dir, "run.json"),
-                           {"algo": algo, "world_size": accelerator.num_processes, "args": config})
+                          {"algo": algo, "world_size": accelerator.num_processes, "args": config})
     return accelerator
 
 
@@ -894,7 +913,7 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
     model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
     into the cache key."""
     key = cache_key(dict(model=model_key(args), task=args.task, test_file=args.test_file, n=len(problems),
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, v=1, **eval_kwargs))
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, v=1, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:

@@ -51,7 +51,6 @@ from transformers import HfArgumentParser, get_scheduler
 
 from common import (
     EVAL_SAMPLING,
-    add_lora,
     arg,
     batches_per_epoch,
     build_offline_dataset,
@@ -77,6 +76,7 @@ from common import (
     setup_accelerator,
     throughput,
     token_logprobs,
+    value_backbone,
     write_json_atomic,
 )
 
@@ -190,23 +190,19 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
 
 
 class ValueModel(nn.Module):
-    """V_φ: the base causal LM's backbone (its LM head dropped) and a scalar head, read at every position so that it
-    aligns with `token_logprobs`: values[:, t] = V(s_t), the state before token t, is the head on the hidden state at
-    t − 1 (0 at t = 0). The head starts at zero, so V ≡ 0 before training. `save_pretrained` lets common.save_model
-    save it: the backbone as a transformers model, the head as value_head.pt beside it. With `lora_r`, the backbone's
-    weights are frozen and it trains LoRA adapters of its own: a LoRA of the same base, not a full trainable copy."""
+    """V_φ: a copy of the base causal LM's backbone (its LM head dropped) and a scalar head, read at every position so
+    that it aligns with `token_logprobs`: values[:, t] = V(s_t), the state before token t, is the head on the hidden
+    state at t − 1 (0 at t = 0). The head starts at zero, so V ≡ 0 before training. `save_pretrained` lets
+    common.save_model save it: the backbone as a transformers model, the head as value_head.pt beside it. With
+    `lora_r`, the backbone's weights are frozen and it trains LoRA adapters of its own: a LoRA of the same base, not a
+    full trainable copy."""
 
     def __init__(self, causal_lm, lora_r: int = 0):
         super().__init__()
-        if hasattr(causal_lm, "unload"):  # a LoRA model (main loads one under --lora_r): its base alone, no adapters
-            self.backbone = causal_lm.unload().base_model
-        else:
-            self.backbone = causal_lm.base_model  # LlamaForCausalLM -> LlamaModel; a bare backbone -> itself
-        self.head = nn.Linear(self.backbone.config.get_text_config().hidden_size, 1)
+        self.backbone = value_backbone(causal_lm, lora_r)  # e.g. LlamaModel: loadable on its own with AutoModel
+        self.head = nn.Linear(causal_lm.config.get_text_config().hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        if lora_r:
-            self.backbone = add_lora(self.backbone, lora_r)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -462,12 +458,11 @@ def main():
 
     # models
     model, tokenizer = load_model_and_tokenizer(args, accelerator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
     # V_φ: a copy of the reference with a scalar head (with --lora_r: the frozen base with adapters of its own)
-    value_model = ValueModel(load_model_and_tokenizer(args, accelerator)[0], args.lora_r)
+    value_model = ValueModel(model, args.lora_r)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr, weight_decay=0.0)
-    value_model, value_optimizer = accelerator.prepare(value_model, value_optimizer)
+    model, value_model, optimizer, value_optimizer = accelerator.prepare(model, value_model, optimizer, value_optimizer)
 
     # data
     train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)

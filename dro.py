@@ -24,18 +24,17 @@ Deviations from the paper:
       0.178 after one epoch); lr 1e-4 drifted too far (0.150 at step 125).
 """
 
-import copy
 import os
 import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from common import (
-    add_lora,
     arg,
     batches_per_epoch,
     build_offline_dataset,
@@ -55,6 +54,7 @@ from common import (
     setup_accelerator,
     throughput,
     token_logprobs,
+    value_backbone,
 )
 
 
@@ -119,22 +119,17 @@ def dro_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.
         "rewards/logratio": logratios.mean().item()}
 
 
-class ValueModel(torch.nn.Module):
-    """V_φ(x): a separate copy of the reference's backbone (the causal LM without its LM head) and a scalar linear head
+class ValueModel(nn.Module):
+    """V_φ(x): a copy of the reference's backbone (the causal LM without its LM head) and a scalar linear head
     (zero-initialised, so V = 0 at the start), read at the last prompt token. With `lora_r`, the backbone's weights are
     frozen and it trains LoRA adapters of its own: a LoRA of the same base, not a full trainable copy."""
 
-    def __init__(self, policy, lora_r: int = 0):
+    def __init__(self, causal_lm, lora_r: int = 0):
         super().__init__()
-        if hasattr(policy, "unload"):  # a LoRA policy: copy its base alone, without the policy's adapters
-            self.backbone = copy.deepcopy(policy).unload().base_model
-        else:
-            self.backbone = copy.deepcopy(policy.base_model)  # e.g. LlamaModel: loadable on its own with AutoModel
-        self.head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-        if lora_r:
-            self.backbone = add_lora(self.backbone, lora_r)
+        self.backbone = value_backbone(causal_lm, lora_r)  # e.g. LlamaModel: loadable on its own with AutoModel
+        self.head = nn.Linear(causal_lm.config.get_text_config().hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (P, L) right-padded prompts; last: (P,) index of each last prompt token -> (P,)"""

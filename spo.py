@@ -227,7 +227,7 @@ def online_rollouts(rollout_policy, ref_model, tokenizer, rows: list[dict], args
     temperature = random.Random(seed).uniform(args.rollout_min_temperature, args.rollout_max_temperature)
     sampling = {"temperature": temperature, "top_p": args.rollout_top_p, "top_k": 0}
     fresh = rollout_chunk(rollout_policy, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
-                           args.task, range(len(rows)), 1, sampling, args.max_new_tokens, seed)
+                          args.task, range(len(rows)), 1, sampling, args.max_new_tokens, seed)
     with reference_mode(ref_model):  # a LoRA policy with its adapters off, or the frozen reference copy
         score_rows(ref_model, fresh, tokenizer.pad_token_id, args.gen_batch_size)
     for f, r in zip(fresh, rows):

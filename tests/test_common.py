@@ -547,6 +547,21 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
             common.load_model_and_tokenizer(_model_args(path))
 
 
+def test_reference_mode_runs_the_model_in_eval_mode_and_restores_it():
+    """The reference is deterministic: no dropout inside the context, even when the caller's model is training."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    x = torch.ones(2, 4)
+    with common.reference_mode(model):
+        assert not model.training and torch.equal(model(x), model(x))
+    assert model.training
+    model.eval()
+    with pytest.raises(RuntimeError, match="inside"):  # restored even when the body raises
+        with common.reference_mode(model):
+            model.train()
+            raise RuntimeError("inside")
+    assert not model.training
+
+
 def test_model_key_follows_the_model_not_the_path(tiny_model, tmp_path, monkeypatch):
     model, tok = tiny_model
     # the tiny model: the same key from a relative or an absolute cache dir

@@ -127,15 +127,16 @@ def test_value_model_under_lora_trains_only_its_adapters_and_head(algo, tiny_mod
     policy = common.add_lora(copy.deepcopy(model), 4)
     policy.train()
     _sft_step(policy, batch)  # the policy's adapters must not leak into the value model
+    policy.eval()
+    adapted = _logps(policy, batch)
+    value_model = (dro if algo == "dro" else dqo).ValueModel(policy, 4)  # as main does: from the LoRA policy
+    assert torch.equal(_logps(policy, batch), adapted)  # which it leaves as it was, adapters included
     if algo == "dro":
-        value_model = dro.ValueModel(policy, 4)
         last = batch["mask"].argmax(-1) - 1  # (B,) the last prompt token
 
         def values(vm):
             return vm(batch["input_ids"], batch["attention_mask"], last)  # (B,)
     else:
-        value_model = dqo.ValueModel(common.add_lora(copy.deepcopy(model), 4), 4)  # as dqo.main: a fresh LoRA load
-
         def values(vm):
             return vm(batch["input_ids"], batch["attention_mask"]) * batch["mask"]  # (B, T)
 
