@@ -415,12 +415,67 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rollouts: batched generate with KV cache and left padding
+# Rollouts: batched generate with KV cache and left padding, from full (unsharded) parameters
 # ---------------------------------------------------------------------------------------------------------------------
+@contextmanager
+def unsharded(model):
+    """Yields a module that runs `generate` (and no-grad forward passes) on full parameters with no communication,
+    however `model` was wrapped. The wrapping is read from the model itself:
+      - FSDP1 (FullyShardedDataParallel): `summon_full_params(writeback=False)`, and every FSDP unit's forward is routed
+        straight to the module it wraps, so no unit reshards (and re-gathers) between decoding steps;
+      - FSDP2 (`fully_shard`): every FSDP module unshards once on entry, with resharding after forward turned off
+        inside; on exit it reshards and gets its own settings back;
+      - DeepSpeed ZeRO-3: `deepspeed.zero.GatheredParameters` over all parameters;
+      - anything else (DDP, a plain or LoRA model): the unwrapped module.
+    Entering and leaving are collective under sharding (every process must enter together: it all-gathers); inside,
+    each process may make any number of calls. Peak memory inside: the full parameters on every process (FSDP1: in the
+    dtype of its flat parameters, fp32 under mixed precision; FSDP2: in its mixed-precision param_dtype)."""
+    from accelerate.utils import extract_model_from_parallel
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    fsdp1 = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+    fsdp2 = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if fsdp1 and fsdp1[0] is not model:
+        raise ValueError("unsharded() needs the prepared (FSDP-wrapped) model, not the module inside it")
+    if fsdp1:
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            for unit in fsdp1:  # an instance attribute shadows FullyShardedDataParallel.forward: no unshard/reshard per call
+                unit.forward = unit.module.forward
+            try:
+                yield model.module
+            finally:
+                for unit in fsdp1:
+                    del unit.forward
+    elif fsdp2:
+        # set_reshard_after_forward has no getter: keep each parameter group's setting (private) to put it back
+        states = [m._get_fsdp_state() for m in fsdp2]
+        saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
+                 for s in states]
+        for m in fsdp2:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield model
+        finally:
+            for m in fsdp2:
+                m.reshard()
+            for s, auto, groups in saved:
+                s._auto_reshard_after_forward = auto
+                for g, info in groups:
+                    g.post_forward_mesh_info = info
+    elif any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield extract_model_from_parallel(model)
+    else:
+        yield extract_model_from_parallel(model)
+
+
 def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: float, top_p: float, top_k: int,
                    max_new_tokens: int) -> list[dict]:
-    """One batched `generate` call. Returns, per prompt, response ids (EOS included when it stopped), the finish
-    reason ("stop" or "length") and the decoded text."""
+    """One batched `generate` call on a module with full parameters (see `unsharded`). Returns, per prompt, response ids
+    (EOS included when it stopped), the finish reason ("stop" or "length") and the decoded text."""
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     L = max(len(p) for p in prompts)
@@ -431,8 +486,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: floa
     was_training = model.training
     model.eval()
     with torch.no_grad():
+        # synced_gpus=False: `model` holds full parameters (see `unsharded`), so no rank waits on another's step
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=sample, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=False, **kwargs)
     model.train(was_training)
     results = []
     for row in out[:, L:].tolist():
@@ -473,7 +529,8 @@ def _chunk_plan(n_prompts: int, n: int, gen_batch_size: int) -> list[range]:
 
 def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, max_new_tokens, seed):
     """n samples for each prompt index in `chunk`, graded: the unit of work that `rollout` shares across processes, and
-    that SPO calls directly for its online rollouts. Seeded per chunk, so a chunk's rows do not depend on who samples it."""
+    that SPO calls directly for its online rollouts. Seeded per chunk, so a chunk's rows do not depend on who samples it.
+    `model` has full parameters (see `unsharded`)."""
     torch.manual_seed(seed)
     flat = [i for i in chunk for _ in range(n)]
     outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
@@ -486,15 +543,17 @@ def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, 
 def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task: str, n: int = 1,
             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
             gen_batch_size: int = 256, seed: int = 0, accelerator: Accelerator | None = None, desc: str = "rollout"):
-    """n samples per prompt (temperature 0: greedy), graded. Under several processes each process samples its share
-    of the chunks, and the results are gathered back in prompt order. Returns rows, prompt-major."""
+    """n samples per prompt (temperature 0: greedy), graded. `model` may be prepared (sharded): it generates with full
+    parameters (`unsharded`). Under several processes each process samples its share of the chunks, and the results
+    are gathered back in prompt order. Returns rows, prompt-major."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     plan = _chunk_plan(len(prompts), n, gen_batch_size)
     mine = []
-    for c in tqdm(range(rank, len(plan), world), desc=desc, disable=rank != 0, leave=False):
-        mine.append((c, rollout_chunk(model, tokenizer, prompts, answers, task, plan[c], n, sampling,
-                                      max_new_tokens, seed * 1_000_003 + c)))
+    with unsharded(model) as policy:
+        for c in tqdm(range(rank, len(plan), world), desc=desc, disable=rank != 0, leave=False):
+            mine.append((c, rollout_chunk(policy, tokenizer, prompts, answers, task, plan[c], n, sampling,
+                                          max_new_tokens, seed * 1_000_003 + c)))
     chunks = gather_object(mine) if world > 1 else mine
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
 
@@ -544,18 +603,17 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     rank, world = accelerator.process_index, accelerator.num_processes
     todo = [c for c in range(rank, len(plan), world) if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
     done_before = len(range(rank, len(plan), world)) - len(todo)
-    policy = accelerator.unwrap_model(model)
     bar = tqdm(total=len(range(rank, len(plan), world)), initial=done_before, desc="offline dataset",
                disable=not accelerator.is_local_main_process)
-    for c in todo:
-        with reference_mode(policy):
+    with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
+        for c in todo:
             rows = rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
                                  args.max_new_tokens, args.seed * 1_000_003 + c)
             score_rows(policy, rows, tokenizer.pad_token_id, args.gen_batch_size, warp=sampling)
-        for r in rows:
-            r["ref_logps"] = r.pop("logps")
-        _write_jsonl_atomic(os.path.join(root, f"chunk-{c:05d}.jsonl"), rows)
-        bar.update(1)
+            for r in rows:
+                r["ref_logps"] = r.pop("logps")
+            _write_jsonl_atomic(os.path.join(root, f"chunk-{c:05d}.jsonl"), rows)
+            bar.update(1)
     bar.close()
     accelerator.wait_for_everyone()
     rows = [r for c in range(len(plan)) for r in _read_jsonl(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
@@ -766,9 +824,25 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     """Accelerator with TensorBoard tracking under `output_dir`, and seeding as one block (per-rank offset)."""
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo needs cpu=True,
     # or accelerate silently runs each process as a world of one.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no",
-                              log_with=args.report_to or None, project_dir=args.output_dir, cpu=cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = not torch.cuda.is_available() and world > 1
+    # accelerate launch --config_file configs/fsdp.yaml (or deepspeed_zero3.yaml) sets this; without GPUs accelerate
+    # either refuses the plugin or quietly runs plain data parallel (each process holding the whole model) instead
+    sharding = next((n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"), None)
+    no_sharding = (f"the accelerate config asks for {sharding}, which needs GPUs: accelerate does not shard on CPU "
+                   "processes. On a CPU machine run `python SCRIPT.py` (one process) or `accelerate launch --multi_gpu "
+                   "--num_processes N SCRIPT.py` (N gloo processes, data parallel); configs/fsdp.yaml is for GPU nodes")
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no",
+                                  log_with=args.report_to or None, project_dir=args.output_dir, cpu=cpu)
+    except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
+        if sharding and not torch.cuda.is_available():
+            raise RuntimeError(no_sharding) from e
+        raise
+    if sharding and accelerator.distributed_type.name != sharding:
+        raise RuntimeError(f"{no_sharding} (accelerate set up {accelerator.distributed_type.name} instead)")
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"{world} processes were launched, but accelerate runs a world of {accelerator.num_processes}")
     set_seed(args.seed + accelerator.process_index)
     torch.use_deterministic_algorithms(False)
     config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
@@ -823,10 +897,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> N
     """Atomic: accelerate's full state (models, optimizers, registered schedulers, RNG) plus `state` goes to a temp
     dir that is renamed into place only when complete, so a kill during the save leaves the last good one intact."""
     final, tmp, old = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)  # before any process writes into it: under FSDP every process saves its own shards
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process has written its part (shards, its own RNG state) before the rename
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(tmp, "trainer_state.json"), state)
         if os.path.exists(final):
@@ -849,11 +925,36 @@ def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
     return None
 
 
+def full_state_dict(accelerator: Accelerator, model) -> dict:
+    """The consolidated state dict of a prepared model (on the main process; collective under sharding), with each
+    tied weight under its first name only, as an unsharded save_pretrained writes it. accelerate's `get_state_dict`,
+    except for FSDP1 without CUDA (the CPU tests): there torch's gather with offload_to_cpu=True, which accelerate
+    always asks for, crashes the process (torch 2.13), so the gather stays where the weights are."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+    if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+            state_dict = model.state_dict()
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    seen, aliases = set(), []  # a gathered tied weight comes back as separate copies under each name
+    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        aliases += [plain_name(name)] if id(p) in seen else []
+        seen.add(id(p))
+    return {k: v for k, v in state_dict.items() if k not in aliases}
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain model: without the FSDP1 and activation-checkpointing wrappers' prefixes."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def save_model(accelerator: Accelerator, model, tokenizer, path: str) -> None:
     """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe). A LoRA model is
     merged first (in place, see `merge_lora`), so the saved model is the same format with or without --lora_r."""
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     merged = merge_lora(unwrapped)  # on every process, so that all keep the same model after the save
     if merged is not None:  # LoRA: save the merged model, loadable without peft (the state dict has adapter keys)
@@ -880,23 +981,22 @@ def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Acc
              pass_n: int = 0, pass_sampling: dict | None = None, pass_problems: int | None = None, seed: int = 0) -> dict:
     """Greedy accuracy; sampled accuracy (the paper's T=0.7, top_p=0.9, top_k=16) as mean and std over seeds;
     optionally pass@k from `pass_n` samples per problem (default sampling as above) on the first `pass_problems`
-    problems (None: all; pass_n samples per problem make this the costly part)."""
-    policy = accelerator.unwrap_model(model) if accelerator else model
+    problems (None: all; pass_n samples per problem make this the costly part). `model` may be prepared (sharded)."""
     prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
     common = dict(max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, accelerator=accelerator)
-    greedy = rollout(policy, tokenizer, prompts, answers, task, temperature=0.0, desc="eval greedy", **common)
+    greedy = rollout(model, tokenizer, prompts, answers, task, temperature=0.0, desc="eval greedy", **common)
     out = {"greedy": float(np.mean([r["reward"] for r in greedy])), "n_problems": len(problems)}
     accs = []
     for s in range(sampled_seeds):
-        rows = rollout(policy, tokenizer, prompts, answers, task, seed=seed + s, desc="eval sampled", **EVAL_SAMPLING,
+        rows = rollout(model, tokenizer, prompts, answers, task, seed=seed + s, desc="eval sampled", **EVAL_SAMPLING,
                        **common)
         accs.append(np.mean([r["reward"] for r in rows]))
     if accs:
         out.update(sampled=float(np.mean(accs)), sampled_std=float(np.std(accs)), sampled_seeds=len(accs))
     if pass_n:
         m = min(pass_problems or len(problems), len(problems))
-        rows = rollout(policy, tokenizer, prompts[:m], answers[:m], task, n=pass_n, seed=seed + 10_000,
+        rows = rollout(model, tokenizer, prompts[:m], answers[:m], task, n=pass_n, seed=seed + 10_000,
                        desc="eval pass@k", **(pass_sampling or EVAL_SAMPLING), **common)
         correct = np.array([r["reward"] for r in rows]).reshape(m, pass_n).sum(1)
         out["pass_problems"] = m

@@ -462,7 +462,8 @@ def main():
     value_model = ValueModel(model, args.lora_r)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr, weight_decay=0.0)
-    model, value_model, optimizer, value_optimizer = accelerator.prepare(model, value_model, optimizer, value_optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    value_model, value_optimizer = accelerator.prepare(value_model, value_optimizer)  # FSDP2: one model per call
 
     # data
     train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
@@ -551,7 +552,7 @@ def main():
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
-    show_values(args, accelerator.unwrap_model(model), accelerator.unwrap_model(value_model), tokenizer, accelerator,
+    show_values(args, model, value_model, tokenizer, accelerator,
                 n_correct=1, n_incorrect=1)
     accelerator.end_training()
 

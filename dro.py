@@ -41,6 +41,7 @@ from common import (
     collate,
     evaluate,
     evaluate_reference,
+    full_state_dict,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
@@ -159,7 +160,7 @@ def save_value_model(accelerator, value_model, path: str) -> None:
     """The value model beside the policy: the backbone as save_pretrained (AutoModel.from_pretrained loads it), the
     head as value_head.safetensors ({weight: (1, H), bias: (1,)}). Consolidated across processes (FSDP-safe)."""
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(value_model)
+    state_dict = full_state_dict(accelerator, value_model)
     unwrapped = accelerator.unwrap_model(value_model)
     if merge_lora(unwrapped) is not None:  # LoRA (every process): adapters folded into the backbone, the same format
         state_dict = unwrapped.state_dict()
@@ -185,7 +186,8 @@ def main():
     value_model = ValueModel(model, args.lora_r)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr, weight_decay=0.0)
-    model, value_model, optimizer, value_optimizer = accelerator.prepare(model, value_model, optimizer, value_optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    value_model, value_optimizer = accelerator.prepare(value_model, value_optimizer)  # FSDP2: one model per call
 
     # data
     train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)

@@ -65,6 +65,7 @@ from common import (
     load_task,
     log_eval,
     log_metrics,
+    plain_name,
     reference_mode,
     resolve_defaults,
     rollout,
@@ -75,6 +76,7 @@ from common import (
     setup_accelerator,
     throughput,
     token_logprobs,
+    unsharded,
 )
 
 
@@ -208,8 +210,12 @@ class RolloutPolicy:
         self.model, self.interval, self.version = copy.deepcopy(model).eval().requires_grad_(False), interval, 0
 
     def maybe_refresh(self, model, step: int) -> None:
+        """`model`: the prepared policy. Under sharding every process refreshes at the same step (a collective)."""
         if step % self.interval == 0:
-            self.model.load_state_dict(model.state_dict())
+            with torch.no_grad(), unsharded(model) as policy:
+                mine = dict(self.model.named_parameters())
+                for name, p in policy.named_parameters():
+                    mine[plain_name(name)].copy_(p)
             self.version = step
 
     def state_dict(self) -> dict:
@@ -333,7 +339,7 @@ def main():
                 scheduler.step()
                 step += 1
                 if rollout_policy is not None:
-                    rollout_policy.maybe_refresh(accelerator.unwrap_model(model), step)
+                    rollout_policy.maybe_refresh(model, step)
                 bar.update(1)
                 metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (

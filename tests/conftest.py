@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -53,3 +54,18 @@ def run_script(script: str, cache: str, output_dir: str, *extra: str, launcher: 
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     metrics = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
     return results, metrics
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(*options: str, num_processes: int = 2) -> tuple:
+    """`accelerate launch` with `options` (e.g. a --config_file) for `num_processes` processes on this CPU machine:
+    fp32, no dynamo, a free port. Without a config, --multi_gpu: on a CPU-only machine that starts gloo ranks
+    (`--cpu --num_processes 2` silently starts ONE process)."""
+    return (sys.executable, "-m", "accelerate.commands.launch", *(options or ("--multi_gpu",)), "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", free_port())
