@@ -5,6 +5,7 @@ Nothing in here is part of an algorithm: losses, targets, pair building and valu
 algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO.
 """
 
+import atexit
 import copy
 import hashlib
 import json
@@ -156,11 +157,11 @@ def first_wrong_step(response: str, spec: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Grading: grade(response, answer, task) -> 0.0 or 1.0, never raises
+# Grading: grade(response, answer, task) -> 0.0 or 1.0, never raises for any response or answer
 # ---------------------------------------------------------------------------------------------------------------------
 GSM8K_ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 MAX_ANSWER_CHARS = 2000  # longer boxed answers are compared as strings only: symbolic parsing of them can hang
-GRADE_TIMEOUT_S = 5.0
+GRADE_TIMEOUT_S = 5.0  # per math-verify call, however many threads grade at once
 
 
 def parse_number(text: str) -> float | None:
@@ -193,72 +194,130 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-_MATH_WORKER = r"""
-import json, sys
+_MATH_HELPER = r"""
+import json, signal, sys
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-print("ready", flush=True)
-for line in sys.stdin:
+signal.signal(signal.SIGALRM, signal.SIG_DFL)  # SIGALRM then ends this process even inside a C call that holds the GIL
+out, sys.stdout = sys.stdout, sys.stderr  # only replies go to our parent; a library's prints must not look like one
+print("ready", file=out, flush=True)
+for line in sys.stdin:  # ends when the parent closes the pipe, or exits
+    pred, ref, timeout_s = json.loads(line)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s + 1.0)  # our parent kills us at timeout_s; this covers its death
     try:
-        pred, ref = json.loads(line)
         gold, guess = (parse("$" + s + "$", extraction_config=configs, parsing_timeout=None) for s in (ref, pred))
         ok = bool(gold and guess and verify(gold, guess, timeout_seconds=None))
     except Exception:
         ok = False
-    print(int(ok), flush=True)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print(int(ok), file=out, flush=True)
 """
-_math_worker = {"proc": None, "lock": threading.Lock()}
-os.register_at_fork(after_in_child=lambda: _math_worker.update(proc=None, lock=threading.Lock()))
+HELPER_START_TIMEOUT_S = 300.0  # importing sympy and math-verify takes about a second; much longer on a loaded machine
+MAX_IDLE_HELPERS = 4  # helpers kept between calls, about 60 MB each; more start when more threads grade at once
+_helpers = {"idle": [], "live": set(), "lock": threading.Lock()}
+
+
+def _forget_helpers_after_fork() -> None:
+    """A forked child starts its own helpers: the parent's pipes are not its to use. Closing its copies of them
+    lets an idle parent helper still see end-of-file when the parent exits."""
+    for proc in _helpers["live"]:
+        proc.stdin.close()
+        proc.stdout.close()
+    _helpers.update(idle=[], live=set(), lock=threading.Lock())
+
+
+def _stop_helper(proc) -> None:
+    proc.kill()
+    proc.wait()  # reaped: no zombie
+    with _helpers["lock"]:
+        _helpers["live"].discard(proc)
+
+
+def _stop_all_helpers() -> None:
+    _helpers["idle"].clear()
+    for proc in list(_helpers["live"]):  # busy ones too: their calls then return 0.0
+        _stop_helper(proc)
+
+
+os.register_at_fork(after_in_child=_forget_helpers_after_fork)
+atexit.register(_stop_all_helpers)
 
 
 def _readline(proc, timeout_s: float) -> bytes:
-    return proc.stdout.readline() if select.select([proc.stdout], [], [], timeout_s)[0] else b""
+    """One line from the helper, or b"" after `timeout_s` or at its exit. poll, unlike select, takes any fd number
+    (a training process can have more than 1024 open files)."""
+    poller = select.poll()
+    poller.register(proc.stdout, select.POLLIN)
+    return proc.stdout.readline() if poller.poll(timeout_s * 1000) else b""
+
+
+def _checkout_helper():
+    """An idle helper, or a fresh one (None if it does not start): each call has one to itself."""
+    with _helpers["lock"]:
+        while _helpers["idle"]:
+            proc = _helpers["idle"].pop()
+            if proc.poll() is None:
+                return proc
+            _helpers["live"].discard(proc)  # it died while idle; poll() reaped it
+    proc = subprocess.Popen([sys.executable, "-c", _MATH_HELPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, bufsize=0)  # raw pipes: poll sees all, no buffer lock at a fork
+    with _helpers["lock"]:
+        _helpers["live"].add(proc)
+    if _readline(proc, HELPER_START_TIMEOUT_S) != b"ready\n":
+        _stop_helper(proc)
+        return None
+    return proc
 
 
 def _math_equal(pred: str, ref: str, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
-    """math-verify equivalence, computed in a persistent helper process that is killed (and restarted on the next
-    call) when one answer takes longer than `timeout_s`. Neither a thread nor signal.alarm can bound it: sympy
-    evaluating e.g. 10^{10^{10^{10}}} is one C call that holds the GIL. A subprocess works from any thread and
-    inside (daemonic) worker processes."""
-    with _math_worker["lock"]:
-        proc = _math_worker["proc"]
-        if proc is None or proc.poll() is not None:
-            proc = subprocess.Popen([sys.executable, "-c", _MATH_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, bufsize=0)
-            _math_worker["proc"] = proc if _readline(proc, 300) == b"ready\n" else proc.kill()
-        try:
-            proc.stdin.write((json.dumps([pred, ref]) + "\n").encode())
-            reply = _readline(proc, timeout_s)
-        except OSError:
-            reply = b""
-        if not reply:  # timed out or died: kill it, the next call starts a fresh one
-            proc.kill()
-            proc.wait()
-            _math_worker["proc"] = None
-        return reply == b"1\n"
+    """math-verify equivalence, computed in a helper process that is killed when one answer takes longer than
+    `timeout_s` (counted from when the helper has the answer; starting a helper is not counted). Neither a thread
+    nor signal.alarm can bound it: sympy evaluating e.g. 10^{10^{10^{10}}} is one C call that holds the GIL.
+    Each call checks a helper out of a small pool, so a slow answer never delays another thread's; a subprocess
+    also works inside (daemonic) worker processes, which cannot have multiprocessing children."""
+    proc = _checkout_helper()
+    if proc is None:
+        return False
+    try:
+        proc.stdin.write((json.dumps([pred, ref, timeout_s]) + "\n").encode())
+        reply = _readline(proc, timeout_s)
+    except OSError:  # it died before reading the answer
+        reply = b""
+    with _helpers["lock"]:
+        keep = reply in (b"0\n", b"1\n") and len(_helpers["idle"]) < MAX_IDLE_HELPERS
+        if keep:
+            _helpers["idle"].append(proc)
+    if not keep:  # timed out, died, out of step, or one too many
+        _stop_helper(proc)
+    return reply == b"1\n"
 
 
 def grade(response: str, answer: str, task: str) -> float:
-    """Reward 1.0 if `response` is correct for reference `answer`, else 0.0. Never raises.
-    `answer`: GSM8K the text after ####; MATH/AIME the `answer` field; arith the step spec."""
+    """Reward 1.0 if `response` is correct for reference `answer`, else 0.0.
+    `answer`: GSM8K the text after ####; MATH/AIME the `answer` field; arith the step spec.
+    Never raises for any `response` or `answer`: one that is not a str (None from a failed decode) grades 0.0, and
+    math-verify gets GRADE_TIMEOUT_S per call, also with many threads grading at once. Raises ValueError only for a
+    task not in TASKS, a programming error (the scripts check --task when they parse their arguments)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if not isinstance(response, str) or not isinstance(answer, str):
+        return 0.0
     try:
         if task == "arith":
             return grade_arith(response, answer)
         if task == "gsm8k":
             pred, ref = extract_gsm8k_answer(response), parse_number(answer)
             return float(pred is not None and ref is not None and parse_number(pred) == ref)
-        if task in ("math", "aime24"):
-            pred = last_boxed(response)
-            if pred is None:
-                return 0.0
-            if pred.strip() == answer.strip():
-                return 1.0
-            if len(pred) > MAX_ANSWER_CHARS or len(answer) > MAX_ANSWER_CHARS:
-                return 0.0
-            return float(_math_equal(pred, answer, GRADE_TIMEOUT_S))
+        pred = last_boxed(response)  # math, aime24
+        if pred is None:
+            return 0.0
+        if pred.strip() == answer.strip():
+            return 1.0
+        if len(pred) > MAX_ANSWER_CHARS or len(answer) > MAX_ANSWER_CHARS:
+            return 0.0
+        return float(_math_equal(pred, answer, GRADE_TIMEOUT_S))
     except Exception:  # a grader must never take a training run down
         return 0.0
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
