@@ -7,6 +7,7 @@ algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO
 
 import atexit
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -395,15 +396,47 @@ def encode_prompt(tokenizer, question: str, task: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn: the special token that follows the message in the chat template's own
+    rendering of one (Gemma `<end_of_turn>`, Llama-3 `<|eot_id|>`, ChatML `<|im_end|>`); being special, it is dropped
+    from decoded text by `skip_special_tokens`. The tokenizer's EOS otherwise: no template, or one that closes
+    a turn with plain text (the tiny model's newline). Computed once per tokenizer and template."""
+    return _end_of_turn_id(tokenizer, str(getattr(tokenizer, "chat_template", None)))
+
+
+@functools.lru_cache(maxsize=64)
+def _end_of_turn_id(tokenizer, template: str) -> int:  # `template` only keys the cache: a new template, a new answer
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.eos_token_id
+    marker = "END_OF_TURN_PROBE"  # no spaces or newlines, so a template that trims the content keeps it whole
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    after = text[text.rindex(marker) + len(marker) :]
+    # matched as text, not by tokenizing `after`: no tokenizer quirk (a prefix space, merges) can shift the first token
+    closing = [(len(t.content), i) for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content
+               and after.startswith(t.content)]
+    return max(closing)[1] if closing else tokenizer.eos_token_id
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response: the model's `generation_config.eos_token_id` (an int or a list: Gemma-2-it
+    [1, 107], Llama-3.1-Instruct [128001, 128008, 128009]), the tokenizer's EOS, and the template's end of turn, which
+    some configs leave out (Gemma-1.1-it lists only 1, `<eos>`, though its turns end with 107, `<end_of_turn>`)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return {*ids, tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
+
+
 def encode_response(tokenizer, text: str) -> list[int]:
-    """Response ids, EOS appended. Encoded on its own so no token straddles the prompt/response boundary."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Response ids, closed by the end-of-turn token (`end_of_turn_id`: EOS for a model without a chat template), as
+    the model ends a turn when generating. Encoded on its own so no token straddles the prompt/response boundary."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
 
 
 def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_fields: tuple = ()) -> dict:
-    """Right-padded batch. `mask` is 1 exactly on response tokens (EOS included). Each of `token_fields` is a
-    per-response-token list on the row, placed at the response positions of a (B, T) tensor (0 elsewhere);
-    each of `seq_fields` is a number per row, giving a (B,) tensor."""
+    """Right-padded batch. `mask` is 1 exactly on response tokens (the closing stop token included). Each of
+    `token_fields` is a per-response-token list on the row, placed at the response positions of a (B, T) tensor
+    (0 elsewhere); each of `seq_fields` is a number per row, giving a (B,) tensor."""
     T = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
@@ -533,9 +566,12 @@ def unsharded(model):
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: float, top_p: float, top_k: int,
                    max_new_tokens: int) -> list[dict]:
-    """One batched `generate` call on a module with full parameters (see `unsharded`). Returns, per prompt, response ids
-    (EOS included when it stopped), the finish reason ("stop" or "length") and the decoded text."""
+    """One batched `generate` call on a module with full parameters (see `unsharded`), stopping at any of
+    `stop_token_ids`. Returns, per prompt, the response ids (up to and including the first stop id, so scoring and
+    training see how the response ended), the finish reason ("stop" iff a stop id was generated, else "length") and the
+    decoded text, without the stop id."""
     pad = tokenizer.pad_token_id
+    stop = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)
@@ -547,14 +583,14 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: floa
     with torch.no_grad():
         # synced_gpus=False: `model` holds full parameters (see `unsharded`), so no rank waits on another's step
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=sample, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=False, **kwargs)
+                             pad_token_id=pad, eos_token_id=sorted(stop), synced_gpus=False, **kwargs)
     model.train(was_training)
     results = []
     for row in out[:, L:].tolist():
-        finish = "stop" if tokenizer.eos_token_id in row else "length"
-        resp = row[: row.index(tokenizer.eos_token_id) + 1] if finish == "stop" else row
-        results.append({"response_ids": resp, "finish": finish,
-                        "response": tokenizer.decode(resp, skip_special_tokens=True)})
+        end = next((k for k, t in enumerate(row) if t in stop), None)  # finished rows are padded after their stop id
+        text_ids = row if end is None else row[:end]
+        results.append({"response_ids": row if end is None else row[: end + 1], "finish": "length" if end is None else "stop",
+                        "response": tokenizer.decode(text_ids, skip_special_tokens=True)})
     return results
 
 
