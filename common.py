@@ -37,12 +37,14 @@ PROMPT_TEMPLATES = {  # the DQO paper's templates (Appendix A)
 }
 PROMPT_TEMPLATES["arith"] = PROMPT_TEMPLATES["gsm8k"]
 PROMPT_TEMPLATES["aime24"] = PROMPT_TEMPLATES["math"]
-HUB_SOURCES = {  # (path, config, split) per task and split; a local JSONL file replaces any of them
-    ("gsm8k", "train"): ("openai/gsm8k", "main", "train"),
-    ("gsm8k", "test"): ("openai/gsm8k", "main", "test"),
-    ("math", "train"): ("EleutherAI/hendrycks_math", None, "train"),
-    ("math", "test"): ("HuggingFaceH4/MATH-500", None, "test"),
-    ("aime24", "test"): ("HuggingFaceH4/aime_2024", None, "train"),
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory", "prealgebra",
+                 "precalculus")  # EleutherAI/hendrycks_math has one config per subject and no default config
+HUB_SOURCES = {  # (path, configs, split) per task and split; a local JSONL file replaces any of them
+    ("gsm8k", "train"): ("openai/gsm8k", ("main",), "train"),
+    ("gsm8k", "test"): ("openai/gsm8k", ("main",), "test"),
+    ("math", "train"): ("EleutherAI/hendrycks_math", MATH_SUBJECTS, "train"),  # the seven subjects, concatenated
+    ("math", "test"): ("HuggingFaceH4/MATH-500", (None,), "test"),
+    ("aime24", "test"): ("HuggingFaceH4/aime_2024", (None,), "train"),
 }
 EVAL_SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=16)  # the DQO paper's sampled-evaluation protocol
 
@@ -325,24 +327,37 @@ def grade(response: str, answer: str, task: str) -> float:
 # Tasks: loading from the hub or a local JSONL file
 # ---------------------------------------------------------------------------------------------------------------------
 def _read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file, one JSON object per non-blank line; errors name the file and the line."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file (a JSONL file is expected)")
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: row {i}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: row {i}: not valid JSON ({e})") from None
+                if not isinstance(rows[-1], dict):
+                    raise DataError(f"{path}: row {i}: a JSON object is expected, got {type(rows[-1]).__name__}")
     return rows
 
 
 def _problem_from_row(task: str, row: dict, where: str) -> dict:
     """Normalise one raw row into {question, answer, solution}; `where` names the file and row for errors."""
     def need(field):
-        if field not in row or not isinstance(row[field], str) or not row[field].strip():
-            raise DataError(f"{where}: missing or empty field {field!r} (fields present: {sorted(row)})")
+        if field not in row:
+            raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(row)})")
+        if not isinstance(row[field], str):
+            raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} ({row[field]!r:.60})")
+        if not row[field].strip():
+            raise DataError(f"{where}: field {field!r} is empty")
         return row[field]
 
     if task == "gsm8k":
@@ -354,12 +369,16 @@ def _problem_from_row(task: str, row: dict, where: str) -> dict:
             raise DataError(f"{where}: field 'answer': final answer {answer!r} after '####' is not a number")
         return {"question": question, "answer": answer, "solution": solution}
     question = need("problem")
-    answer = row.get("answer") if isinstance(row.get("answer"), str | int) else None
-    if answer is None or str(answer).strip() == "":
-        answer = last_boxed(row.get("solution", "")) if isinstance(row.get("solution"), str) else None
+    answer, solution = row.get("answer"), row.get("solution")
+    for name, value, types in (("answer", answer, (str, int)), ("solution", solution, (str,))):
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise DataError(f"{where}: field {name!r} must be {' or '.join(t.__name__ for t in types)}, got "
+                            f"{type(value).__name__} ({value!r:.60})")
+    if answer is None or str(answer).strip() == "":  # an integer answer (AIME) is fine: it is compared as text
+        answer = last_boxed(solution) if solution else None
     if answer is None:
-        raise DataError(f"{where}: missing field 'answer' (and no \\boxed{{}} in 'solution')")
-    return {"question": question, "answer": str(answer), "solution": row.get("solution") or f"\\boxed{{{answer}}}"}
+        raise DataError(f"{where}: no answer: field 'answer' is missing or empty, and 'solution' has no \\boxed{{}}")
+    return {"question": question, "answer": str(answer), "solution": solution or f"\\boxed{{{answer}}}"}
 
 
 def load_task(task: str, split: str, path: str | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -378,8 +397,8 @@ def load_task(task: str, split: str, path: str | None = None, limit: int | None 
             raise ValueError(f"task {task!r} has no {split} split (aime24 is test only); pass a JSONL file instead")
         import datasets
 
-        hub, config, hub_split = HUB_SOURCES[(task, split)]
-        rows, name = list(datasets.load_dataset(hub, config, split=hub_split)), hub
+        hub, configs, hub_split = HUB_SOURCES[(task, split)]
+        rows, name = [row for c in configs for row in datasets.load_dataset(hub, c, split=hub_split)], hub
     problems = [_problem_from_row(task, row, f"{name}: row {i}") for i, row in enumerate(rows, 1)]
     return problems[:limit] if limit else problems
 
@@ -684,7 +703,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     Cached under `args.cache_dir/offline/<key>/`, keyed by model, task, split, n, sampling parameters and seed; a
     second script on the same model and task reuses it. Each chunk of prompts is written atomically when done, so
     an interrupted build resumes without redoing finished prompts. Chunks are shared round-robin across processes."""
-    key_fields = dict(model=model_key(args), task=args.task, split="train", train_file=args.train_file,
+    key_fields = dict(model=model_key(args), task=args.task, split="train", train_file=data_key(args, "train"),
                       n_prompts=len(problems), n=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=args.gen_batch_size)
     root = os.path.join(args.cache_dir, "offline", cache_key(key_fields))
@@ -800,18 +819,53 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
+def content_digest(path: str, memo_path: str | None = None) -> str:
+    """sha256 of a file's bytes, or of every file in a folder (relative names and bytes): the identity of an input in
+    cache keys, so a data file or model edited in place never reuses samples, log-probs or evaluations of the old one.
+    Each file's hash is remembered by (path, size, mtime, inode), per process and in the JSON file `memo_path` if given,
+    so a 17 GB model is read once, not at every start."""
+    memo = {}
+    if memo_path and os.path.exists(memo_path):
+        with open(memo_path) as f:
+            memo = json.load(f)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    h, changed = hashlib.sha256(), False
+    for file in files:
+        st = os.stat(file)
+        key = f"{os.path.abspath(file)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        if key not in memo and key not in _DIGESTS:
+            fh = hashlib.sha256()
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    fh.update(chunk)
+            _DIGESTS[key], changed = fh.hexdigest(), True
+        h.update(f"{os.path.relpath(file, path)}:{memo.get(key) or _DIGESTS[key]}\n".encode())
+    if memo_path and changed:
+        os.makedirs(os.path.dirname(memo_path) or ".", exist_ok=True)
+        write_json_atomic(memo_path, {**memo, **_DIGESTS})
+    return h.hexdigest()[:16]
+
+
+_DIGESTS: dict[str, str] = {}
+
+
 def model_key(args) -> str:
     """The reference's identity in cache keys. The tiny model: its config hash, wherever the cache lives. A hub id: the
-    id. A local directory: its absolute path plus the size and mtime of each file in it, so a model saved again to the
-    same folder never reuses samples, reference log-probs or evaluations of the old one."""
+    id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
+    never reuses samples, reference log-probs or evaluations of the old one, and a copy elsewhere reuses them."""
     if args.model == "tiny":
         return "tiny/" + os.path.basename(tiny_dir(args.cache_dir))
     path = os.path.expanduser(args.model)
     if not os.path.isdir(path):
         return args.model
-    files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
-    stats = [(f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))) for f in files]
-    return f"{os.path.abspath(path)}:{cache_key(stats)}"
+    return f"local:{content_digest(path, os.path.join(args.cache_dir, 'digests.json'))}"
+
+
+def data_key(args, split: str) -> str | None:
+    """The identity of a split's local JSONL file in cache keys (its contents' digest); None for the hub or `arith`."""
+    path = args.train_file if split == "train" else args.test_file
+    return content_digest(path, os.path.join(args.cache_dir, "digests.json")) if path else None
 
 
 def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
@@ -878,6 +932,13 @@ def merge_lora(model):
     return merged
 
 
+def frozen_copy(model, accelerator: Accelerator):
+    """A frozen copy of a not yet prepared model for inference on this process alone (a reference, a rollout policy):
+    eval mode, no gradients, on this process's device, in bf16 under bf16 mixed precision (17 GB at 7B, not 34)."""
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+    return copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device, dtype=dtype)
+
+
 @contextmanager
 def reference_mode(model):
     """Context in which `model` computes the reference policy: in eval mode (no dropout), with its adapters off if it
@@ -900,19 +961,164 @@ def arg(default, help: str):
 
 
 TASK_MAX_NEW_TOKENS = {"arith": 64, "gsm8k": 512, "math": 1024, "aime24": 2048}
+# Defaults every algorithm shares: the embedded experiment's, and the paper's (any --model but tiny)
+RUN_DEFAULTS = {
+    "tiny": dict(task="arith", n_samples=8, gen_batch_size=256, eval_seeds=1),
+    # DQO paper: GSM8K; 20 samples per prompt (Table 8: 150000 = 7500 x 20); sampled accuracy over 5 seeds (§5).
+    # gen_batch_size: sequences per generate call that fit an 80 GB GPU at 7B (memory_plan; not a paper value)
+    "paper": dict(task="gsm8k", n_samples=20, gen_batch_size=64, eval_seeds=5),
+}
 
 
 def resolve_defaults(args, tiny: dict, paper: dict) -> None:
-    """Fill fields left at None: `tiny` values for the embedded default (`--model tiny`), the paper's otherwise."""
-    for k, v in (tiny if args.model == "tiny" else paper).items():
-        if getattr(args, k) is None:
+    """Fill the fields left at None: with `--model tiny` the embedded experiment's values (`tiny`, RUN_DEFAULTS["tiny"]),
+    otherwise the paper's (`paper`, RUN_DEFAULTS["paper"])."""
+    which = "tiny" if args.model == "tiny" else "paper"
+    for k, v in {**RUN_DEFAULTS[which], **(tiny if which == "tiny" else paper)}.items():
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.task not in TASKS:  # before the lookup below, which would fail with a bare KeyError
-        raise ValueError(f"--task {args.task!r}: unknown task; expected one of {TASKS}")
-    if args.max_new_tokens is None:
+    if args.max_new_tokens is None and args.task in TASKS:
         args.max_new_tokens = TASK_MAX_NEW_TOKENS[args.task]
-    if not args.output_dir:
-        raise ValueError("--output_dir is empty")
+
+
+# Rules for validate_args: flag -> (test of its value, what it must be)
+def at_least(lo, unset_ok: bool = False) -> tuple:
+    return (lambda v: (unset_ok and v is None) or (isinstance(v, int | float) and v >= lo),
+            f"≥ {lo}" + (" (or unset)" if unset_ok else ""))
+
+
+def positive(unset_ok: bool = False) -> tuple:
+    return (lambda v: (unset_ok and v is None) or (isinstance(v, int | float) and math.isfinite(v) and v > 0),
+            "> 0" + (" (or unset)" if unset_ok else ""))
+
+
+def between(lo, hi, lo_open: bool = False) -> tuple:
+    return (lambda v: isinstance(v, int | float) and (lo < v if lo_open else lo <= v) and v <= hi,
+            f"in {'(' if lo_open else '['}{lo}, {hi}]")
+
+
+def one_of(*choices) -> tuple:
+    return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
+
+
+SHARED_RULES = {
+    "task": one_of(*TASKS), "n_train_prompts": at_least(1, unset_ok=True), "n_test": at_least(1, unset_ok=True),
+    "seed": at_least(0), "n_samples": at_least(1), "temperature": positive(), "top_p": between(0, 1, lo_open=True),
+    "top_k": at_least(0), "max_new_tokens": at_least(1), "gen_batch_size": at_least(1), "epochs": at_least(1, True),
+    "lr": positive(), "warmup_steps": at_least(0), "per_device_batch_size": at_least(1),
+    "global_batch_size": at_least(1, True), "grad_accum": at_least(1, True), "max_grad_norm": positive(),
+    "eval_every": at_least(0), "eval_seeds": at_least(0), "save_every": at_least(0), "max_steps": at_least(0),
+    "lora_r": at_least(0), "beta": positive(),
+}
+
+
+class ArgumentError(SystemExit):
+    """A bad flag or input file, found before any work: the process exits with the message and status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.code = 2
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def validate_args(args, rules: dict | None = None) -> None:
+    """Check every flag right after parsing, before anything is loaded or written, and derive --grad_accum from
+    --global_batch_size. `rules` (flag -> (test, what it must be)) are the algorithm file's own, on top of
+    SHARED_RULES (and replacing a shared rule of the same name). Checks, in order: each flag's range or choices; the
+    global batch; the model (`tiny`, a save_pretrained folder, or a hub id ORG/NAME); the input files (they exist,
+    are UTF-8 JSONL with the task's fields, not empty); the tracker; the output dir (a fresh run never writes into
+    another run's; --resume needs a complete checkpoint there). Raises ArgumentError naming the flag, the value and
+    what it must be."""
+    check_rules(args, {**SHARED_RULES, **(rules or {})})
+    if not args.epochs and not args.max_steps:
+        raise ArgumentError("--epochs or --max_steps must be set: nothing to train")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
+    per_step = args.per_device_batch_size * world  # one micro-batch on every process
+    if args.global_batch_size is None:
+        args.grad_accum = args.grad_accum or 1
+        args.global_batch_size = per_step * args.grad_accum
+    elif args.global_batch_size % per_step or (args.grad_accum and args.grad_accum != args.global_batch_size // per_step):
+        raise ArgumentError(f"--global_batch_size {args.global_batch_size} must equal --per_device_batch_size "
+                            f"{args.per_device_batch_size} x {world} processes x --grad_accum"
+                            f"{f' {args.grad_accum}' if args.grad_accum else ' (a whole number)'}")
+    else:
+        args.grad_accum = args.global_batch_size // per_step
+    check_model_arg(args.model)
+    check_task_files(args)
+    check_report_to(args.report_to)
+    check_output_dir(args.output_dir, args.resume)
+
+
+def check_rules(args, rules: dict) -> None:
+    """Each flag of `args` named in `rules` (flag -> (test, what it must be)) passes its test."""
+    for name, (ok, want) in rules.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise ArgumentError(f"--{name} {getattr(args, name)!r}: must be {want}")
+
+
+def check_model_arg(model: str) -> None:
+    if model == "tiny":
+        return
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ArgumentError(f"--model {model}: the folder has no config.json (a save_pretrained folder is expected)")
+    elif os.path.exists(path):
+        raise ArgumentError(f"--model {model}: a file; a model is a save_pretrained folder or a hub id")
+    elif path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise ArgumentError(f"--model {model}: no such folder, and not a hub id (ORG/NAME, e.g. google/gemma-1.1-7b-it)")
+
+
+def check_task_files(args) -> None:
+    """Local data files fit the task: each is read and parsed now (errors name the file and row), not after hours."""
+    for split, path, limit in (("train", getattr(args, "train_file", None), getattr(args, "n_train_prompts", None)),
+                               ("test", args.test_file, args.n_test)):
+        if path is None:
+            continue
+        if args.task == "arith":
+            raise ArgumentError(f"--{split}_file {path}: task arith generates its own problems; pass --task gsm8k, "
+                                "math or aime24 with a data file")
+        try:
+            problems = load_task(args.task, split, path)
+        except (DataError, ValueError) as e:
+            raise ArgumentError(f"--{split}_file: {e}") from None
+        if not problems:
+            raise ArgumentError(f"--{split}_file {path}: no problems in the file")
+
+
+def check_report_to(report_to: str) -> None:
+    import importlib.util
+
+    for tracker in filter(None, (t.strip() for t in (report_to or "").split(","))):
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+                  "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}.get(tracker)
+        if module is None:
+            raise ArgumentError(f"--report_to {tracker}: unknown tracker (tensorboard, wandb, comet_ml, mlflow, aim, "
+                                "clearml, dvclive, swanlab; empty for none)")
+        if importlib.util.find_spec(module) is None:
+            raise ArgumentError(f"--report_to {tracker}: the {module} package is not installed (pip install {module}), "
+                                "or pass --report_to '' for no tracker")
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoint", "checkpoint.old", "model")
+
+
+def check_output_dir(output_dir: str, resume: bool) -> None:
+    """A fresh run needs an output dir with no run in it; --resume needs a complete checkpoint there."""
+    if not output_dir:
+        raise ArgumentError("--output_dir is empty")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ArgumentError(f"--output_dir {output_dir}: a file, not a folder")
+    if resume:
+        if checkpoint_path(output_dir) is None:
+            raise ArgumentError(f"--resume: no complete checkpoint in {output_dir} (expected "
+                                f"{os.path.join(output_dir, 'checkpoint', 'trainer_state.json')}); drop --resume for a "
+                                "fresh run in a new --output_dir")
+    elif os.path.isdir(output_dir) and (found := [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]):
+        raise ArgumentError(f"--output_dir {output_dir} holds another run ({', '.join(found)}): pass --resume to go on "
+                            "with it, or choose a new --output_dir")
 
 
 def setup_accelerator(args, algo: str) -> Accelerator:
@@ -932,10 +1138,10 @@ def setup_accelerator(args, algo: str) -> Accelerator:
                                   log_with=args.report_to or None, project_dir=args.output_dir, cpu=cpu)
     except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
         if sharding and not torch.cuda.is_available():
-            raise RuntimeError(no_sharding) from e
+            raise ArgumentError(no_sharding) from e
         raise
     if sharding and accelerator.distributed_type.name != sharding:
-        raise RuntimeError(f"{no_sharding} (accelerate set up {accelerator.distributed_type.name} instead)")
+        raise ArgumentError(f"{no_sharding} (accelerate set up {accelerator.distributed_type.name} instead)")
     if accelerator.num_processes != world:
         raise RuntimeError(f"{world} processes were launched, but accelerate runs a world of {accelerator.num_processes}")
     set_seed(args.seed + accelerator.process_index)
@@ -967,8 +1173,28 @@ def iterate_batches(examples: list, per_device_batch_size: int, grad_accum: int,
         yield b, [examples[i] for i in idx]
 
 
-def batches_per_epoch(n_examples: int, args, accelerator: Accelerator) -> int:
-    return n_examples // (args.per_device_batch_size * accelerator.num_processes) // args.grad_accum * args.grad_accum
+def plan_steps(n_examples: int, args, accelerator: Accelerator) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in all) for `n_examples`. Rows left over after the last whole global
+    batch of an epoch are dropped. With fewer examples than one global batch, each step takes all of them that fill a
+    micro-batch on every process (fewer accumulation steps; a warning says so, and run.json records it). With
+    --epochs unset, as many epochs as --max_steps needs."""
+    per_step = args.per_device_batch_size * accelerator.num_processes  # one micro-batch on every process
+    micro = n_examples // per_step
+    if micro == 0:
+        raise ValueError(f"{n_examples} training examples do not fill one micro-batch of {args.per_device_batch_size} on "
+                         f"each of {accelerator.num_processes} processes; lower --per_device_batch_size")
+    if micro < args.grad_accum:
+        accelerator.print(f"warning: {n_examples} training examples are less than one global batch of "
+                          f"{args.global_batch_size}: each step takes {micro * per_step} ({micro} accumulation steps)")
+        args.grad_accum = accelerator.gradient_accumulation_steps = micro
+        if accelerator.is_main_process:
+            with open(os.path.join(args.output_dir, "run.json")) as f:
+                run = json.load(f)
+            write_json_atomic(os.path.join(args.output_dir, "run.json"),
+                              dict(run, effective={"grad_accum": micro, "global_batch_size": micro * per_step}))
+    steps_per_epoch = micro // args.grad_accum
+    args.epochs = args.epochs or math.ceil(args.max_steps / steps_per_epoch)
+    return steps_per_epoch, min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
 
 
 def global_token_scale(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor:
@@ -990,7 +1216,8 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> None:
     """Atomic: accelerate's full state (models, optimizers, registered schedulers, RNG) plus `state` goes to a temp
-    dir that is renamed into place only when complete, so a kill during the save leaves the last good one intact."""
+    dir that is renamed into place only when complete, so a kill during the save leaves the last good one intact.
+    trainer_state.json, written last, lists every file with its size, so --resume can tell a damaged checkpoint."""
     final, tmp, old = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -999,7 +1226,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> N
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every process has written its part (shards, its own RNG state) before the rename
     if accelerator.is_main_process:
-        write_json_atomic(os.path.join(tmp, "trainer_state.json"), state)
+        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(tmp) for f in names}
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), dict(state, files=files))
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
@@ -1007,17 +1236,42 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> N
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
-    """Restore the last good checkpoint (falls back to `checkpoint.old` if a save was cut off mid-swap)."""
+def checkpoint_path(output_dir: str) -> str | None:
+    """The last complete checkpoint in `output_dir`: checkpoint/, or checkpoint.old/ if a save was cut off between its
+    two renames; None if there is none. Raises ArgumentError if one is damaged: a file it listed is missing or has
+    another size."""
     for name in ("checkpoint", "checkpoint.old"):
         path = os.path.join(output_dir, name)
-        if os.path.exists(os.path.join(path, "trainer_state.json")):
-            accelerator.load_state(path)
+        if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            continue
+        try:
             with open(os.path.join(path, "trainer_state.json")) as f:
-                state = json.load(f)
-            accelerator.print(f"resumed from {path} at step {state['step']}")
-            return state
+                files = json.load(f).get("files", {})
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArgumentError(f"--resume: {os.path.join(path, 'trainer_state.json')} is damaged ({e})") from None
+        for rel, size in files.items():
+            file = os.path.join(path, rel)
+            if not os.path.isfile(file):
+                raise ArgumentError(f"--resume: the checkpoint is incomplete: {file} is missing")
+            if os.path.getsize(file) != size:
+                raise ArgumentError(f"--resume: {file} has {os.path.getsize(file)} bytes, {size} when it was saved: "
+                                    "the checkpoint is damaged")
+        return path
     return None
+
+
+def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict:
+    """Restore the last complete checkpoint (`checkpoint_path`; validate_args made sure there is one). Returns the
+    trainer state saved with it (step, epoch, batch, results)."""
+    path = checkpoint_path(output_dir)
+    try:
+        accelerator.load_state(path)
+    except Exception as e:
+        raise RuntimeError(f"--resume: the checkpoint in {path} cannot be loaded: {type(e).__name__}: {e}") from e
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict:
@@ -1045,13 +1299,15 @@ def plain_name(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
-def save_model(accelerator: Accelerator, model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe). A LoRA model is
-    merged first (in place, see `merge_lora`), so the saved model is the same format with or without --lora_r."""
+def save_model(accelerator: Accelerator, model, tokenizer, path: str, final: bool = True) -> None:
+    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe). The final save of a
+    LoRA model merges it first (in place, see `merge_lora`), so it is the same format with or without --lora_r; a save
+    during training (`final=False`, e.g. model_epoch1/) of a LoRA model writes its adapters (peft's format, which
+    from_pretrained loads onto the base when peft is installed) and leaves the model as it is."""
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
-    merged = merge_lora(unwrapped)  # on every process, so that all keep the same model after the save
+    merged = merge_lora(unwrapped) if final else None  # on every process, so that all keep the same model after the save
     if merged is not None:  # LoRA: save the merged model, loadable without peft (the state dict has adapter keys)
         unwrapped, state_dict = merged, None
     if accelerator.is_main_process:
@@ -1103,19 +1359,25 @@ def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Acc
     return out
 
 
+def evaluate_run(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
+    """`evaluate` with the run's settings: task, generation length and batch, seed and --eval_seeds sampled seeds."""
+    return evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
+                    sampled_seeds=args.eval_seeds, seed=args.seed, **eval_kwargs)
+
+
 def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
     """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
     model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
     into the cache key."""
-    key = cache_key(dict(model=model_key(args), task=args.task, test_file=args.test_file, n=len(problems),
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, v=1, **eval_kwargs))
+    key = cache_key(dict(model=model_key(args), task=args.task, test_file=data_key(args, "test"), n=len(problems),
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
+                         chunk=args.gen_batch_size, v=2, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     with reference_mode(accelerator.unwrap_model(model)):
-        out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
-                       seed=args.seed, **eval_kwargs)
+        out = evaluate_run(model, tokenizer, problems, args, accelerator, **eval_kwargs)
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json_atomic(path, out)

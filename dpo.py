@@ -35,30 +35,32 @@ from transformers import HfArgumentParser, get_scheduler
 
 from common import (
     arg,
-    batches_per_epoch,
+    at_least,
     build_offline_dataset,
     collate,
-    evaluate,
     evaluate_reference,
+    evaluate_run,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
     load_task,
     log_eval,
     log_metrics,
+    plan_steps,
     resolve_defaults,
     save_checkpoint,
     save_model,
     setup_accelerator,
     throughput,
     token_logprobs,
+    validate_args,
 )
 
 
 @dataclass
 class Args:
     model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
-    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    task: str | None = arg(None, "arith (embedded), gsm8k, math or aime24 (default: arith with --model tiny, else gsm8k)")
     train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
     test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
     n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
@@ -67,21 +69,23 @@ class Args:
     output_dir: str = arg("runs/dpo", "where checkpoints, the final model, metrics and results go")
     cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
-    n_samples: int = arg(8, "reference samples per training prompt in the offline dataset (paper: 20)")
+    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
     top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
     top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
-    gen_batch_size: int = arg(256, "sequences per generate call")
-    epochs: int | None = arg(None, "passes over the training data")
+    gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
+    epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
     warmup_steps: int = arg(0, "linear warmup steps, then constant")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
-    grad_accum: int = arg(1, "gradient accumulation steps; global batch = per_device_batch_size * processes * grad_accum")
+    global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
+    grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
@@ -93,6 +97,8 @@ class Args:
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-6, per_device_batch_size=32, beta=0.1)
 PAPER = dict(epochs=1, lr=5e-8, per_device_batch_size=8, beta=0.1)  # DQO App. A (Gemma): 1 epoch, batch 64 = 8 x 8 GPUs
+
+CHECKS = dict(max_pairs_per_prompt=at_least(1))
 
 
 # ALGO LOGIC: loss
@@ -142,6 +148,7 @@ def build_pairs(rows: list[dict], max_pairs_per_prompt: int, seed: int) -> tuple
 def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     resolve_defaults(args, TINY, PAPER)
+    validate_args(args, CHECKS)
 
     # setup
     accelerator = setup_accelerator(args, "dpo")
@@ -165,15 +172,12 @@ def main():
     token_fields, seq_fields = ("ref_logps",), ()
 
     # training loop
-    steps_per_epoch = batches_per_epoch(len(examples), args, accelerator) // args.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples)} examples is less than one global batch; lower --per_device_batch_size")
+    steps_per_epoch, total_steps = plan_steps(len(examples), args, accelerator)
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     accelerator.register_for_checkpointing(scheduler)
     state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
     step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
     results = state["results"] if state else results
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     model.train()
     for epoch in range(start_epoch, args.epochs):
@@ -209,18 +213,16 @@ def main():
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:
-                    results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
-                                                      args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+                    results[f"step{step}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
                     log_eval(accelerator, results, step, args.output_dir)
-        if not args.eval_every and epoch + 1 < args.epochs and step < total_steps:
-            results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
-                                                    args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+        if epoch + 1 < args.epochs and step < total_steps:  # every epoch's model, evaluated: the DQO paper picks the best
+            results[f"epoch{epoch + 1}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
             log_eval(accelerator, results, step, args.output_dir)
+            save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, f"model_epoch{epoch + 1}"), final=False)
     bar.close()
 
     # evaluate and save
-    results["final"] = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
-                                args.gen_batch_size, seed=args.seed)
+    results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     accelerator.end_training()

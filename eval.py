@@ -10,22 +10,40 @@
 Writes a JSON result (`--output`, default `<model dir or cache>/eval-<task>.json`) and prints a table.
 """
 
-import json
 import os
 from dataclasses import dataclass
 
 from transformers import HfArgumentParser
 
-from common import arg, evaluate, format_results, load_model_and_tokenizer, load_task, setup_accelerator
+from common import (
+    TASK_MAX_NEW_TOKENS,
+    TASKS,
+    ArgumentError,
+    arg,
+    at_least,
+    between,
+    check_model_arg,
+    check_report_to,
+    check_rules,
+    check_task_files,
+    evaluate,
+    format_results,
+    load_model_and_tokenizer,
+    load_task,
+    one_of,
+    positive,
+    setup_accelerator,
+    write_json_atomic,
+)
 
 
 @dataclass
 class Args:
     model: str = arg("tiny", "hub id or local save_pretrained dir; `tiny` = the embedded reference")
-    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    task: str | None = arg(None, "arith (embedded), gsm8k, math or aime24 (default: arith with --model tiny, else gsm8k)")
     test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
     n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
-    seeds: int = arg(5, "sampled-accuracy seeds (mean ± std)")
+    seeds: int = arg(5, "sampled-accuracy seeds (mean ± std; 0: greedy only)")
     seed: int = arg(0, "first seed")
     pass_n: int = arg(16, "samples per problem for pass@k (0: skip)")
     pass_k: str = arg("1,4,16", "comma-separated k for pass@k (each ≤ pass_n)")
@@ -43,14 +61,32 @@ class Args:
     grad_accum: int = arg(1, "unused; shared plumbing")
 
 
+RULES = dict(task=one_of(*TASKS), n_test=at_least(1, unset_ok=True), seeds=at_least(0), seed=at_least(0),
+             pass_n=at_least(0), pass_temperature=positive(), pass_top_p=between(0, 1, lo_open=True),
+             pass_top_k=at_least(0), pass_problems=at_least(1, unset_ok=True), max_new_tokens=at_least(1),
+             gen_batch_size=at_least(1))
+
+
+def validate(args) -> tuple:
+    """Every flag and input, before anything is loaded. Returns the pass@k k values."""
+    args.task = args.task or ("arith" if args.model == "tiny" else "gsm8k")
+    args.max_new_tokens = args.max_new_tokens or TASK_MAX_NEW_TOKENS.get(args.task)
+    check_rules(args, RULES)
+    try:
+        ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip()) if args.pass_n else ()
+    except ValueError:
+        raise ArgumentError(f"--pass_k {args.pass_k!r}: must be comma-separated whole numbers") from None
+    if any(not 1 <= k <= args.pass_n for k in ks):
+        raise ArgumentError(f"--pass_k {args.pass_k}: every k must be in [1, --pass_n {args.pass_n}]")
+    check_model_arg(args.model)
+    check_task_files(args)
+    check_report_to(args.report_to)
+    return ks
+
+
 def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
-    from common import TASK_MAX_NEW_TOKENS
-
-    args.max_new_tokens = args.max_new_tokens or TASK_MAX_NEW_TOKENS.get(args.task, 512)
-    ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip()) if args.pass_n else ()
-    if any(k > args.pass_n for k in ks):
-        raise ValueError(f"--pass_k {args.pass_k}: every k must be ≤ --pass_n {args.pass_n}")
+    ks = validate(args)
     accelerator = setup_accelerator(args, "eval")
     model, tokenizer = load_model_and_tokenizer(args, accelerator)
     model = accelerator.prepare(model)
@@ -61,13 +97,12 @@ def main():
                    pass_problems=args.pass_problems, seed=args.seed)
     out.update(model=args.model, task=args.task, pass_sampling=sampling if args.pass_n else None)
     accelerator.print(format_results({os.path.basename(args.model.rstrip("/")) or args.model: out}))
-    accelerator.print(f"sampled accuracy: {out['sampled']:.4f} ± {out['sampled_std']:.4f} over {args.seeds} seeds"
-                      if args.seeds else "")
+    if args.seeds:
+        accelerator.print(f"sampled accuracy: {out['sampled']:.4f} ± {out['sampled_std']:.4f} over {args.seeds} seeds")
     path = args.output or os.path.join(args.model if os.path.isdir(args.model) else args.cache_dir, f"eval-{args.task}.json")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json_atomic(path, out)
         print(f"wrote {path}")
     accelerator.end_training()
 

@@ -38,7 +38,6 @@ Deviations from the paper:
       on 2 idle cores (6 min when it must also sample the offline dataset and evaluate the reference).
 """
 
-import copy
 import math
 import os
 import random
@@ -52,20 +51,26 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from common import (
+    ArgumentError,
     arg,
-    batches_per_epoch,
+    at_least,
+    between,
     build_offline_dataset,
     collate,
     encode_prompt,
-    evaluate,
     evaluate_reference,
+    evaluate_run,
+    frozen_copy,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
     load_task,
     log_eval,
     log_metrics,
+    one_of,
     plain_name,
+    plan_steps,
+    positive,
     reference_mode,
     resolve_defaults,
     rollout,
@@ -77,13 +82,14 @@ from common import (
     throughput,
     token_logprobs,
     unsharded,
+    validate_args,
 )
 
 
 @dataclass
 class Args:
     model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
-    task: str = arg("arith", "arith (embedded), gsm8k, math or aime24")
+    task: str | None = arg(None, "arith (embedded), gsm8k, math or aime24 (default: arith with --model tiny, else gsm8k)")
     train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
     test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
     n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
@@ -92,21 +98,23 @@ class Args:
     output_dir: str = arg("runs/spo", "where checkpoints, the final model, metrics and results go")
     cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
-    n_samples: int = arg(8, "reference samples per training prompt in the offline dataset (paper: 20)")
+    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
     top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
     top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
-    gen_batch_size: int = arg(256, "sequences per generate call")
-    epochs: int | None = arg(None, "passes over the training data")
+    gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
+    epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
     warmup_steps: int | None = arg(None, "linear warmup steps, then constant")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
-    grad_accum: int = arg(1, "gradient accumulation steps; global batch = per_device_batch_size * processes * grad_accum")
+    global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
+    grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
@@ -131,6 +139,10 @@ PAPER = dict(epochs=1, lr=6e-8, warmup_steps=200, per_device_batch_size=16, beta
 # The paper's metric: pass@1 and pass@10 from 20 samples at T=0.4, top_p 0.95, before and after training
 PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}
 BCE_MAX_LOGP = -1e-4  # bce: the predicted log P(success) is clipped to at most this, strictly below 0
+
+CHECKS = dict(loss_type=one_of("squared", "bce", "advantage_bce", "reverse_q"), online_fraction=between(0, 1),
+              model_update_interval=at_least(1), rollout_min_temperature=positive(), rollout_max_temperature=positive(),
+              rollout_top_p=between(0, 1, lo_open=True), pass_eval_problems=at_least(1, unset_ok=True), q0_samples=at_least(0))
 
 
 # ALGO LOGIC: loss
@@ -206,8 +218,8 @@ class RolloutPolicy:
     """A frozen copy of the policy that generates the online rollouts, refreshed every `interval` optimizer steps
     (`version`: the step it was copied at). Has state_dict/load_state_dict, so checkpoints resume it exactly."""
 
-    def __init__(self, model, interval: int):
-        self.model, self.interval, self.version = copy.deepcopy(model).eval().requires_grad_(False), interval, 0
+    def __init__(self, model, interval: int, accelerator):
+        self.model, self.interval, self.version = frozen_copy(model, accelerator), interval, 0
 
     def maybe_refresh(self, model, step: int) -> None:
         """`model`: the prepared policy. Under sharding every process refreshes at the same step (a collective)."""
@@ -251,6 +263,14 @@ def peak_memory_mb(device: torch.device) -> float:
 def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     resolve_defaults(args, TINY, PAPER)
+    validate_args(args, CHECKS)
+    if abs(len(online_slots(args.per_device_batch_size, args.online_fraction)) - args.per_device_batch_size *
+           args.online_fraction) > 1e-6:
+        raise ArgumentError(f"--online_fraction {args.online_fraction} x --per_device_batch_size "
+                            f"{args.per_device_batch_size} must be a whole number of rollouts per micro-batch")
+    if args.rollout_min_temperature > args.rollout_max_temperature:
+        raise ArgumentError(f"--rollout_min_temperature {args.rollout_min_temperature} must be ≤ --rollout_max_temperature "
+                            f"{args.rollout_max_temperature}")
 
     # setup
     accelerator = setup_accelerator(args, "spo")
@@ -260,14 +280,9 @@ def main():
     model, tokenizer = load_model_and_tokenizer(args, accelerator)
     slots = online_slots(args.per_device_batch_size, args.online_fraction)  # rollouts per micro-batch and process
     n_online = len(slots)
-    if not 0 <= args.online_fraction <= 1 or abs(n_online - args.per_device_batch_size * args.online_fraction) > 1e-6:
-        raise ValueError(f"--online_fraction {args.online_fraction} x --per_device_batch_size "
-                         f"{args.per_device_batch_size} must be a whole number of rollouts in [0, batch]")
     # frozen copies (weights only) for the online part: the reference scores rollouts (with LoRA: the adapters off)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device) if n_online and not args.lora_r else None
-    rollout_policy = RolloutPolicy(model, args.model_update_interval) if n_online else None
-    if rollout_policy is not None:
-        rollout_policy.model.to(device)
+    ref_model = frozen_copy(model, accelerator) if n_online and not args.lora_r else None
+    rollout_policy = RolloutPolicy(model, args.model_update_interval, accelerator) if n_online else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -294,15 +309,12 @@ def main():
     token_fields, seq_fields = ("ref_logps",), ("q0", "reward")
 
     # training loop
-    steps_per_epoch = batches_per_epoch(len(examples), args, accelerator) // args.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples)} examples is less than one global batch; lower --per_device_batch_size")
+    steps_per_epoch, total_steps = plan_steps(len(examples), args, accelerator)
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     accelerator.register_for_checkpointing(scheduler, *([rollout_policy] if rollout_policy is not None else []))
     state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
     step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
     results = state["results"] if state else results
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     model.train()
     for epoch in range(start_epoch, args.epochs):
@@ -349,19 +361,17 @@ def main():
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:
-                    results[f"step{step}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
-                                                      args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+                    results[f"step{step}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
                     log_eval(accelerator, results, step, args.output_dir)
-        if not args.eval_every and epoch + 1 < args.epochs and step < total_steps:
-            results[f"epoch{epoch + 1}"] = evaluate(model, tokenizer, test_problems, args.task, accelerator,
-                                                    args.max_new_tokens, args.gen_batch_size, seed=args.seed)
+        if epoch + 1 < args.epochs and step < total_steps:  # every epoch's model, evaluated: the DQO paper picks the best
+            results[f"epoch{epoch + 1}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
             log_eval(accelerator, results, step, args.output_dir)
+            save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, f"model_epoch{epoch + 1}"), final=False)
     bar.close()
 
     # evaluate and save
-    results["final"] = evaluate(model, tokenizer, test_problems, args.task, accelerator, args.max_new_tokens,
-                                args.gen_batch_size, seed=args.seed, pass_problems=args.pass_eval_problems,
-                                **PASS_EVAL)
+    results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator,
+                                    pass_problems=args.pass_eval_problems, **PASS_EVAL)
     results["final"]["peak_memory_mb"] = peak_memory_mb(device)
     accelerator.print(f"peak memory: {results['final']['peak_memory_mb']:.0f} MiB (policy"
                       f"{' + frozen reference + rollout policy' if n_online else ''})")

@@ -3,6 +3,7 @@ path consistency (paper Theorems 2.2 and 2.3), Q̂_0, online batch assembly, one
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,7 +190,8 @@ def test_online_slots_mix_is_exact_and_process_invariant(fraction):
 def test_rollout_policy_refresh_schedule(tiny_model):
     """The rollout copy is frozen between refreshes and equals the trained policy at the last multiple of the interval."""
     model = copy.deepcopy(tiny_model[0])
-    rollout_policy = spo.RolloutPolicy(model, interval=3)
+    cpu = SimpleNamespace(mixed_precision="no", device=torch.device("cpu"))  # what frozen_copy reads of an accelerator
+    rollout_policy = spo.RolloutPolicy(model, interval=3, accelerator=cpu)
     assert all(not p.requires_grad for p in rollout_policy.model.parameters())
     snapshots = {0: copy.deepcopy(model.state_dict())}
     for step in range(1, 8):
@@ -202,7 +204,7 @@ def test_rollout_policy_refresh_schedule(tiny_model):
         assert rollout_policy.version == want
         for k, v in rollout_policy.model.state_dict().items():
             assert torch.equal(v, snapshots[want][k]), (step, k)
-    restored = spo.RolloutPolicy(tiny_model[0], interval=3)
+    restored = spo.RolloutPolicy(tiny_model[0], interval=3, accelerator=cpu)
     restored.load_state_dict(rollout_policy.state_dict())
     assert restored.version == 6 and torch.equal(restored.model.lm_head.weight, snapshots[6]["lm_head.weight"])
 
