@@ -1,6 +1,7 @@
 """Tests for the per-token log-probs in common.py: `token_logprobs` against the naive full-logits computation on
 small random Llama, Gemma, Gemma-2, Qwen2, Cohere and Granite models (values and gradients, with and without the
-sampler warp, through peft and an autocast-wrapped forward), its memory bound, and `score_rows`' micro-batches."""
+sampler warp, through peft, activation checkpointing and an autocast-wrapped forward), its memory bound, and
+`score_rows`' micro-batches."""
 
 import random
 
@@ -120,6 +121,17 @@ def test_no_grad_values_match_and_variants_share_one_forward():
     finite = torch.isfinite(ref_warped)
     assert torch.equal(torch.isfinite(warped), finite)
     torch.testing.assert_close(warped[finite], ref_warped[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_model_matches():
+    model = build("gemma2").train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    ids, attn = batch()
+    weights = torch.randn(ids.shape)
+    got, ref = common.token_logprobs(model, ids, attn, chunk_tokens=4), naive_logprobs(model, ids, attn)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads(model, got, weights), grads(model, ref, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 def test_lora_model_matches_and_reference_mode_is_the_base():
