@@ -400,7 +400,7 @@ def unwrap_causal_lm(model):
 
 def _head_logits(hidden: torch.Tensor, head: dict) -> torch.Tensor:
     """(n, H) final hidden states -> (n, V) logits, as the model's forward computes them: its output projection under
-    the autocast state its forward ran in, then Cohere's logit scale or Gemma-2's soft-cap c tanh(z / c)."""
+    the autocast state its forward ran in, then a logit scale (Cohere, Granite) or Gemma-2's soft-cap c tanh(z / c)."""
     with torch.autocast(*head["autocast"]) if head["autocast"] else nullcontext():
         logits = torch.nn.functional.linear(hidden, head["weight"], head["bias"])  # (n, V) in the model's dtype
         if head["scale"] is not None:
