@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, field
@@ -474,8 +475,13 @@ def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_f
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Per-token log-probs, without a full-vocabulary fp32 log_softmax copy
+# Per-token log-probs: the backbone, then the output projection in checkpointed chunks, never the (B, T, V) logits
 # ---------------------------------------------------------------------------------------------------------------------
+LOGPROB_CHUNK_LOGITS = 2**26  # logits per chunk, 256 MiB in fp32: 262 tokens at a 256k vocabulary, 1M at the tiny 68
+SCORE_MAX_TOKENS = 16384  # padded tokens (rows x length) per forward pass when scoring rows
+_HEADS_CHECKED = weakref.WeakSet()  # causal LMs whose own logits have been compared with `_head_logits`
+
+
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """The sampler's logits, as transformers' warpers apply them: temperature, then top-k, then top-p."""
     logits = logits / temperature
@@ -491,34 +497,115 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return logits
 
 
-def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, warp: dict | None) -> torch.Tensor:
-    logits = logits.float()  # only this chunk is upcast
-    if warp:
-        logits = warp_logits(logits, **warp)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, warp: dict | None = None,
-                         chunk_tokens: int = 4096) -> torch.Tensor:
-    """(B, T) log-prob of each token given its prefix (position 0, which has no prefix, gets 0): the gathered logit
-    minus logsumexp, over chunks of positions. Under autograd each chunk is checkpointed, so the fp32 copy of a
-    chunk is recomputed in backward rather than kept: peak extra memory is one chunk, not (B, T, V) in fp32."""
-    B, T, _ = logits.shape
-    out = [logits.new_zeros(B, 1, dtype=torch.float)]
-    step = max(1, chunk_tokens // B)
-    for s in range(0, T - 1, step):
-        lg, tgt = logits[:, s : min(s + step, T - 1)], input_ids[:, s + 1 : min(s + step, T - 1) + 1]
-        if torch.is_grad_enabled() and lg.requires_grad:
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lg, tgt, warp, use_reentrant=False))
+def unwrap_causal_lm(model):
+    """The transformers causal LM inside DDP, FSDP1 or DeepSpeed (`.module`) and peft (`get_base_model`) wrappers.
+    Under FSDP2 (`fully_shard`) the model is the causal LM itself."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
         else:
-            out.append(_chunk_logprobs(lg, tgt, warp))
-    return torch.cat(out, dim=1)
+            return model
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
-    """(model, input_ids, attention_mask) -> (B, T) log-prob of each token given its prefix, 0 at position 0."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-    return logprobs_from_logits(logits, input_ids, chunk_tokens=chunk_tokens)
+def _head_logits(hidden: torch.Tensor, head: dict) -> torch.Tensor:
+    """(n, H) final hidden states -> (n, V) logits, as the model's forward computes them: its output projection under
+    the autocast state its forward ran in, then a logit scale (Cohere, Granite) or Gemma-2's soft-cap c tanh(z / c)."""
+    with torch.autocast(*head["autocast"]) if head["autocast"] else nullcontext():
+        logits = torch.nn.functional.linear(hidden, head["weight"], head["bias"])  # (n, V) in the model's dtype
+        if head["scale"] is not None:
+            logits = logits * head["scale"]
+        if head["softcap"] is not None:
+            logits = torch.tanh(logits / head["softcap"]) * head["softcap"]
+    return logits
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, warps: tuple) -> torch.Tensor:
+    """(n, H) hidden states, (n,) next tokens -> (len(warps), n) log-probs: the logit minus an fp32 logsumexp, for
+    each warp (None: the model's own distribution). Only this chunk's logits exist, upcast to fp32."""
+    logits = _head_logits(hidden, head).float()  # (n, V)
+    out = []
+    for warp in warps:
+        lg = warp_logits(logits, **warp) if warp else logits
+        out.append(lg.gather(-1, targets[:, None]).squeeze(-1) - lg.logsumexp(-1))  # (n,)
+    return torch.stack(out)
+
+
+class _ModelOutputInGraph(torch.autograd.Function):
+    """Identity on the log-probs that gives the model's own (unused) logits a zero gradient in backward, so that the
+    hooks FSDP puts on a forward's outputs (unshard the root for backward, finish the gradient reduction) run."""
+
+    @staticmethod
+    def forward(ctx, lps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.logits = (logits.shape, logits.dtype, logits.device)
+        return lps.view_as(lps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.logits
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def token_logprob_variants(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, warps: tuple = (None,),
+                           chunk_tokens: int | None = None) -> list[torch.Tensor]:
+    """One forward pass, log-probs under several warps: a (B, T) tensor per entry of `warps` (None: the model's own
+    log-probs; a dict: under `warp_logits` with it). Position 0 (no prefix) and padding positions get 0.
+
+    The model is called through its own wrapper (DDP, FSDP1/2, peft), so their hooks run, with `logits_to_keep=1`: its
+    forward projects only the last position. A forward hook on the backbone takes the final (normed) hidden states,
+    and the output projection is applied here to `chunk_tokens` real tokens at a time (default: LOGPROB_CHUNK_LOGITS
+    logits), checkpointed under autograd so backward recomputes each chunk instead of keeping its logits. Peak extra
+    memory is a few chunks, independent of B and T. On a model's first call its own last-position logits are compared
+    with this head, so an architecture whose logits need something more than `_head_logits` does fails loudly."""
+    lm = unwrap_causal_lm(model)
+    captured = {}
+
+    def keep_hidden(module, args, output):  # inside the forward: FSDP1's root has its unsharded weights in place
+        proj, device = lm.get_output_embeddings(), output[0].device.type
+        autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        captured.update(hidden=output[0], weight=proj.weight, bias=proj.bias, autocast=autocast)  # as the forward uses them
+
+    hook = lm.base_model.register_forward_hook(keep_hidden)
+    try:
+        last_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1).logits
+    finally:
+        hook.remove()
+    hidden, config = captured.pop("hidden"), lm.config  # (B, T, H)
+    head = dict(captured, softcap=getattr(config, "final_logit_softcapping", None), scale=getattr(lm, "logit_scale", None))
+    if getattr(config, "logits_scaling", None) and config.model_type.startswith("granite"):
+        head["scale"] = 1 / config.logits_scaling  # Granite divides its logits by logits_scaling
+    if lm not in _HEADS_CHECKED:
+        with torch.no_grad():
+            ours, theirs = _head_logits(hidden[:, -1], head).float(), last_logits[:, -1].float()  # (B, V)
+        if not torch.allclose(ours, theirs, rtol=0.02, atol=0.02 * theirs.abs().max().item() + 1e-4):
+            raise NotImplementedError(f"token_logprobs: {type(lm).__name__}'s logits are not its output projection of the "
+                                      "backbone's hidden states (with soft-cap or scale): add what it does to _head_logits")
+        _HEADS_CHECKED.add(lm)
+    B, T, H = hidden.shape
+    pos = attention_mask[:, 1:].nonzero()  # (N, 2) (row, position) of every prefix whose next token is real
+    flat = pos[:, 0] * T + pos[:, 1]  # (N,) index into (B * T)
+    h = hidden.reshape(B * T, H).index_select(0, flat)  # (N, H)
+    targets = input_ids.reshape(-1).index_select(0, flat + 1)  # (N,)
+    n = chunk_tokens or max(1, LOGPROB_CHUNK_LOGITS // head["weight"].shape[0])
+    checkpoint = torch.is_grad_enabled() and (h.requires_grad or head["weight"].requires_grad)
+    parts = [h.new_zeros(len(warps), 0, dtype=torch.float)]
+    for s in range(0, len(flat), n):
+        args = (h[s : s + n], targets[s : s + n], head, warps)
+        parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False) if checkpoint
+                     else _chunk_logprobs(*args))
+    lps = torch.cat(parts, dim=1)  # (len(warps), N)
+    if lps.requires_grad and last_logits.requires_grad:
+        lps = _ModelOutputInGraph.apply(lps, last_logits)
+    out = lps.new_zeros(len(warps), B * T).index_copy(1, flat + 1, lps)  # each log-prob at its token's position
+    return list(out.view(len(warps), B, T).unbind(0))
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, warp: dict | None = None,
+                   chunk_tokens: int | None = None) -> torch.Tensor:
+    """(model, input_ids, attention_mask) -> (B, T) log-prob of each token given its prefix, 0 at position 0 and at
+    padding; under the sampler's `warp` if given. See `token_logprob_variants`."""
+    return token_logprob_variants(model, input_ids, attention_mask, (warp,), chunk_tokens)[0]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -614,20 +701,25 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: floa
 
 
 @torch.no_grad()
-def score_rows(model, rows: list[dict], pad_token_id: int, batch_size: int, warp: dict | None = None) -> None:
+def score_rows(model, rows: list[dict], pad_token_id: int, warp: dict | None = None,
+               max_tokens: int = SCORE_MAX_TOKENS) -> None:
     """Adds `logps` (the model's per-response-token log-probs) to each row, and with `warp` also `sampler_logps`
-    (the log-probs under the sampler's temperature/top-k/top-p). One forward pass, model in eval mode."""
+    (the log-probs under the sampler's temperature/top-k/top-p), from one forward pass per micro-batch, model in eval
+    mode. Micro-batches take rows longest first, as many as keep rows x longest length within `max_tokens` (one row
+    at least), so that the padding stays short and memory is bounded whatever the number of rows."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
+    order = sorted(rows, key=lambda r: len(r["prompt_ids"]) + len(r["response_ids"]), reverse=True)
+    s = 0
+    while s < len(order):
+        chunk = order[s : s + max(1, max_tokens // (len(order[s]["prompt_ids"]) + len(order[s]["response_ids"])))]
+        s += len(chunk)
         batch = collate(chunk, pad_token_id)
         ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
         variants = {"logps": None, "sampler_logps": warp} if warp else {"logps": None}
-        for name, w in variants.items():
-            lp = logprobs_from_logits(logits, ids, warp=w).cpu()
+        for name, lp in zip(variants, token_logprob_variants(model, ids, attn, tuple(variants.values()))):
+            lp = lp.cpu()
             for i, r in enumerate(chunk):
                 p = len(r["prompt_ids"])
                 r[name] = lp[i, p : p + len(r["response_ids"])].tolist()
@@ -723,7 +815,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
         for c in todo:
             rows = rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
                                  args.max_new_tokens, args.seed * 1_000_003 + c)
-            score_rows(policy, rows, tokenizer.pad_token_id, args.gen_batch_size, warp=sampling)
+            score_rows(policy, rows, tokenizer.pad_token_id, warp=sampling)
             for r in rows:
                 r["ref_logps"] = r.pop("logps")
             _write_jsonl_atomic(os.path.join(root, f"chunk-{c:05d}.jsonl"), rows)

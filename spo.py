@@ -247,7 +247,7 @@ def online_rollouts(rollout_policy, ref_model, tokenizer, rows: list[dict], args
     fresh = rollout_chunk(rollout_policy, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
                           args.task, range(len(rows)), 1, sampling, args.max_new_tokens, seed)
     with reference_mode(ref_model):  # a LoRA policy with its adapters off, or the frozen reference copy
-        score_rows(ref_model, fresh, tokenizer.pad_token_id, args.gen_batch_size)
+        score_rows(ref_model, fresh, tokenizer.pad_token_id)
     for f, r in zip(fresh, rows):
         f.update(ref_logps=f.pop("logps"), q0=r["q0"], prompt_idx=r["prompt_idx"], online=True, temperature=temperature)
     return fresh

@@ -188,7 +188,7 @@ def _batch_rows(model, tokenizer, n_prompts=4):
                          "response_ids": common.encode_response(tokenizer, text), "truncated": False,
                          "reward": common.grade(text, p["answer"], "arith")})
     assert [r["reward"] for r in rows] == [1.0, 0.0] * n_prompts
-    common.score_rows(model, rows, tokenizer.pad_token_id, batch_size=64)
+    common.score_rows(model, rows, tokenizer.pad_token_id)
     for r in rows:
         r["ref_logps"] = r.pop("logps")
     return rows
