@@ -914,7 +914,7 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
 def content_digest(path: str, memo_path: str | None = None) -> str:
     """sha256 of a file's bytes, or of every file in a folder (relative names and bytes): the identity of an input in
     cache keys, so a data file or model edited in place never reuses samples, log-probs or evaluations of the old one.
-    Each file's hash is remembered by (path, size, mtime, inode), per process and in the JSON file `memo_path` if given,
+    Each file's hash is remembered by (path, size, ctime, inode), per process and in the JSON file `memo_path` if given,
     so a 17 GB model is read once, not at every start."""
     memo = {}
     if memo_path and os.path.exists(memo_path):
@@ -925,7 +925,7 @@ def content_digest(path: str, memo_path: str | None = None) -> str:
     h, changed = hashlib.sha256(), False
     for file in files:
         st = os.stat(file)
-        key = f"{os.path.abspath(file)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        key = f"{os.path.abspath(file)}:{st.st_size}:{st.st_ctime_ns}:{st.st_ino}"  # any write or utime changes ctime
         if key not in memo and key not in _DIGESTS:
             fh = hashlib.sha256()
             with open(file, "rb") as f:
@@ -1105,14 +1105,10 @@ SHARED_RULES = {
 
 
 class ArgumentError(SystemExit):
-    """A bad flag or input file, found before any work: the process exits with the message and status 2."""
+    """A bad flag or input file, found before any work: the process prints "error: ..." and exits with status 1."""
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
-        self.code = 2
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 def validate_args(args, rules: dict | None = None) -> None:
@@ -1498,3 +1494,51 @@ def log_eval(accelerator: Accelerator, results: dict[str, dict], step: int, outp
 
 def throughput(tokens: float, since: float) -> float:
     return tokens / max(time.time() - since, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory plan: bytes per GPU of every step of a run, by arithmetic on the model config
+# ---------------------------------------------------------------------------------------------------------------------
+def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int, gen_batch_size: int,
+                prompt_tokens: int, max_new_tokens: int, online_rows: int = 0) -> dict[str, dict[str, float]]:
+    """Peak bytes on one GPU in each step of `algo` under configs/fsdp.yaml (FSDP2 full shard over `world` GPUs, bf16
+    mixed precision with fp32 master weights, activation checkpointing), by component. `config`: the model's
+    vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
+    tie_word_embeddings. Sequences are `prompt_tokens + max_new_tokens` long; `online_rows`: SPO's fresh rollouts per
+    micro-batch (0: no frozen reference and rollout copies).
+    Steps: "generate" (the offline dataset, evaluations, DQO's process scores and value traces: the policy gathered in
+    bf16 plus the KV cache), "score" (reference log-probs of the offline dataset: SCORE_MAX_TOKENS tokens per forward,
+    the sampler's warp on LOGPROB_CHUNK_LOGITS logits), "train" (one micro-batch forward and backward) and, for SPO,
+    "rollout" (the frozen rollout copy generating `online_rows` sequences). Every step counts the whole training
+    state, allocated or not yet. Not counted: the CUDA context and allocator fragmentation (keep a few GB free)."""
+    V, H, I, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    layer = 2 * H * q + 2 * H * kv + 3 * H * I + 2 * H  # attention, gated MLP, two norms
+    head = 0 if config.get("tie_word_embeddings", True) else V * H
+    params = L * layer + V * H + head + H
+    value_params = params - head + H + 1  # the backbone and a scalar head
+    trained = [params] + ([value_params] if algo in ("dro", "dqo") else [])
+    T, N = prompt_tokens + max_new_tokens, per_device_batch_size * (prompt_tokens + max_new_tokens)
+    N *= 2 if algo == "dpo" else 1  # a micro-batch of pairs: chosen and rejected
+    token_act = 2 * (5 * H + 2 * q + 2 * kv + 3 * I)  # bf16 tensors one layer keeps per token for its backward
+    state = {"sharded weights, grads, Adam (fp32)": sum(16 * p / world for p in trained)}
+    if algo == "kto" or (algo == "spo" and online_rows):
+        state["frozen reference (bf16)"] = 2 * params
+    if algo == "spo" and online_rows:
+        state["frozen rollout policy (bf16)"] = 2 * params
+    kv_cache = 2 * L * kv * 2  # K and V of every layer, per token
+    gen = lambda n, gathered: {  # noqa: E731
+        **state, **({"policy gathered (bf16)": 2 * params} if gathered else {}),
+        "KV cache": n * T * kv_cache, "prefill activations": n * prompt_tokens * token_act,
+        "sampling logits (bf16 + fp32 warps)": n * V * 10}
+    plan = {"generate": gen(gen_batch_size, True),
+            "score": {**state, "policy gathered (bf16)": 2 * params, "layer activations": SCORE_MAX_TOKENS * token_act,
+                      "log-prob chunk with the sampler's warp (fp32 + sort)": LOGPROB_CHUNK_LOGITS * 22},
+            "train": {**state, "gathered layers + their grads (2 prefetched)": 2 * layer * (2 + 4),
+                      "embedding/head unit + its grad": V * H * (2 + 4) * len(trained),
+                      "checkpointed layer inputs": len(trained) * L * N * H * 2,
+                      "one layer recomputed, forward + backward": 2 * N * token_act,
+                      "log-prob chunk, forward + backward (fp32)": LOGPROB_CHUNK_LOGITS * 10}}
+    if algo == "spo" and online_rows:
+        plan["rollout"] = gen(online_rows, False)
+    return plan

@@ -162,7 +162,8 @@ def test_generation_stops_where_the_turn_ends(family, closing):
     # final-norm logit s = 1/sqrt(1/H + eps) against 0 for the V - 1 others: log-prob -log(1 + (V - 1) e^-s).
     V, H, eps = model.config.vocab_size, model.config.hidden_size, model.config.rms_norm_eps
     expected = -math.log1p((V - 1) * math.exp(-1 / math.sqrt(1 / H + eps)))
-    common.score_rows(model, rows, tok.pad_token_id, batch_size=2)
+    longest = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows)
+    common.score_rows(model, rows, tok.pad_token_id, max_tokens=2 * longest)  # micro-batches of 2 rows
     for r in rows:
         assert r["logps"] == pytest.approx([expected] * len(r["response_ids"]), rel=1e-4)
 

@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -443,20 +444,33 @@ def test_reference_mode_runs_the_model_in_eval_mode_and_restores_it():
     assert not model.training
 
 
-def test_model_key_follows_the_model_not_the_path(tiny_model, tmp_path, monkeypatch):
+def test_cache_keys_follow_the_contents_not_the_path(tiny_model, tmp_path, monkeypatch):
     model, tok = tiny_model
     # the tiny model: the same key from a relative or an absolute cache dir
     monkeypatch.chdir(tmp_path)
     assert common.model_key(_model_args("tiny", ".cache")) == common.model_key(_model_args("tiny", str(tmp_path / ".cache")))
-    # a local folder: the same key by a relative or an absolute path, a new key once a model is saved there again
+    # a local folder: the same key by a relative or an absolute path, and for a copy elsewhere; a new key once a
+    # different model is saved into the same folder, even with the same sizes and times
     path = tmp_path / "ckpt"
     model.save_pretrained(path)
     key = common.model_key(_model_args("ckpt"))
-    assert key == common.model_key(_model_args(str(path))) and key.startswith(str(path))
+    assert key == common.model_key(_model_args(str(path)))
+    shutil.copytree(path, tmp_path / "copy")
+    assert common.model_key(_model_args(str(tmp_path / "copy"))) == key
     weights = path / "model.safetensors"
-    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))  # re-saved: a newer file
+    stat, data = weights.stat(), bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert common.model_key(_model_args(str(path))) != key
     assert common.model_key(_model_args("google/gemma-1.1-7b-it")) == "google/gemma-1.1-7b-it"  # a hub id
+    # a data file edited in place: a new key for its split
+    data_file = tmp_path / "test.jsonl"
+    data_file.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    args = SimpleNamespace(cache_dir=str(tmp_path / ".cache"), train_file=None, test_file=str(data_file))
+    before = common.data_key(args, "test")
+    data_file.write_text(json.dumps({"question": "q", "answer": "#### 2"}) + "\n")
+    assert common.data_key(args, "test") != before and common.data_key(args, "train") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -547,12 +561,6 @@ def test_bad_jsonl_rows_name_row_and_field(tmp_path):
         common.load_task("gsm8k", "test", str(tmp_path / "missing.jsonl"))
     path = _write_jsonl(tmp_path / "g.jsonl", [{"problem": "P", "solution": r"so \boxed{\frac{1}{2}}"}])
     assert common.load_task("math", "test", path)[0]["answer"] == r"\frac{1}{2}"  # answer taken from the solution
-
-
-def test_unknown_task_in_script_args():
-    args = SimpleNamespace(model="tiny", task="nope", max_new_tokens=None, output_dir="x", lr=None)
-    with pytest.raises(ValueError, match="--task 'nope'"):
-        common.resolve_defaults(args, {"lr": 1.0}, {"lr": 2.0})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
