@@ -1511,16 +1511,16 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
     the sampler's warp on LOGPROB_CHUNK_LOGITS logits), "train" (one micro-batch forward and backward) and, for SPO,
     "rollout" (the frozen rollout copy generating `online_rows` sequences). Every step counts the whole training
     state, allocated or not yet. Not counted: the CUDA context and allocator fragmentation (keep a few GB free)."""
-    V, H, I, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
+    V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
-    layer = 2 * H * q + 2 * H * kv + 3 * H * I + 2 * H  # attention, gated MLP, two norms
+    layer = 2 * H * q + 2 * H * kv + 3 * H * F + 2 * H  # attention, gated MLP, two norms
     head = 0 if config.get("tie_word_embeddings", True) else V * H
     params = L * layer + V * H + head + H
     value_params = params - head + H + 1  # the backbone and a scalar head
     trained = [params] + ([value_params] if algo in ("dro", "dqo") else [])
     T, N = prompt_tokens + max_new_tokens, per_device_batch_size * (prompt_tokens + max_new_tokens)
     N *= 2 if algo == "dpo" else 1  # a micro-batch of pairs: chosen and rejected
-    token_act = 2 * (5 * H + 2 * q + 2 * kv + 3 * I)  # bf16 tensors one layer keeps per token for its backward
+    token_act = 2 * (5 * H + 2 * q + 2 * kv + 3 * F)  # bf16 tensors one layer keeps per token for its backward
     state = {"sharded weights, grads, Adam (fp32)": sum(16 * p / world for p in trained)}
     if algo == "kto" or (algo == "spo" and online_rows):
         state["frozen reference (bf16)"] = 2 * params
