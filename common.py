@@ -1055,10 +1055,10 @@ def arg(default, help: str):
 TASK_MAX_NEW_TOKENS = {"arith": 64, "gsm8k": 512, "math": 1024, "aime24": 2048}
 # Defaults every algorithm shares: the embedded experiment's, and the paper's (any --model but tiny)
 RUN_DEFAULTS = {
-    "tiny": dict(task="arith", n_samples=8, gen_batch_size=256, eval_seeds=1),
-    # DQO paper: GSM8K; 20 samples per prompt (Table 8: 150000 = 7500 x 20); sampled accuracy over 5 seeds (§5).
-    # gen_batch_size: sequences per generate call that fit an 80 GB GPU at 7B (memory_plan; not a paper value)
-    "paper": dict(task="gsm8k", n_samples=20, gen_batch_size=64, eval_seeds=5),
+    "tiny": dict(task="arith", n_samples=8, gen_batch_size=256, eval_seeds=1, max_steps=0),
+    # the DQO paper: GSM8K; 20 samples per prompt (Table 8: 150000 = 7500 x 20); sampled accuracy as mean ± std over 5
+    # seeds. The generation batch is each algorithm's (PAPER): what fits an 80 GB GPU at 7B
+    "paper": dict(task="gsm8k", n_samples=20, eval_seeds=5, max_steps=0),
 }
 
 
@@ -1499,6 +1499,20 @@ def throughput(tokens: float, since: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory plan: bytes per GPU of every step of a run, by arithmetic on the model config
 # ---------------------------------------------------------------------------------------------------------------------
+def param_count(config: dict) -> tuple[int, int]:
+    """(parameters of the causal LM, parameters of one decoder layer) of a Llama/Gemma-style config: attention without
+    biases, a gated MLP, RMS norms, an output head unless it is tied to the embedding."""
+    V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    layer = 2 * H * q + 2 * H * kv + 3 * H * F + 2 * H  # q and o, k and v, gate/up/down, two norms
+    return L * layer + V * H * (1 if config.get("tie_word_embeddings", True) else 2) + H, layer
+
+
+def kv_bytes_per_token(config: dict, bytes_per_value: int = 2) -> int:
+    """KV-cache bytes per token: K and V of every layer, in bf16 by default."""
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * bytes_per_value
+
+
 def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int, gen_batch_size: int,
                 prompt_tokens: int, max_new_tokens: int, online_rows: int = 0) -> dict[str, dict[str, float]]:
     """Peak bytes on one GPU in each step of `algo` under configs/fsdp.yaml (FSDP2 full shard over `world` GPUs, bf16
@@ -1513,9 +1527,8 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
     state, allocated or not yet. Not counted: the CUDA context and allocator fragmentation (keep a few GB free)."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
-    layer = 2 * H * q + 2 * H * kv + 3 * H * F + 2 * H  # attention, gated MLP, two norms
+    params, layer = param_count(config)
     head = 0 if config.get("tie_word_embeddings", True) else V * H
-    params = L * layer + V * H + head + H
     value_params = params - head + H + 1  # the backbone and a scalar head
     trained = [params] + ([value_params] if algo in ("dro", "dqo") else [])
     T, N = prompt_tokens + max_new_tokens, per_device_batch_size * (prompt_tokens + max_new_tokens)
@@ -1526,7 +1539,7 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
         state["frozen reference (bf16)"] = 2 * params
     if algo == "spo" and online_rows:
         state["frozen rollout policy (bf16)"] = 2 * params
-    kv_cache = 2 * L * kv * 2  # K and V of every layer, per token
+    kv_cache = kv_bytes_per_token(config)
     gen = lambda n, gathered: {  # noqa: E731
         **state, **({"policy gathered (bf16)": 2 * params} if gathered else {}),
         "KV cache": n * T * kv_cache, "prefill activations": n * prompt_tokens * token_act,

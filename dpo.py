@@ -7,8 +7,8 @@ with log π(y|x) = Σ_t log π(y_t | x, y_<t), a sequence log-prob.
 
 Launch:
     python dpo.py                                                    # embedded default: arith task, tiny model, CPU
-    python dpo.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
-    accelerate launch --config_file configs/fsdp.yaml dpo.py --model google/gemma-1.1-7b-it --task gsm8k
+    accelerate launch --config_file configs/fsdp.yaml dpo.py --model google/gemma-1.1-7b-it    # the paper's run, 8 GPUs
+    python dpo.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
 
 Deviations from the paper:
     - Pairs follow the DQO paper (Appendix A), not human preferences: for each prompt every correct response is paired
@@ -88,7 +88,7 @@ class Args:
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β (paper: 0.1, also the tiny default)")
     # Algorithm-specific arguments
@@ -96,7 +96,9 @@ class Args:
 
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-6, per_device_batch_size=32, beta=0.1)
-PAPER = dict(epochs=1, lr=5e-8, per_device_batch_size=8, beta=0.1)  # DQO App. A (Gemma): 1 epoch, batch 64 = 8 x 8 GPUs
+# PAPER: the DQO paper's DPO baseline (App. A, Gemma): 1 epoch, lr 5e-8, β 0.1, 64 pairs a step. Micro-batch and
+# generation batch: what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
+PAPER = dict(epochs=1, lr=5e-8, global_batch_size=64, per_device_batch_size=4, gen_batch_size=64, beta=0.1)
 
 CHECKS = dict(max_pairs_per_prompt=at_least(1))
 

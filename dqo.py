@@ -14,8 +14,8 @@ With one token (H = 1) and μ = π_θ this is exactly DRO's squared residual (th
 
 Launch:
     python dqo.py                                                    # embedded default: arith task, tiny model, CPU
-    python dqo.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
-    accelerate launch --config_file configs/fsdp.yaml dqo.py --model google/gemma-1.1-7b-it --task gsm8k --grad_accum 4
+    accelerate launch --config_file configs/fsdp.yaml dqo.py --model google/gemma-1.1-7b-it    # the paper's run, 8 GPUs
+    python dqo.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
     python dqo.py --process_rewards                                  # + process scores from prefix completions (§5.5)
     python dqo.py --show_values runs/dqo                             # value trace of a trained run (paper Table 4)
 
@@ -28,7 +28,6 @@ Deviations from the paper:
     - Process scores (--process_rewards) estimate the longest correct prefix by sampling --ps_samples completions
       from the reference, backwards from the longest proper prefix, and stop at the first prefix with a correct
       completion (so a later lucky completion cannot credit an earlier wrong segment).
-    - The global batch of 256 is per_device_batch_size 8 x 8 GPUs x --grad_accum 4; set --grad_accum for your setup.
     - The embedded default (TINY) uses β = 0.3: with the paper's β = 0.03 the fixed point asks for β Δ = advantage, i.e.
       |Δ| ≈ 17 nats per token, and at a tiny model's learning rate the policy drifts so far from μ on the data
       (Σ_h (ℓ_h − μ_h) ≈ −30 after 100 steps) that the importance weights, and with them both losses, vanish. It
@@ -117,7 +116,7 @@ class Args:
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β (paper: 0.03)")
     # Algorithm-specific arguments
@@ -134,7 +133,12 @@ class Args:
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, value_lr=1e-3, per_device_batch_size=32, beta=0.3,
             lam=1.0)  # β = 0.03 with lr ≥ 2e-4 drives Σ(ℓ − μ) to −30 within 100 steps: the IS weights vanish, training stalls
-PAPER = dict(epochs=5, lr=1e-7, value_lr=1e-6, per_device_batch_size=8, beta=0.03, lam=1.0)  # Gemma; Qwen: --lr 5e-7
+# PAPER (App. A, Gemma): β 0.03, policy lr 1e-7 (Qwen: 5e-7), λ 1, global batch 256, up to 5 epochs with the best
+# checkpoint reported (Gemma: the end of epoch 2; every epoch's model is saved and evaluated). The value lr is only
+# swept over {5e-6, 1e-6}: no single paper value; 1e-6 here. Micro-batch and generation batch: what fits an 80 GB GPU
+# at 7B with the value model (benchmarks/memory_plan.py), not paper values.
+PAPER = dict(epochs=5, lr=1e-7, value_lr=1e-6, global_batch_size=256, per_device_batch_size=8, gen_batch_size=32,
+             beta=0.03, lam=1.0)
 
 CHECKS = dict(value_lr=positive(), lam=between(0, 1), is_clip=(lambda v: v == 0 or v >= 1, "0 (no weights) or ≥ 1"),
               behavior=one_of("ref", "sampler"), ps_samples=at_least(1))

@@ -8,8 +8,8 @@ log π(y|x) = Σ_t log π(y_t | x, y_<t) and a separate value network V_φ(x) (t
 
 Launch:
     python dro.py                                                    # embedded default: arith task, tiny model, CPU
-    python dro.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
-    accelerate launch --config_file configs/fsdp.yaml dro.py --model google/gemma-1.1-7b-it --task gsm8k
+    accelerate launch --config_file configs/fsdp.yaml dro.py --model google/gemma-1.1-7b-it    # the paper's run, 8 GPUs
+    python dro.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
 
 Deviations from the paper:
     - V_φ(x) is a separate copy of the reference's backbone (the causal LM without its LM head) with a zero-initialised
@@ -92,7 +92,7 @@ class Args:
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β (paper: 0.03; tiny default: 0.3)")
     # Algorithm-specific arguments
@@ -100,8 +100,10 @@ class Args:
 
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, per_device_batch_size=64, beta=0.3, value_lr=3e-4)
-# DQO App. A: β 0.03, policy lr 1e-7 (Gemma; 5e-7 for Qwen), value lr 1e-6, global batch 256 = 32 x 8 GPUs
-PAPER = dict(epochs=1, lr=1e-7, per_device_batch_size=32, beta=0.03, value_lr=1e-6)
+# PAPER: the DQO paper's DRO baseline (App. A): β 0.03, policy lr 1e-7 (Gemma; 5e-7 for Qwen), value lr 1e-6, global
+# batch 256, 1 epoch. Micro-batch and generation batch: what fits an 80 GB GPU at 7B with the value model
+# (benchmarks/memory_plan.py), not paper values.
+PAPER = dict(epochs=1, lr=1e-7, global_batch_size=256, per_device_batch_size=8, gen_batch_size=32, beta=0.03, value_lr=1e-6)
 
 CHECKS = dict(value_lr=positive())
 

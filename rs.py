@@ -6,8 +6,8 @@ Objective, over the offline dataset D of reference samples with reward r in {0, 
 
 Launch:
     python rs.py                                                    # embedded default: arith task, tiny model, CPU
-    python rs.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
-    accelerate launch --config_file configs/fsdp.yaml rs.py --model google/gemma-1.1-7b-it --task gsm8k
+    accelerate launch --config_file configs/fsdp.yaml rs.py --model google/gemma-1.1-7b-it    # the paper's run, 8 GPUs
+    python rs.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
 
 Deviations from the paper:
     - The loss is a token mean over the global batch (all processes), not a per-sequence mean: longer correct
@@ -82,7 +82,7 @@ class Args:
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β (unused by RS; kept so every file takes the same flags)")
     # Algorithm-specific arguments
@@ -90,7 +90,9 @@ class Args:
 
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=3e-4, per_device_batch_size=32, beta=0.0)
-PAPER = dict(epochs=3, lr=1e-6, per_device_batch_size=8, beta=0.0)  # DQO paper, Appendix A: 3 epochs
+# PAPER: the DQO paper's RS baseline (App. A): 3 epochs, lr 1e-6, global batch 128. Micro-batch and generation batch:
+# what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
+PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, gen_batch_size=64, beta=0.0)
 
 CHECKS = dict(beta=at_least(0), data=one_of("samples", "gold"))  # β is unused by RS
 

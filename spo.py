@@ -12,8 +12,8 @@ prompt's success rate under the reference. The optimum is π_θ ∝ π_0 exp(Q /
 
 Launch:
     python spo.py                                                    # embedded default: arith task, tiny model, CPU
-    python spo.py --model google/gemma-1.1-7b-it --task gsm8k --bf16  # one GPU
-    accelerate launch --config_file configs/fsdp.yaml spo.py --model google/gemma-1.1-7b-it --task gsm8k
+    accelerate launch --config_file configs/fsdp.yaml spo.py --model google/gemma-1.1-7b-it    # the paper's run, 8 GPUs
+    python spo.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
     python spo.py --online_fraction 0                                # purely offline (1: purely online)
 
 Memory: one trainable policy (with gradients and AdamW state). With --online_fraction > 0, two frozen copies more
@@ -117,11 +117,11 @@ class Args:
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β: the soft-RL temperature (paper: 1/ln(100000) ≈ 0.087)")
     # Algorithm-specific arguments
-    loss_type: str = arg("squared", "squared (paper's best), bce, advantage_bce or reverse_q")
+    loss_type: str | None = arg(None, "squared, bce (the paper's headline SPO), advantage_bce or reverse_q (tiny: squared)")
     online_fraction: float = arg(0.5, "share of each batch that is fresh rollouts (0: purely offline, 1: purely online)")
     model_update_interval: int = arg(10, "refresh the rollout policy from the trained one every N optimizer steps")
     rollout_min_temperature: float = arg(0.1, "rollout temperature ~ U(min, max), drawn per generate call (paper: 0.1)")
@@ -134,8 +134,12 @@ class Args:
 # Tiny: β = 0.5 (the paper's 0.087 asks for log-ratio moves of ~11 nats, too far for a 536k model), lr 5e-5, 1 epoch;
 # pass@k on the first 200 test problems (20 samples each on all 1000 would take ~9 minutes per evaluation on 2 cores)
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, warmup_steps=0, per_device_batch_size=32, beta=0.5,
-            pass_eval_problems=200)
-PAPER = dict(epochs=1, lr=6e-8, warmup_steps=200, per_device_batch_size=16, beta=1 / math.log(100_000))  # batch 16 x 8 GPUs
+            pass_eval_problems=200, loss_type="squared")
+# PAPER: 100k steps at batch 128 (the epochs follow), lr 6e-8 with 200 warmup steps, β = 1/ln(100000), and the
+# paper's headline "SPO": the cross-entropy Q-regression (bce). Micro-batch and generation batch: what fits an 80 GB GPU
+# at 7B with the frozen reference and rollout copies (benchmarks/memory_plan.py), not paper values.
+PAPER = dict(max_steps=100_000, lr=6e-8, warmup_steps=200, global_batch_size=128, per_device_batch_size=8,
+             gen_batch_size=8, beta=1 / math.log(100_000), loss_type="bce")
 # The paper's metric: pass@1 and pass@10 from 20 samples at T=0.4, top_p 0.95, before and after training
 PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}
 BCE_MAX_LOGP = -1e-4  # bce: the predicted log P(success) is clipped to at most this, strictly below 0

@@ -1,0 +1,60 @@
+"""The memory plan: every step of every algorithm's paper run fits an 80 GB GPU at gemma-1.1-7b's size on 8 GPUs with
+configs/fsdp.yaml; its arithmetic agrees with real models built tiny from their configs; the README's table is its
+output."""
+
+import os
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+import common
+from benchmarks import memory_plan as plan
+
+
+@pytest.mark.parametrize("algo", plan.ALGOS)
+def test_every_step_of_the_paper_run_fits_80gb(algo):
+    with open(os.path.join(ROOT, "configs", "fsdp.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["num_processes"] == plan.WORLD and cfg["fsdp_config"]["fsdp_version"] == 2
+    steps = plan.paper_plan(algo)
+    assert {"generate", "score", "train"} <= steps.keys() and ("rollout" in steps) == (algo == "spo")
+    for step, parts in steps.items():
+        assert sum(parts.values()) <= plan.BUDGET * plan.GPU_BYTES, (algo, step, {k: v / 1e9 for k, v in parts.items()})
+    # the plan counts what makes a 7B run not fit: the (B, T, V) logits are never built, generation is batched
+    assert plan.paper_plan(algo)["train"]["log-prob chunk, forward + backward (fp32)"] < 1e9
+
+
+def test_the_old_defaults_did_not_fit():
+    """The issue's arithmetic: 256 sequences per generate call hold ~76 GB of KV cache beside the gathered weights."""
+    generate = common.memory_plan(plan.GEMMA_7B, "dqo", 8, 8, 256, 128, 512)["generate"]
+    assert generate["KV cache"] == pytest.approx(256 * 640 * 458_752) and sum(generate.values()) > plan.GPU_BYTES
+
+
+def test_gemma_7b_numbers():
+    params, layer = common.param_count(plan.GEMMA_7B)
+    assert params == 8_537_680_896  # gemma-1.1-7b-it's parameter count (its config on the meta device)
+    assert common.kv_bytes_per_token(plan.GEMMA_7B) == 458_752  # the issue's 458 KB of bf16 KV cache per token
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama"])
+def test_arithmetic_matches_real_models(arch):
+    """Parameters and KV-cache bytes per token of a model built from the config, tied (Gemma) and untied (Llama)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, tie_word_embeddings=arch == "gemma")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **cfg), dtype=torch.bfloat16)
+    params, layer = common.param_count(cfg)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert layer == sum(p.numel() for p in model.model.layers[0].parameters())
+    with torch.no_grad():
+        cache = model(input_ids=torch.zeros(2, 7, dtype=torch.long), use_cache=True).past_key_values
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv == 2 * 7 * common.kv_bytes_per_token(cfg)
+
+
+def test_readme_table_is_the_plans_output():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert plan.table() in f.read(), "README's memory table is stale: paste `python benchmarks/memory_plan.py`"
