@@ -540,7 +540,7 @@ def _write_jsonl(path, rows):
 def test_bad_jsonl_rows_name_row_and_field(tmp_path):
     good = {"question": "Q?", "answer": "x\n#### 5"}
     path = _write_jsonl(tmp_path / "a.jsonl", [good, good, {"answer": "#### 3"}])
-    with pytest.raises(common.DataError, match=r"a\.jsonl: row 3: missing or empty field 'question'"):
+    with pytest.raises(common.DataError, match=r"a\.jsonl: row 3: missing field 'question'"):
         common.load_task("gsm8k", "test", path)
     path = _write_jsonl(tmp_path / "b.jsonl", [good, {"question": "Q?", "answer": "so\n#### five"}])
     with pytest.raises(common.DataError, match=r"row 2: field 'answer'.*'five'.*not a number"):
@@ -552,11 +552,14 @@ def test_bad_jsonl_rows_name_row_and_field(tmp_path):
     with pytest.raises(common.DataError, match=r"row 2: not valid JSON"):
         common.load_task("gsm8k", "test", path)
     path = _write_jsonl(tmp_path / "e.jsonl", [{"problem": "P", "answer": "1"}, {"question": "P", "answer": "2"}])
-    with pytest.raises(common.DataError, match=r"row 2: missing or empty field 'problem'"):
+    with pytest.raises(common.DataError, match=r"row 2: missing field 'problem'"):
         common.load_task("math", "test", path)
     path = _write_jsonl(tmp_path / "f.jsonl", [{"problem": "P", "solution": "no box"}])
-    with pytest.raises(common.DataError, match=r"row 1: missing field 'answer'"):
+    with pytest.raises(common.DataError, match=r"row 1: no answer: field 'answer' is missing or empty"):
         common.load_task("math", "test", path)
+    path = _write_jsonl(tmp_path / "h.jsonl", [{"question": "Q?", "answer": ""}])
+    with pytest.raises(common.DataError, match=r"row 1: field 'answer' is empty"):
+        common.load_task("gsm8k", "test", path)
     with pytest.raises(common.DataError, match="file not found"):
         common.load_task("gsm8k", "test", str(tmp_path / "missing.jsonl"))
     path = _write_jsonl(tmp_path / "g.jsonl", [{"problem": "P", "solution": r"so \boxed{\frac{1}{2}}"}])

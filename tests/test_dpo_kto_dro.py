@@ -293,5 +293,5 @@ def test_dpo_script_without_pairs_says_so(tiny_cache, tmp_path):
 
 
 def test_kto_script_batch_size_one_is_a_clear_error(tiny_cache, tmp_path):
-    with pytest.raises(AssertionError, match="KTO needs --per_device_batch_size >= 2"):
+    with pytest.raises(AssertionError, match="--per_device_batch_size 1: must be ≥ 2: z0 pairs"):
         run_script("kto.py", tiny_cache, str(tmp_path / "kto"), "--per_device_batch_size", "1")

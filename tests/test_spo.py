@@ -216,7 +216,7 @@ def test_online_rollouts(tiny_model):
     problems = common.load_task("arith", "train", limit=3)
     rows = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "answer": p["answer"],
              "prompt_idx": 10 + i, "q0": -0.1 * i} for i, p in enumerate(problems)]
-    args = spo.Args(max_new_tokens=64)
+    args = spo.Args(task="arith", max_new_tokens=64)
     fresh = spo.online_rollouts(model, model, tokenizer, rows, args, seed=3)
     assert len(fresh) == 3
     for f, r, p in zip(fresh, rows, problems):
