@@ -10,78 +10,67 @@ any process rewards, a bar meaning "detached" and μ the behaviour policy (defau
     w   = min(e, Π_h π̄_θ(a_h | s_h) / μ(a_h | s_h))                                  (per trajectory, detached)
     L_V(φ) = E_τ~D [ w Σ_h (Ḡ_h − V_φ(s_h))² ]
     L_π(θ) = E_τ~D [ w Σ_h (β log π_θ/π_ref (a_h | s_h) − (r_h + Ḡ_{h+1} − V̄(s_h)))² ]
-With one token (H = 1) and μ = π_θ this is exactly DRO's squared residual (the paper's Remark 4.2).
+With one token (H = 1) and μ = π_θ this is exactly DRO's squared residual (the paper's Remark 4.2). Process rewards
+(--process_rewards, §5.5, Fig. 4): prefixes of whole segments of a failed response are completed by the reference,
+longest first; the first with a correct completion marks its segments correct, each earning 1/n (n segments), as the
+text says (Fig. 4's "all process reward to one" would give each segment 1, long correct responses outweighing short).
 
 Launch:
     python dqo.py                                                    # embedded default: arith task, tiny model, CPU
     accelerate launch --config_file configs/fsdp.yaml dqo.py --model google/gemma-1.1-7b-it    # the paper's run, 8 GPUs
     python dqo.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
     python dqo.py --process_rewards                                  # + process scores from prefix completions (§5.5)
-    python dqo.py --show_values runs/dqo                             # value trace of a trained run (paper Table 4)
+    python eval.py --value_model runs/dqo/value_model --task arith   # value trace of a trained run (paper Table 4)
 
 Deviations from the paper:
-    - The λ-return is the finite-horizon form of Eq. 3.11 over each response, with V(s_{H+1}) = 0; λ = 1 (the
-      paper's default) is the Monte-Carlo return of the KL-shaped reward.
-    - The value head is a linear layer on the last hidden state, initialised to zero (V ≡ 0 at the start), so the
-      first steps do not chase a random initial value; the paper does not say how its head is initialised.
+    - The λ-return is the normalised finite-horizon one (n-step returns weighted (1 − λ) λ^(n−1), the leftover λ^(H−h)
+      on the Monte-Carlo return); Eq. 3.11 taken literally has weights summing to 1 − λ^(H−h). λ = 1 is the MC return.
+    - V_φ's head (common.ValueModel) is initialised to zero, V ≡ 0 at the start; the paper does not say how.
     - Responses cut off at --max_new_tokens are kept, with reward 0, and treated as terminal.
-    - Process scores (--process_rewards) estimate the longest correct prefix by sampling --ps_samples completions
-      from the reference, backwards from the longest proper prefix, and stop at the first prefix with a correct
-      completion (so a later lucky completion cannot credit an earlier wrong segment).
-    - The embedded default (TINY) uses β = 0.3: with the paper's β = 0.03 the fixed point asks for β Δ = advantage, i.e.
-      |Δ| ≈ 17 nats per token, and at a tiny model's learning rate the policy drifts so far from μ on the data
-      (Σ_h (ℓ_h − μ_h) ≈ −30 after 100 steps) that the importance weights, and with them both losses, vanish. It
-      trains one epoch (250 steps): a second one lowered greedy accuracy again (0.182 after one, 0.171 after two), and
-      λ = 0.9 did no better (0.169 at step 125). `python dqo.py`: 3 min on 2 idle cores with the reference cached.
+    - log π_ref is the per-token reference log-prob stored with the offline dataset when it was sampled, so no
+      reference model is kept in memory.
+    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+      than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
-import html
-import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from common import (
-    EVAL_SAMPLING,
+    ValueModel,
     arg,
     at_least,
     between,
     build_offline_dataset,
-    cache_key,
+    build_process_scores,
     collate,
-    encode_prompt,
     evaluate_reference,
     evaluate_run,
-    first_wrong_step,
-    generate_batch,
-    grade,
+    format_value_traces,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
     load_task,
     log_eval,
     log_metrics,
-    model_key,
     one_of,
     plan_steps,
     positive,
     resolve_defaults,
-    rollout,
     save_checkpoint,
     save_model,
     setup_accelerator,
     throughput,
     token_logprobs,
+    token_rewards,
     validate_args,
-    value_backbone,
-    write_json_atomic,
+    value_traces,
 )
 
 
@@ -105,7 +94,7 @@ class Args:
     gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant (default 0; SPO paper: 200)")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
@@ -120,25 +109,20 @@ class Args:
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β (paper: 0.03)")
     # Algorithm-specific arguments
-    value_lr: float | None = arg(None, "value-network learning rate (paper: 1e-6; it sweeps 5e-6 and 1e-6)")
-    lam: float | None = arg(None, "λ of the λ-return (paper: 1.0, the Monte-Carlo return; Table 5 ablates it)")
+    value_lr: float | None = arg(None, "value-network learning rate (the paper sweeps 5e-6 and 1e-6)")
+    lam: float = arg(1.0, "λ of the λ-return (paper: 1.0, the Monte-Carlo return; Table 5 ablates it)")
     is_clip: float = arg(math.e, "importance weight min(is_clip, π/μ) per trajectory (paper: e); 0: no weights")
     no_is_policy: bool = arg(False, "drop the importance weight from the policy loss (paper Table 6)")
     no_is_value: bool = arg(False, "drop the importance weight from the value loss (paper Table 6)")
     behavior: str = arg("ref", "behaviour policy μ: ref (the stored reference log-probs, paper) or sampler (warped)")
     process_rewards: bool = arg(False, "add process rewards from prefix completions by the reference (paper §5.5)")
     ps_samples: int = arg(20, "completions sampled per prefix for the process scores")
-    show_values: str | None = arg(None, "print the value trace of a trained run's output_dir (model/, value_model/)")
 
 
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, value_lr=1e-3, per_device_batch_size=32, beta=0.3,
-            lam=1.0)  # β = 0.03 with lr ≥ 2e-4 drives Σ(ℓ − μ) to −30 within 100 steps: the IS weights vanish, training stalls
-# PAPER (App. A, Gemma): β 0.03, policy lr 1e-7 (Qwen: 5e-7), λ 1, global batch 256, up to 5 epochs with the best
-# checkpoint reported (Gemma: the end of epoch 2; every epoch's model is saved and evaluated). The value lr is only
-# swept over {5e-6, 1e-6}: no single paper value; 1e-6 here. Micro-batch and generation batch: what fits an 80 GB GPU
-# at 7B with the value model (benchmarks/memory_plan.py), not paper values.
-PAPER = dict(epochs=5, lr=1e-7, value_lr=1e-6, global_batch_size=256, per_device_batch_size=8, gen_batch_size=32,
-             beta=0.03, lam=1.0)
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, value_lr=1e-3, per_device_batch_size=32, beta=0.3)
+# PAPER (App. A, Gemma): β 0.03, lr 1e-7 (Qwen: 5e-7), λ 1, batch 256, 5 epochs (the best reported: Gemma's 2nd); value lr
+# only swept ({5e-6, 1e-6}): 1e-6. Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper values.
+PAPER = dict(epochs=5, lr=1e-7, value_lr=1e-6, global_batch_size=256, per_device_batch_size=8, gen_batch_size=32, beta=0.03)
 
 CHECKS = dict(value_lr=positive(), lam=between(0, 1), is_clip=(lambda v: v == 0 or v >= 1, "0 (no weights) or ≥ 1"),
               behavior=one_of("ref", "sampler"), ps_samples=at_least(1))
@@ -146,10 +130,9 @@ CHECKS = dict(value_lr=positive(), lam=between(0, 1), is_clip=(lambda v: v == 0 
 
 # ALGO LOGIC: loss
 def lambda_returns(delta: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """λ-returns by a reverse scan over positions (vectorised over the batch):
-
+    """The normalised finite-horizon λ-return, by a reverse scan over positions (vectorised over the batch):
         G_h = δ_h + (1 − λ) V_{h+1} + λ G_{h+1},    G_{H+1} = V_{H+1} = 0 (past each row's last response token)
-
+    = Σ_n (1 − λ) λ^(n−1) G_h^(n) + λ^(H−h) G_h^MC, with n-step returns G_h^(n) = δ_h + ... + δ_{h+n−1} + V_{h+n}.
     delta, values, mask: (B, T), mask 1 on one contiguous run of response tokens per row. Returns G: (B, T), 0 off
     the mask. With λ = 1, G is the reverse cumulative sum of δ over the response."""
     next_g = next_v = delta.new_zeros(delta.shape[0])  # (B,)
@@ -166,18 +149,15 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
              is_policy: bool = True, is_value: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """DQO's policy and value losses (both to minimise). A bar means detached; ℓ = policy_logps, ℓ_ref = ref_logps,
     μ = behavior_logps, V = values, r = rewards:
-
         δ_h = r_h − β (ℓ̄_h − ℓ_ref,h),    G_h = δ_h + (1 − λ) V̄_{h+1} + λ G_{h+1},   G_{H+1} = V̄_{H+1} = 0
         w   = exp(min(log is_clip, Σ_h (ℓ̄_h − μ_h)))           (per trajectory; w = 1 if is_clip is None)
         value_loss  = mean_τ [ w · Σ_h (Ḡ_h − V_h)² ]                              (gradient only into V)
         policy_loss = mean_τ [ w · Σ_h (β (ℓ_h − ℓ_ref,h) − (r_h + Ḡ_{h+1} − V̄_h))² ]   (gradient only into ℓ)
-
-    All tensors (B, T), aligned to sequence positions: position t holds log p(x_t | x_<t), V(s_t) of the state
-    before token t, and r_t the reward for token t (outcome reward on the last response token, plus process rewards).
-    mask: 1 on one contiguous run of response tokens per row. `is_policy` / `is_value` False drop w from that loss
-    (the paper's Table 6 ablation). Returns (policy_loss, value_loss, metrics). With λ = 1 the two residuals are the
-    same number with opposite signs (Ḡ_h − V_h = −(β Δ_h − (r_h + Ḡ_{h+1} − V_h)), as G_h = δ_h + G_{h+1}), so the two
-    losses are equal in value whenever both or neither carry w; they differ only in where the gradient goes."""
+    All tensors (B, T), aligned to sequence positions: position t holds log p(x_t | x_<t), V(s_t) of the state before
+    token t, and r_t the reward for token t (the outcome on the last response token, plus process rewards). mask: 1 on
+    one contiguous run of response tokens per row. `is_policy` / `is_value` False drop w from that loss (Table 6).
+    With λ = 1 the two residuals are the same number with opposite signs (G_h = δ_h + G_{h+1}), so the losses are equal
+    in value whenever both or neither carry w; they differ in where the gradient goes. Returns (policy, value, metrics)."""
     mask = mask.to(policy_logps.dtype)
     log_ratio = (policy_logps - ref_logps) * mask  # (B, T)
     delta = (rewards - beta * log_ratio.detach()) * mask  # (B, T) KL-shaped reward
@@ -185,287 +165,24 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
     G = lambda_returns(delta, v_bar, mask, lam)  # (B, T), detached: built from detached inputs only
     G_next = torch.cat([G[:, 1:], G.new_zeros(G.shape[0], 1)], dim=1)  # (B, T) G_{h+1}, 0 after the last token
     ones = policy_logps.new_ones(policy_logps.shape[0])  # (B,)
-    if is_clip is None:
-        log_w = w = ones
-    else:
-        log_w = ((policy_logps.detach() - behavior_logps) * mask).sum(1).clamp(max=math.log(is_clip))  # (B,)
-        w = log_w.exp()  # (B,)
+    log_w = ((policy_logps.detach() - behavior_logps) * mask).sum(1).clamp(max=math.log(is_clip or 1))  # (B,)
+    w = log_w.exp() if is_clip else ones  # (B,)
     value_err = ((G - values) ** 2 * mask).sum(1)  # (B,)
     policy_err = ((beta * log_ratio - (rewards + G_next - v_bar)) ** 2 * mask).sum(1)  # (B,)
     value_loss = ((w if is_value else ones) * value_err).mean()
     policy_loss = ((w if is_policy else ones) * policy_err).mean()
     first = mask.argmax(1, keepdim=True)  # (B, 1) first response position
-    metrics = {"losses/policy": policy_loss.item(), "losses/value": value_loss.item(),
+    metrics = {"losses/policy": policy_loss.item(), "losses/value": value_loss.item(), "charts/is_weight": w.mean().item(),
                "rewards/return": (rewards * mask).sum(1).mean().item(), "rewards/kl": log_ratio.detach().sum(1).mean().item(),
-               "charts/is_weight": w.mean().item(),
-               "charts/is_clipped": 0.0 if is_clip is None else (log_w >= math.log(is_clip)).float().mean().item(),
+               "charts/is_clipped": (log_w >= math.log(is_clip)).float().mean().item() if is_clip else 0.0,
                "charts/value_first": v_bar.gather(1, first).mean().item(), "charts/G_first": G.gather(1, first).mean().item()}
     return policy_loss, value_loss, metrics
-
-
-class ValueModel(nn.Module):
-    """V_φ: a copy of the base causal LM's backbone (its LM head dropped) and a scalar head, read at every position so
-    that it aligns with `token_logprobs`: values[:, t] = V(s_t), the state before token t, is the head on the hidden
-    state at t − 1 (0 at t = 0). The head starts at zero, so V ≡ 0 before training. `save_pretrained` lets
-    common.save_model save it: the backbone as a transformers model, the head as value_head.pt beside it. With
-    `lora_r`, the backbone's weights are frozen and it trains LoRA adapters of its own: a LoRA of the same base, not a
-    full trainable copy."""
-
-    def __init__(self, causal_lm, lora_r: int = 0):
-        super().__init__()
-        self.backbone = value_backbone(causal_lm, lora_r)  # e.g. LlamaModel: loadable on its own with AutoModel
-        self.head = nn.Linear(causal_lm.config.get_text_config().hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        v = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T): V of the state after token t
-        return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)  # (B, T): V of the state before token t
-
-    def save_pretrained(self, path: str, state_dict: dict | None = None, safe_serialization: bool = True) -> None:
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        self.backbone.save_pretrained(path, state_dict={k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")},
-                                      safe_serialization=safe_serialization)
-        torch.save({k[5:]: v for k, v in state_dict.items() if k.startswith("head.")}, os.path.join(path, "value_head.pt"))
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32) -> "ValueModel":
-        from transformers import AutoModel
-
-        model = cls(AutoModel.from_pretrained(path, dtype=dtype))
-        model.head.load_state_dict(torch.load(os.path.join(path, "value_head.pt"), map_location="cpu"))
-        return model
-
-
-# Segments and process scores (paper §5.5)
-SEGMENT_SEP = re.compile(r"\n\s*\n")
-PS_CHUNK = 64  # responses per cached process-score chunk
-
-
-def segment_ends(tokenizer, response_ids: list[int]) -> list[int]:
-    """Exclusive token ends of a response's segments, split at blank lines. The segments partition the response: each
-    keeps its trailing blank line, and the last one ends at the last token (EOS included). Token boundaries come from
-    decoding prefixes (a binary search per cut), so any tokenizer works."""
-    def n_chars(k):
-        return len(tokenizer.decode(response_ids[:k], skip_special_tokens=True))
-
-    text = tokenizer.decode(response_ids, skip_special_tokens=True)
-    ends, start = [], 0
-    for m in SEGMENT_SEP.finditer(text):
-        if not text[start : m.start()].strip() or not text[m.end() :].strip():
-            continue  # blank lines at the start or the end do not open a new segment
-        start = m.end()
-        lo, hi = 1, len(response_ids)
-        while lo < hi:  # the first token that reaches past the blank line
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if n_chars(mid) >= start else (mid + 1, hi)
-        if lo < len(response_ids) and (not ends or lo > ends[-1]):
-            ends.append(lo)
-    return ends + [len(response_ids)]
-
-
-def score_segments(policy, tokenizer, rows: list[dict], task: str, ps_samples: int, sampling: dict, max_new_tokens: int,
-                   gen_batch_size: int, seed: int) -> list[dict]:
-    """Per response, its segment ends and the number of leading segments judged correct. Correct responses: all n.
-    Failed ones: for k = n − 1, n − 2, ..., 1, sample `ps_samples` completions of the prompt plus the first k segments
-    from `policy`; the first (longest) prefix with at least one correct completion marks its k segments correct.
-    All still-undecided responses of `rows` go through one prefix length per round, in batches of `gen_batch_size`."""
-    ends = [segment_ends(tokenizer, r["response_ids"]) for r in rows]
-    correct = [len(e) if r["reward"] == 1.0 else 0 for r, e in zip(rows, ends)]
-    k = [len(e) - 1 for e in ends]  # candidate prefix length, in segments
-    pending = [i for i, r in enumerate(rows) if r["reward"] != 1.0 and k[i] >= 1]
-    for rnd in range(max(k, default=0)):
-        if not pending:
-            break
-        torch.manual_seed(seed * 1_009 + rnd)
-        prefixes = [rows[i]["response_ids"][: ends[i][k[i] - 1]] for i in pending]
-        flat = [j for j in range(len(pending)) for _ in range(ps_samples)]
-        hit = [False] * len(pending)
-        for s in range(0, len(flat), gen_batch_size):
-            idx = flat[s : s + gen_batch_size]
-            budget = max(1, max_new_tokens - min(len(prefixes[j]) for j in idx))
-            outs = generate_batch(policy, tokenizer, [rows[pending[j]]["prompt_ids"] + prefixes[j] for j in idx],
-                                  max_new_tokens=budget, **sampling)
-            for j, o in zip(idx, outs):
-                if not hit[j]:
-                    text = tokenizer.decode(prefixes[j] + o["response_ids"], skip_special_tokens=True)
-                    hit[j] = grade(text, rows[pending[j]]["answer"], task) == 1.0
-        for j, i in enumerate(pending):
-            correct[i] = k[i] if hit[j] else 0
-            k[i] -= 0 if hit[j] else 1
-        pending = [i for j, i in enumerate(pending) if not hit[j] and k[i] >= 1]
-    return [{"segment_ends": e, "correct_segments": c} for e, c in zip(ends, correct)]
-
-
-def build_process_scores(accelerator, policy, tokenizer, rows: list[dict], args) -> list[dict]:
-    """`score_segments` for every offline row, cached under `cache_dir/process_scores/<key>/`, keyed by the offline
-    rows themselves and the sampling parameters. Chunks of PS_CHUNK rows are written atomically when done (an
-    interrupted build resumes) and shared round-robin across processes (accelerator None: one process)."""
-    key = dict(model=model_key(args), task=args.task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
-               ps_samples=args.ps_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-               max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=PS_CHUNK, gen_batch_size=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "process_scores", cache_key(key))
-    os.makedirs(root, exist_ok=True)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    chunks = [range(s, min(s + PS_CHUNK, len(rows))) for s in range(0, len(rows), PS_CHUNK)]
-    mine = range(rank, len(chunks), world)
-    todo = [c for c in mine if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.json"))]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="process scores", disable=rank != 0)
-    for c in todo:
-        scores = score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], args.task, args.ps_samples, sampling,
-                                args.max_new_tokens, args.gen_batch_size, args.seed * 1_000_003 + c)
-        write_json_atomic(os.path.join(root, f"chunk-{c:05d}.json"), scores)
-        bar.update(1)
-    bar.close()
-    if accelerator:
-        accelerator.wait_for_everyone()
-    scores = []
-    for c in range(len(chunks)):
-        with open(os.path.join(root, f"chunk-{c:05d}.json")) as f:
-            scores += json.load(f)
-    failed = [(r, s) for r, s in zip(rows, scores) if r["reward"] != 1.0]
-    n_ok, n_seg = sum(s["correct_segments"] for _, s in failed), sum(len(s["segment_ends"]) for _, s in failed)
-    msg = (f"process scores: {sum(s['correct_segments'] > 0 for _, s in failed)}/{len(failed)} failed responses have a "
-           f"correct prefix, {n_ok / max(1, n_seg):.3f} of their segments judged correct")
-    if args.task == "arith":  # the verifier knows the first wrong step: segment i is step i, the last one the answer
-        match = [arith_first_wrong(r) == s["correct_segments"] for r, s in failed]
-        msg += f"; the first segment judged wrong is the verifier's first wrong step in {sum(match) / max(1, len(match)):.3f}"
-    if rank == 0:
-        print(f"{msg} ({root})")
-    return scores
-
-
-def arith_first_wrong(row: dict) -> int | None:
-    """Index of the first wrong segment of an arith response (segment i is step i, the last one the `####` answer),
-    by the strict verifier; None if the response is correct."""
-    if row["reward"] == 1.0:
-        return None
-    step = first_wrong_step(row["response"], row["answer"])
-    return len(row["answer"].split(";")) - 1 if step is None else step
-
-
-def token_rewards(n_tokens: int, reward: float, score: dict | None = None) -> list[float]:
-    """Per-token rewards of one response: the outcome reward on its last token, plus 1/n on the last token of each
-    of its correct leading segments (n segments)."""
-    r = [0.0] * n_tokens
-    r[-1] += reward
-    if score:
-        for e in score["segment_ends"][: score["correct_segments"]]:
-            r[e - 1] += 1 / len(score["segment_ends"])
-    return r
-
-
-# Value trace (paper Table 4)
-@torch.no_grad()
-def value_traces(policy, value_model, tokenizer, problems: list[dict], args, accelerator=None, n_correct: int = 1,
-                 n_incorrect: int = 1, n_problems: int = 32, n_per: int = 4) -> dict:
-    """Sample `n_per` responses per problem for the first `n_problems` (the paper's evaluation sampling), split each
-    into segments and read V at each segment end (the state after its last token; for the last segment, before
-    EOS). Returns {"traces": the first `n_correct` correct and `n_incorrect` incorrect ones, "stats": ...}; on arith
-    each segment is marked against the verifier's first wrong step, and stats compares the change of V across
-    correct steps with that across the first wrong step, over all sampled responses."""
-    problems = problems[:n_problems]
-    prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in problems]
-    rows = rollout(policy, tokenizer, prompts, [p["answer"] for p in problems], args.task, n=n_per, seed=args.seed,
-                   max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, accelerator=accelerator,
-                   desc="value trace", **EVAL_SAMPLING)
-    was_training = value_model.training
-    value_model.eval()
-    device = next(value_model.parameters()).device
-    traces = []
-    for s in range(0, len(rows), args.gen_batch_size):
-        chunk = rows[s : s + args.gen_batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id)
-        values = value_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()  # (B, T)
-        for i, r in enumerate(chunk):
-            p, n, ends = len(r["prompt_ids"]), len(r["response_ids"]), segment_ends(tokenizer, r["response_ids"])
-            wrong = arith_first_wrong(r) if args.task == "arith" else None
-            segs, a = [], 0
-            for j, e in enumerate(ends):
-                text = tokenizer.decode(r["response_ids"][a:e], skip_special_tokens=True)
-                status = "" if args.task != "arith" else "ok" if wrong is None or j < wrong else "WRONG" if j == wrong else "-"
-                segs.append({"text": text, "value": values[i, p + min(e, n - 1)].item(), "status": status})
-                a = e
-            traces.append({"question": problems[r["prompt_idx"]]["question"], "reward": r["reward"],
-                           "value_start": values[i, p].item(), "segments": segs, "first_wrong": wrong})
-    value_model.train(was_training)
-    stats = {}
-    if args.task == "arith":
-        dv = {"ok": [], "WRONG": []}
-        for t in traces:
-            prev = t["value_start"]
-            for sg in t["segments"]:
-                dv.setdefault(sg["status"], []).append(sg["value"] - prev)
-                prev = sg["value"]
-        stats = {f"mean dV at {k} segments": sum(v) / len(v) for k, v in dv.items() if v and k in ("ok", "WRONG")}
-    picked = [t for t in traces if t["reward"] == 1.0][:n_correct] + [t for t in traces if t["reward"] != 1.0][:n_incorrect]
-    return {"traces": picked, "stats": stats, "n_responses": len(traces)}
-
-
-def format_value_traces(out: dict) -> str:
-    """Plain text: per response, V at the start and at each segment end, the segment's status, and the segment."""
-    lines = ["value trace: learned V at each segment end (DQO paper, Table 4)"]
-    for t in out["traces"]:
-        lines += ["", f"{'correct' if t['reward'] == 1.0 else 'incorrect'} response to: {t['question']}",
-                  f"  {'V':>7}  {'step':<6} segment", f"  {t['value_start']:>7.3f}  {'':<6} (start)"]
-        lines += [f"  {sg['value']:>7.3f}  {sg['status']:<6} {sg['text'].strip()!r}" for sg in t["segments"]]
-    if out["stats"]:
-        lines += ["", f"over {out['n_responses']} sampled responses: "
-                  + ", ".join(f"{k} {v:+.3f}" for k, v in out["stats"].items())]
-    return "\n".join(lines)
-
-
-def value_trace_html(out: dict) -> str:
-    """A small HTML page: each segment coloured by V at its end on a fixed scale, red at V ≤ 0 (certain failure) to
-    green at V ≥ 1 (certain success with the 1/0 reward), so pages of different runs compare; V is printed after it."""
-    parts = ["<html><head><meta charset='utf-8'><title>DQO value trace</title></head><body style='font-family:sans-serif'>",
-             "<h2>DQO value trace</h2><p>Each segment is coloured by the learned V at its end: red V ≤ 0, green V ≥ 1.</p>"]
-    for t in out["traces"]:
-        spans = []
-        for sg in t["segments"]:
-            x = min(1.0, max(0.0, sg["value"]))
-            colour = f"rgb({int(255 * (1 - x))},{int(200 * x + 55)},110)"
-            note = f" {sg['status']}" if sg["status"] else ""
-            spans.append(f"<span style='background:{colour}'>{html.escape(sg['text'].rstrip())}</span>"
-                         f"<small>  V = {sg['value']:.3f}{note}</small>\n\n")
-        parts.append(f"<h3>{'correct' if t['reward'] == 1.0 else 'incorrect'} (V at start {t['value_start']:.3f})</h3>"
-                     f"<p>{html.escape(t['question'])}</p><pre style='font-size:14px'>{''.join(spans)}</pre>")
-    return "\n".join(parts + ["</body></html>"])
-
-
-def show_values(args, policy=None, value_model=None, tokenizer=None, accelerator=None, n_correct: int = 2,
-                n_incorrect: int = 2) -> str:
-    """Print the value trace of the run in `args.show_values` (its model/ and value_model/), or of the given models,
-    and write value_trace.html beside them. Returns the text."""
-    run_dir = args.show_values or args.output_dir
-    if policy is None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
-        policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "model"), dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "model"))
-        value_model = ValueModel.from_pretrained(os.path.join(run_dir, "value_model"), dtype=dtype).to(device)
-    problems = load_task(args.task, "test", args.test_file, args.n_test)
-    out = value_traces(policy, value_model, tokenizer, problems, args, accelerator, n_correct, n_incorrect)
-    text = format_value_traces(out)
-    if accelerator is None or accelerator.is_main_process:
-        print(text)
-        with open(os.path.join(run_dir, "value_trace.html"), "w") as f:
-            f.write(value_trace_html(out))
-        print(f"wrote {os.path.join(run_dir, 'value_trace.html')}")
-    return text
 
 
 def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     resolve_defaults(args, TINY, PAPER)
     validate_args(args, CHECKS)
-    if args.show_values:
-        show_values(args)
-        return
 
     # setup
     accelerator = setup_accelerator(args, "dqo")
@@ -486,13 +203,9 @@ def main():
     results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
     # ALGO LOGIC: data
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
-    scores = (build_process_scores(accelerator, accelerator.unwrap_model(model), tokenizer, rows, args)
-              if args.process_rewards else [None] * len(rows))
-    examples = [{"prompt_ids": r["prompt_ids"], "response_ids": r["response_ids"], "ref_logps": r["ref_logps"],
-                 "behavior_logps": r[f"{args.behavior}_logps"],
-                 "rewards": token_rewards(len(r["response_ids"]), r["reward"], sc)}
-                for r, sc in zip(rows, scores)]  # all n responses per prompt, correct or not
-    is_clip = args.is_clip if args.is_clip > 0 else None
+    scores = build_process_scores(accelerator, model, tokenizer, rows, args) if args.process_rewards else [None] * len(rows)
+    examples = [dict(r, behavior_logps=r[f"{args.behavior}_logps"], rewards=token_rewards(len(r["response_ids"]),
+                r["reward"], sc)) for r, sc in zip(rows, scores)]  # all n responses per prompt, correct or not
     accelerator.print(f"training on {len(examples)} examples")
     token_fields, seq_fields = ("ref_logps", "behavior_logps", "rewards"), ()
 
@@ -521,9 +234,9 @@ def main():
                 # ALGO LOGIC: loss
                 values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T) V(s_t), aligned with policy_logps
                 loss, value_loss, metrics = dqo_loss(policy_logps, batch["ref_logps"], batch["behavior_logps"], values,
-                                                     batch["rewards"], batch["mask"], args.beta, args.lam, is_clip,
-                                                     is_policy=not args.no_is_policy, is_value=not args.no_is_value)
-                accelerator.backward(loss + value_loss)  # per-trajectory means; each loss reaches only its own network
+                                                     batch["rewards"], batch["mask"], args.beta, args.lam,
+                                                     args.is_clip or None, not args.no_is_policy, not args.no_is_value)
+                accelerator.backward(loss + value_loss)  # each loss reaches only its own network
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                     metrics["charts/value_grad_norm"] = accelerator.clip_grad_norm_(value_model.parameters(),
@@ -560,8 +273,7 @@ def main():
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
-    show_values(args, model, value_model, tokenizer, accelerator,
-                n_correct=1, n_incorrect=1)
+    accelerator.print(format_value_traces(value_traces(model, value_model, tokenizer, test_problems, args, accelerator)))
     accelerator.end_training()
 
 

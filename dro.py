@@ -12,16 +12,12 @@ Launch:
     python dro.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
 
 Deviations from the paper:
-    - V_φ(x) is a separate copy of the reference's backbone (the causal LM without its LM head) with a zero-initialised
-      scalar linear head, read at the last prompt token, with its own optimizer and --value_lr: the DRO paper found a
-      separate value network and per-prompt values work better than sharing the policy's parameters. It is computed
-      once per distinct prompt of a batch and shared by that prompt's responses, and saved to output_dir/value_model
-      (the backbone as save_pretrained, the head as value_head.safetensors).
+    - V_φ(x) is common.ValueModel, DQO's value network (a separate copy of the backbone, as the DRO paper found best),
+      read after the prompt from a forward pass over the whole row (causal attention: the prompt alone decides it).
     - log π_ref is the per-token reference log-prob stored with the offline dataset when it was sampled, so no
       reference model is kept in memory.
-    - The tiny default (TINY) uses a far larger lr, value lr and β than the paper's 7B setting (PAPER): a 536k-parameter
-      model trained for 125 steps needs them to move at all. β 0.3 with 64 rows a step beat β 0.1 with 32 (greedy
-      0.178 after one epoch); lr 1e-4 drifted too far (0.150 at step 125).
+    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+      than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
 import os
@@ -29,25 +25,22 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from common import (
+    ValueModel,
     arg,
     build_offline_dataset,
     collate,
     evaluate_reference,
     evaluate_run,
-    full_state_dict,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
     load_task,
     log_eval,
     log_metrics,
-    merge_lora,
     plan_steps,
     positive,
     resolve_defaults,
@@ -57,7 +50,6 @@ from common import (
     throughput,
     token_logprobs,
     validate_args,
-    value_backbone,
 )
 
 
@@ -81,7 +73,7 @@ class Args:
     gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant (default 0; SPO paper: 200)")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
@@ -94,15 +86,14 @@ class Args:
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
-    beta: float | None = arg(None, "KL coefficient β (paper: 0.03; tiny default: 0.3)")
+    beta: float | None = arg(None, "KL coefficient β (paper: 0.03)")
     # Algorithm-specific arguments
-    value_lr: float | None = arg(None, "value-network learning rate (paper: 1e-6; tiny default: 3e-4)")
+    value_lr: float | None = arg(None, "value-network learning rate (the DQO paper's DRO baseline: 1e-6)")
 
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, per_device_batch_size=64, beta=0.3, value_lr=3e-4)
-# PAPER: the DQO paper's DRO baseline (App. A): β 0.03, policy lr 1e-7 (Gemma; 5e-7 for Qwen), value lr 1e-6, global
-# batch 256, 1 epoch. Micro-batch and generation batch: what fits an 80 GB GPU at 7B with the value model
-# (benchmarks/memory_plan.py), not paper values.
+# PAPER: the DQO paper's DRO baseline (App. A): β 0.03, lr 1e-7 (Qwen: 5e-7), value lr 1e-6, batch 256, 1 epoch.
+# Micro-batch and generation batch: what fits 80 GB at 7B with the value model (memory_plan), not paper values.
 PAPER = dict(epochs=1, lr=1e-7, global_batch_size=256, per_device_batch_size=8, gen_batch_size=32, beta=0.03, value_lr=1e-6)
 
 CHECKS = dict(value_lr=positive())
@@ -112,10 +103,8 @@ CHECKS = dict(value_lr=positive())
 def dro_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor, rewards: torch.Tensor,
              beta: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """DRO-V's two losses (Richemond et al. 2024, Algorithm 1, 1/τ-rescaled), each a row mean to minimise:
-
         policy_loss = mean_b [ -π[b] · sg(r[b] - V[b]) + β/2 · (π[b] - ref[b])² ]
         value_loss  = mean_b [ 1/2 · (r[b] - V[b] - β · sg(π[b] - ref[b]))² ]
-
     policy_logps (π), ref_logps (ref): (B,) sequence log-probs (sums over response tokens) under π_θ and π_ref;
     values (V): (B,) V_φ(x) of each row's prompt; rewards (r): (B,). sg is stop-gradient: the policy loss sends no
     gradient into `values`, the value loss none into `policy_logps`. Returns (policy_loss, value_loss, metrics)."""
@@ -126,58 +115,6 @@ def dro_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.
         "losses/policy": policy_loss.item(), "losses/value": value_loss.item(), "rewards/mean": rewards.mean().item(),
         "rewards/value": values.mean().item(), "rewards/advantage_abs": (rewards - values).abs().mean().item(),
         "rewards/logratio": logratios.mean().item()}
-
-
-class ValueModel(nn.Module):
-    """V_φ(x): a copy of the reference's backbone (the causal LM without its LM head) and a scalar linear head
-    (zero-initialised, so V = 0 at the start), read at the last prompt token. With `lora_r`, the backbone's weights are
-    frozen and it trains LoRA adapters of its own: a LoRA of the same base, not a full trainable copy."""
-
-    def __init__(self, causal_lm, lora_r: int = 0):
-        super().__init__()
-        self.backbone = value_backbone(causal_lm, lora_r)  # e.g. LlamaModel: loadable on its own with AutoModel
-        self.head = nn.Linear(causal_lm.config.get_text_config().hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: (P, L) right-padded prompts; last: (P,) index of each last prompt token -> (P,)"""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()  # (P,)
-
-
-def prompt_values(value_model, batch: dict) -> torch.Tensor:
-    """(B,) V_φ(x) of each row's prompt: one value-model forward over the distinct prompts of the batch (prompt tokens
-    only), shared by all rows that answer the same prompt."""
-    prompts, inverse = torch.unique(batch["prompt_idx"], return_inverse=True)  # (P,), (B,)
-    first = torch.empty_like(prompts, dtype=torch.long).scatter_(0, inverse, torch.arange(len(inverse),
-                                                                                             device=inverse.device))
-    prompt_len = batch["mask"].argmax(-1)[first]  # (P,) the first response position = the prompt length
-    L = int(prompt_len.max())
-    attention_mask = (torch.arange(L, device=prompt_len.device) < prompt_len[:, None]).long()  # (P, L)
-    return value_model(batch["input_ids"][first, :L], attention_mask, prompt_len - 1)[inverse]  # (B,)
-
-
-def check_rewards(rows: list[dict]) -> None:
-    for i, r in enumerate(rows):
-        if not isinstance(r["reward"], int | float) or r["reward"] != r["reward"] or abs(r["reward"]) == float("inf"):
-            raise ValueError(f"offline dataset row {i} (prompt {r['prompt_idx']}): reward {r['reward']!r} is not a number")
-
-
-def save_value_model(accelerator, value_model, path: str) -> None:
-    """The value model beside the policy: the backbone as save_pretrained (AutoModel.from_pretrained loads it), the
-    head as value_head.safetensors ({weight: (1, H), bias: (1,)}). Consolidated across processes (FSDP-safe)."""
-    accelerator.wait_for_everyone()
-    state_dict = full_state_dict(accelerator, value_model)
-    unwrapped = accelerator.unwrap_model(value_model)
-    if merge_lora(unwrapped) is not None:  # LoRA (every process): adapters folded into the backbone, the same format
-        state_dict = unwrapped.state_dict()
-    if accelerator.is_main_process:
-        unwrapped.backbone.save_pretrained(path, safe_serialization=True, state_dict={
-            k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")})
-        save_file({k.removeprefix("head."): v.contiguous() for k, v in state_dict.items() if k.startswith("head.")},
-                  os.path.join(path, "value_head.safetensors"))
-    accelerator.wait_for_everyone()
 
 
 def main():
@@ -204,19 +141,21 @@ def main():
     results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
     # ALGO LOGIC: data
     examples = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)  # every response
-    check_rewards(examples)
     accelerator.print(f"training on {len(examples)} examples")
-    token_fields, seq_fields = ("ref_logps",), ("reward", "prompt_idx")
+    token_fields, seq_fields = ("ref_logps",), ("reward",)
 
     # training loop
     steps_per_epoch, total_steps = plan_steps(len(examples), args, accelerator)
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     accelerator.register_for_checkpointing(scheduler)
+    value_scheduler = get_scheduler("constant_with_warmup", value_optimizer, num_warmup_steps=args.warmup_steps)
+    accelerator.register_for_checkpointing(value_scheduler)
     state = load_checkpoint(accelerator, args.output_dir) if args.resume else None
     step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
     results = state["results"] if state else results
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     model.train()
+    value_model.train()
     for epoch in range(start_epoch, args.epochs):
         t0, tokens = time.time(), 0.0
         for b, batch_rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
@@ -228,10 +167,11 @@ def main():
             with accelerator.accumulate(model, value_model):
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
-                values = prompt_values(value_model, batch)  # (B,)
+                values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T) V(s_t), aligned with policy_logps
+                values = values.gather(1, batch["mask"].argmax(1, keepdim=True)).squeeze(1)  # (B,) V(x): before the response
                 loss, value_loss, metrics = dro_loss((policy_logps * batch["mask"]).sum(-1), (batch["ref_logps"] * batch[
                     "mask"]).sum(-1), values, batch["reward"], args.beta)  # row means: DDP's gradient mean is exact
-                accelerator.backward(loss + value_loss)  # disjoint parameters: each loss reaches only its own model
+                accelerator.backward(loss + value_loss)  # each loss reaches only its own network
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                     metrics["charts/value_grad_norm"] = accelerator.clip_grad_norm_(value_model.parameters(),
@@ -250,7 +190,7 @@ def main():
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}", value_loss=f"{metrics['losses/value']:.4f}")
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:
@@ -266,7 +206,7 @@ def main():
     results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
-    save_value_model(accelerator, value_model, os.path.join(args.output_dir, "value_model"))
+    save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
     accelerator.end_training()
 
 

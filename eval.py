@@ -1,17 +1,24 @@
 # Evaluation protocol of DQO https://arxiv.org/abs/2410.09302 (greedy; T=0.7, top_p=0.9, top_k=16) and pass@k
-"""Evaluate a policy: greedy accuracy, sampled accuracy as mean ± std over seeds, and unbiased pass@k.
+"""Evaluate a policy: greedy accuracy, sampled accuracy as mean ± std over seeds, and unbiased pass@k; or show the
+value trace of a trained value model (DQO paper, Table 4) as text and as an HTML page.
 
     python eval.py                                          # the embedded tiny reference on arith
     python eval.py --model runs/dqo/model --task arith
     python eval.py --model google/gemma-1.1-7b-it --task gsm8k --bf16
     python eval.py --model PATH --task math --test_file ../shared/data/math500/test.jsonl
     python eval.py --model PATH --pass_n 20 --pass_k 1,10 --pass_temperature 0.4 --pass_top_p 0.95 --pass_top_k 0  # SPO
+    python eval.py --value_model runs/dqo/value_model --task arith  # value trace; the policy: runs/dqo/model
 
-Writes a JSON result (`--output`, default `<model dir or cache>/eval-<task>.json`) and prints a table.
+Writes a JSON result (`--output`, default `<model dir or cache>/eval-<task>.json`) and prints a table. With
+--value_model (a value_model/ folder DRO or DQO saved): prints the trace and its statistics, and writes value_trace.html
+beside the folder.
 """
 
+import html
 import os
 from dataclasses import dataclass
+
+import torch
 
 from transformers import HfArgumentParser
 
@@ -26,13 +33,16 @@ from common import (
     check_report_to,
     check_rules,
     check_task_files,
+    ValueModel,
     evaluate,
     format_results,
+    format_value_traces,
     load_model_and_tokenizer,
     load_task,
     one_of,
     positive,
     setup_accelerator,
+    value_traces,
     write_json_atomic,
 )
 
@@ -59,12 +69,15 @@ class Args:
     report_to: str = arg("", "accelerate tracker (none by default)")
     output_dir: str = arg("runs/eval", "tracker directory")
     grad_accum: int = arg(1, "unused; shared plumbing")
+    value_model: str | None = arg(None, "a value_model/ folder DRO or DQO saved: show its value trace (the policy: --model, "
+                                        "or the model/ folder beside it)")
+    trace_problems: int = arg(50, "value trace: responses to the first N test problems (4 each) for its statistics")
 
 
 RULES = dict(task=one_of(*TASKS), n_test=at_least(1, unset_ok=True), seeds=at_least(0), seed=at_least(0),
              pass_n=at_least(0), pass_temperature=positive(), pass_top_p=between(0, 1, lo_open=True),
              pass_top_k=at_least(0), pass_problems=at_least(1, unset_ok=True), max_new_tokens=at_least(1),
-             gen_batch_size=at_least(1))
+             gen_batch_size=at_least(1), trace_problems=at_least(1))
 
 
 def validate(args) -> tuple:
@@ -78,10 +91,49 @@ def validate(args) -> tuple:
         raise ArgumentError(f"--pass_k {args.pass_k!r}: must be comma-separated whole numbers") from None
     if any(not 1 <= k <= args.pass_n for k in ks):
         raise ArgumentError(f"--pass_k {args.pass_k}: every k must be in [1, --pass_n {args.pass_n}]")
+    if args.value_model:
+        if not os.path.isfile(os.path.join(args.value_model, "value_head.safetensors")):
+            raise ArgumentError(f"--value_model {args.value_model}: no value_head.safetensors (a value_model/ folder that "
+                                "dro.py or dqo.py saved is expected)")
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.value_model)), "model")
+        args.model = beside if args.model == "tiny" and os.path.isdir(beside) else args.model
     check_model_arg(args.model)
     check_task_files(args)
     check_report_to(args.report_to)
     return ks
+
+
+def value_trace_html(out: dict) -> str:
+    """A small HTML page: each segment coloured by V at its end on a fixed scale, red at V ≤ 0 (certain failure) to
+    green at V ≥ 1 (certain success with the 1/0 reward), so pages of different runs compare; V is printed after it."""
+    parts = ["<html><head><meta charset='utf-8'><title>DQO value trace</title></head><body style='font-family:sans-serif'>",
+             "<h2>DQO value trace</h2><p>Each segment is coloured by the learned V at its end: red V ≤ 0, green V ≥ 1.</p>"]
+    for t in out["traces"]:
+        spans = []
+        for sg in t["segments"]:
+            x = min(1.0, max(0.0, sg["value"]))
+            colour = f"rgb({int(255 * (1 - x))},{int(200 * x + 55)},110)"
+            note = f" {sg['status']}" if sg["status"] else ""
+            spans.append(f"<span style='background:{colour}'>{html.escape(sg['text'].rstrip())}</span>"
+                         f"<small>  V = {sg['value']:.3f}{note}</small>\n\n")
+        parts.append(f"<h3>{'correct' if t['reward'] == 1.0 else 'incorrect'} (V at start {t['value_start']:.3f})</h3>"
+                     f"<p>{html.escape(t['question'])}</p><pre style='font-size:14px'>{''.join(spans)}</pre>")
+    return "\n".join(parts + ["</body></html>"])
+
+
+def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
+    """Print the value trace of --value_model (two correct and two incorrect responses) with its statistics over
+    4 responses to each of the first --trace_problems problems, and write value_trace.html beside the folder."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    value_model = accelerator.prepare(ValueModel.from_pretrained(args.value_model, dtype=dtype))
+    out = value_traces(model, value_model, tokenizer, problems, args, accelerator, n_correct=2, n_incorrect=2,
+                       n_problems=args.trace_problems)
+    accelerator.print(format_value_traces(out))
+    path = os.path.join(os.path.dirname(os.path.abspath(args.value_model)), "value_trace.html")
+    if accelerator.is_main_process:
+        with open(path, "w") as f:
+            f.write(value_trace_html(out))
+        print(f"wrote {path}")
 
 
 def main():
@@ -91,6 +143,9 @@ def main():
     model, tokenizer = load_model_and_tokenizer(args, accelerator)
     model = accelerator.prepare(model)
     problems = load_task(args.task, "test", args.test_file, args.n_test)
+    if args.value_model:
+        show_value_trace(args, model, tokenizer, problems, accelerator)
+        return accelerator.end_training()
     sampling = dict(temperature=args.pass_temperature, top_p=args.pass_top_p, top_k=args.pass_top_k)
     out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
                    sampled_seeds=args.seeds, pass_k=ks, pass_n=args.pass_n, pass_sampling=sampling,

@@ -11,19 +11,11 @@ Launch:
     python kto.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
 
 Deviations from the paper:
-    - Desirable means reward 1 on the verifier, not a human label. λ_D is set from the data so that
-      λ_D n_D / (λ_U n_U) = 1, the low end of the KTO paper's recommended [1, 4/3]; --desirable_weight overrides it.
-    - z0 pairs prompt i with the completion of row i+1 (mod B) of the global micro-batch (all processes), and the
-      mismatched log-probs are gathered, so z0 and the loss do not depend on the process count; with several
-      responses per prompt that neighbour may answer the same prompt.
-    - log π_ref of the matched pairs is the one stored with the offline dataset; a frozen copy of the reference is kept
-      only for the mismatched pairs, whose completions change with every batch (with --lora_r, none: the policy with
-      its adapters off is the reference).
-    - The tiny default (TINY) uses a larger lr and β than the paper's 7B setting (PAPER) and one epoch of 31 steps of
-      256 rows at lr 3e-6: on the tiny model KTO helps only early, then pushes the desirable responses down with the
-      undesirable ones and collapses greedy accuracy (lr 1e-5, 32 rows a step: 0.174 -> 0.181 at step 50, 0.072 at
-      step 250; lr 3e-5: 0.064 after one epoch; lr 1e-5, 256 rows a step: 0.187 at step 10, 0.174 at step 20). This
-      default: 0.174 -> 0.190 greedy, 0.153 -> 0.153 sampled (3 min on 2 idle cores, reference cached).
+    - Desirable means reward 1 on the verifier; λ_D n_D / (λ_U n_U) = 1 by default (the KTO paper: [1, 4/3]).
+    - z0 pairs prompt i with the completion of row i+1 (mod B) of the global micro-batch (all processes), so it does not
+      depend on the process count. A frozen π_ref copy scores these pairs (none with --lora_r: adapters off).
+    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+      than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
 import os
@@ -81,7 +73,7 @@ class Args:
     gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant (default 0; SPO paper: 200)")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
@@ -101,14 +93,12 @@ class Args:
 
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=3e-6, per_device_batch_size=256, beta=0.3)
-# PAPER: the DQO paper's KTO baseline, run as its DPO one (App. A): 1 epoch, lr 5e-8; β 0.1 as in the KTO paper. The
-# global batch of 128 rows is 64 pairs' worth (the paper gives none for KTO). Micro-batch and generation batch: what fits
-# an 80 GB GPU at 7B with KTO's frozen reference (benchmarks/memory_plan.py), not paper values.
+# PAPER: the DQO paper's KTO baseline, run as its DPO one (App. A): 1 epoch, lr 5e-8; β 0.1 (the KTO paper); 128 rows, 64
+# pairs' worth (no paper value). Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper values.
 PAPER = dict(epochs=1, lr=5e-8, global_batch_size=128, per_device_batch_size=8, gen_batch_size=32, beta=0.1)
 
-Z0_PAIRS = "≥ 2: z0 pairs each row's prompt with another row's completion"
-CHECKS = dict(per_device_batch_size=(lambda v: v >= 2, Z0_PAIRS), desirable_weight=positive(unset_ok=True),
-              undesirable_weight=positive())
+CHECKS = dict(per_device_batch_size=(lambda v: v >= 2, "≥ 2: z0 pairs each row's prompt with another row's completion"),
+              desirable_weight=positive(unset_ok=True), undesirable_weight=positive())
 
 
 # ALGO LOGIC: loss
@@ -117,44 +107,33 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, kl_policy_logp
              undesirable_weight: float) -> tuple[torch.Tensor, dict]:
     """The KTO loss, a row mean (a loss to minimise). With h = policy_logps - ref_logps and the reference point
     z0 = max(0, mean(kl_policy_logps - kl_ref_logps)), detached:
-
-        L = mean_b [ λ_D (1 - σ(β (h[b] - z0)))   if desirable[b]
-                     λ_U (1 - σ(β (z0 - h[b])))   otherwise ]
-
-    policy_logps, ref_logps: (B,) sequence log-probs (sums over response tokens) of each row under π_θ and π_ref;
-    kl_policy_logps, kl_ref_logps: (B_kl,) the same for mismatched (prompt, completion) pairs, e.g. prompt i with
-    the completion of row i+1 (mod B); under several processes pass them gathered from all processes. No gradient
-    flows through z0. desirable: (B,) bool. Returns (loss, metrics)."""
+        L = mean_b [ λ_D (1 - σ(β (h[b] - z0)))  if desirable[b],  λ_U (1 - σ(β (z0 - h[b])))  otherwise ]
+    policy_logps, ref_logps: (B,) sequence log-probs (sums over response tokens) under π_θ and π_ref; kl_policy_logps,
+    kl_ref_logps: (B_kl,) the same for mismatched (prompt, completion) pairs, gathered from all processes; desirable:
+    (B,) bool. Returns (loss, metrics)."""
     z0 = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()  # scalar
     logratios = policy_logps - ref_logps  # (B,)
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))  # (B,)
     loss = losses.mean()  # scalar
-    rewards = beta * logratios.detach()  # (B,)
-    metrics = {"losses/policy": loss.item(), "rewards/kl": z0.item(),
-               "rewards/desirable_fraction": desirable.float().mean().item()}
-    if desirable.any():
-        metrics["rewards/desirable"] = rewards[desirable].mean().item()
-    if not desirable.all():
-        metrics["rewards/undesirable"] = rewards[~desirable].mean().item()
+    rewards, share = beta * logratios.detach(), desirable.float().mean().item()  # (B,), scalar
+    metrics = {"losses/policy": loss.item(), "rewards/kl": z0.item(), "rewards/desirable_fraction": share}
+    for name, rows in (("desirable", desirable), ("undesirable", ~desirable)):
+        metrics.update({f"rewards/{name}": rewards[rows].mean().item()} if rows.any() else {})
     return loss, metrics
 
 
-def mismatched_pairs(rows: list[dict]) -> list[dict]:
-    """The rows of z0's estimate: prompt i with the completion of row i+1 (mod B), never a row with itself."""
-    if len(rows) < 2:
-        raise ValueError(f"KTO's z0 needs at least 2 rows per micro-batch (got {len(rows)}): a row's prompt is paired "
-                         "with another row's completion; raise --per_device_batch_size")
-    return [{"prompt_ids": r["prompt_ids"], "response_ids": rows[(i + 1) % len(rows)]["response_ids"]}
+def mismatched_pairs(rows: list[dict], accelerator=None) -> list[dict]:
+    """The rows of z0's estimate: prompt i with the completion of row i+1 (mod B) of the global micro-batch (row i+1
+    may live on the next process), never a row with itself; this process's slice."""
+    all_rows = gather_object(rows) if accelerator is not None and accelerator.num_processes > 1 else rows
+    first = accelerator.process_index * len(rows) if accelerator is not None else 0
+    return [{"prompt_ids": r["prompt_ids"], "response_ids": all_rows[(first + i + 1) % len(all_rows)]["response_ids"]}
             for i, r in enumerate(rows)]
 
 
 def kto_weights(rows: list[dict], desirable_weight: float | None, undesirable_weight: float) -> tuple[float, float]:
-    """(λ_D, λ_U). Desirable iff reward 1. λ_D defaults to λ_U n_U / n_D, so that λ_D n_D / (λ_U n_U) = 1, the low end
-    of the KTO paper's recommended [1, 4/3]; a given `desirable_weight` is used as is."""
-    for i, r in enumerate(rows):
-        if not isinstance(r["reward"], int | float) or r["reward"] != r["reward"]:
-            raise ValueError(f"offline dataset row {i} (prompt {r['prompt_idx']}): reward {r['reward']!r} is not a number")
+    """(λ_D, λ_U), desirable iff reward 1. λ_D defaults to λ_U n_U / n_D: λ_D n_D / (λ_U n_U) = 1."""
     n_d = sum(r["reward"] == 1.0 for r in rows)
     if desirable_weight is None and n_d in (0, len(rows)):
         raise ValueError(f"KTO: {n_d} of {len(rows)} responses are correct, so λ_D n_D / (λ_U n_U) cannot be balanced; "
@@ -175,8 +154,7 @@ def main():
 
     # models
     model, tokenizer = load_model_and_tokenizer(args, accelerator)
-    # frozen π_ref, for z0's pairs only; with LoRA the policy with its adapters off is π_ref, so no copy is needed
-    ref_model = frozen_copy(model, accelerator) if not args.lora_r else None
+    ref_model = frozen_copy(model, accelerator) if not args.lora_r else None  # π_ref for z0 (LoRA: the adapters off)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -187,9 +165,6 @@ def main():
     # ALGO LOGIC: data
     examples = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)  # every response
     desirable_weight, undesirable_weight = kto_weights(examples, args.desirable_weight, args.undesirable_weight)
-    n_d = sum(r["reward"] == 1.0 for r in examples)
-    accelerator.print(f"KTO: {n_d} desirable, {len(examples) - n_d} undesirable; λ_D {desirable_weight:.3f}, "
-                      f"λ_U {undesirable_weight:.3f}")
     accelerator.print(f"training on {len(examples)} examples")
     token_fields, seq_fields = ("ref_logps",), ("reward",)
 
@@ -213,16 +188,12 @@ def main():
             with accelerator.accumulate(model):
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
-                # Mismatched pairs over the global batch (row i+1 may live on the next process), this process's slice
-                global_rows = gather_object(batch_rows) if accelerator.num_processes > 1 else batch_rows
-                first = accelerator.process_index * len(batch_rows)
-                kl_rows = mismatched_pairs(global_rows)[first : first + len(batch_rows)]
-                kl = {k: v.to(device) for k, v in collate(kl_rows, tokenizer.pad_token_id).items()}
-                with torch.no_grad():  # z0 is detached: its log-probs need no graph
+                kl = collate(mismatched_pairs(batch_rows, accelerator), tokenizer.pad_token_id)  # z0's pairs
+                kl = {k: v.to(device) for k, v in kl.items()}
+                with torch.no_grad(), reference_mode(ref := ref_model or accelerator.unwrap_model(model)):  # z0: detached
+                    kl_ref_logps = (token_logprobs(ref, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
+                with torch.no_grad():
                     kl_policy_logps = (token_logprobs(model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
-                    ref = ref_model if ref_model is not None else accelerator.unwrap_model(model)
-                    with reference_mode(ref):
-                        kl_ref_logps = (token_logprobs(ref, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
                 loss, metrics = kto_loss((policy_logps * batch["mask"]).sum(-1), (batch["ref_logps"] * batch["mask"]).sum(-1),
                                          accelerator.gather(kl_policy_logps), accelerator.gather(kl_ref_logps),
                                          batch["reward"] == 1.0, args.beta, desirable_weight, undesirable_weight)

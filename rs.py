@@ -13,6 +13,8 @@ Deviations from the paper:
     - The loss is a token mean over the global batch (all processes), not a per-sequence mean: longer correct
       solutions are not down-weighted, and the value does not depend on the number of processes.
     - `--data gold` trains on the dataset's reference solutions instead: the paper's SFT baseline.
+    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+      than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
 import os
@@ -71,7 +73,7 @@ class Args:
     gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int = arg(0, "linear warmup steps, then constant")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant (default 0; SPO paper: 200)")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")

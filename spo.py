@@ -1,6 +1,5 @@
 # Soft Policy Optimization (SPO): https://arxiv.org/abs/2503.05453
-"""SPO: soft RL with the cumulative Q-parameterisation, from offline data and fresh rollouts mixed in each batch,
-with no value network.
+"""SPO: soft RL with the cumulative Q-parameterisation (no value network), on offline data and fresh rollouts.
 
 Objective. The policy is read as a soft Q-function relative to the reference π_0 (paper §2):
     A_t = β (log π_θ(y_t | s_t) − log π_0(y_t | s_t)),      Q_t = Q̂_0 + Σ_{t' ≤ t} A_t'
@@ -16,48 +15,35 @@ Launch:
     python spo.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
     python spo.py --online_fraction 0                                # purely offline (1: purely online)
 
-Memory: one trainable policy (with gradients and AdamW state). With --online_fraction > 0, two frozen copies more
-(weights only, no gradients or optimizer state): the reference, to score fresh rollouts (offline rows carry their
-reference log-probs from the offline dataset), and the rollout policy, refreshed every --model_update_interval steps.
-For a 7B model in bf16 that is 2 x 14 GB; --online_fraction 0 needs neither, and with --lora_r the reference is the
-policy with its adapters off (no copy). Peak memory is printed and stored in results.json (final.peak_memory_mb).
-
 Deviations from the paper:
-    - Ŝ_0 comes from the offline dataset's n samples per prompt (default 8; the paper uses 800), drawn with the
-      offline sampler (T=0.9, top_p 0.9, top_k 16) rather than π_0 at temperature 1, so Q̂_0 is that of the sampler.
-      `--q0_samples N` pools N more samples per prompt from the same sampler.
-    - An online rollout takes the prompt of the offline row it replaces: a half-online epoch trains on half of the
-      offline rows plus one fresh rollout for each prompt of the other half. The mix is exact at every step and on
-      every process, and which rows are replaced does not depend on the number of processes (`online_slots`).
-    - The rollout temperature ~ U(0.1, 0.8) is drawn per generate call (one per process and micro-batch), not per
-      sequence. Under several processes each samples its own share, so the sampled responses (not the offline
-      rows) depend on the number of processes.
-    - The loss is a mean over sequences (the paper's sum over the batch only rescales the learning rate).
-    - Tiny default (TINY): β, lr and the epoch count are tuned for the 536k-parameter model and a 10-minute CPU budget.
-      With it `python spo.py` goes 0.174 -> 0.187 greedy, pass@1 0.152 -> 0.159, pass@10 0.252 -> 0.251, in 3.5 min
-      on 2 idle cores (6 min when it must also sample the offline dataset and evaluate the reference).
+    - Ŝ_0 comes from the offline dataset's samples (the paper uses 800 per prompt; --q0_samples adds more), drawn with
+      the offline sampler rather than π_0 at temperature 1, so Q̂_0 is that of the sampler.
+    - An online rollout takes the prompt of the offline row it replaces, in fixed slots of each micro-batch
+      (`online_slots`): the mix is exact at every step and the same for any number of processes.
+    - The rollout temperature ~ U(0.1, 0.8) is drawn per generate call (per process and micro-batch), not per sequence.
+      The frozen reference and rollout policy are bf16 copies beside the policy (none with --online_fraction 0).
+    - The loss is a mean over sequences; the paper does not say how it reduces the batch.
+    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+      than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
 import math
 import os
 import random
-import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from common import (
-    ArgumentError,
+    RolloutPolicy,
     arg,
     at_least,
     between,
     build_offline_dataset,
     collate,
-    encode_prompt,
     evaluate_reference,
     evaluate_run,
     frozen_copy,
@@ -68,20 +54,15 @@ from common import (
     log_eval,
     log_metrics,
     one_of,
-    plain_name,
+    online_rollouts,
     plan_steps,
     positive,
-    reference_mode,
     resolve_defaults,
-    rollout,
-    rollout_chunk,
     save_checkpoint,
     save_model,
-    score_rows,
     setup_accelerator,
     throughput,
     token_logprobs,
-    unsharded,
     validate_args,
 )
 
@@ -106,7 +87,7 @@ class Args:
     gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int | None = arg(None, "linear warmup steps, then constant")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant (default 0; SPO paper: 200)")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
@@ -131,30 +112,28 @@ class Args:
     q0_samples: int = arg(0, "extra reference samples per prompt for Ŝ_0, pooled with the offline ones (paper: 800)")
 
 
-# Tiny: β = 0.5 (the paper's 0.087 asks for log-ratio moves of ~11 nats, too far for a 536k model), lr 5e-5, 1 epoch;
-# pass@k on the first 200 test problems (20 samples each on all 1000 would take ~9 minutes per evaluation on 2 cores)
+# Tiny: pass@k on the first 200 test problems (20 samples each on all 1000: ~9 minutes per evaluation on 2 cores)
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, warmup_steps=0, per_device_batch_size=32, beta=0.5,
             pass_eval_problems=200, loss_type="squared")
-# PAPER: 100k steps at batch 128 (the epochs follow), lr 6e-8 with 200 warmup steps, β = 1/ln(100000), and the
-# paper's headline "SPO": the cross-entropy Q-regression (bce). Micro-batch and generation batch: what fits an 80 GB GPU
-# at 7B with the frozen reference and rollout copies (benchmarks/memory_plan.py), not paper values.
+# PAPER: 100k steps at batch 128, lr 6e-8 with 200 warmup steps, β = 1/ln(100000), the headline "SPO" loss (the
+# cross-entropy Q-regression, bce). Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper.
 PAPER = dict(max_steps=100_000, lr=6e-8, warmup_steps=200, global_batch_size=128, per_device_batch_size=8,
              gen_batch_size=8, beta=1 / math.log(100_000), loss_type="bce")
-# The paper's metric: pass@1 and pass@10 from 20 samples at T=0.4, top_p 0.95, before and after training
-PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}
+PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}  # paper
 BCE_MAX_LOGP = -1e-4  # bce: the predicted log P(success) is clipped to at most this, strictly below 0
 
-CHECKS = dict(loss_type=one_of("squared", "bce", "advantage_bce", "reverse_q"), online_fraction=between(0, 1),
-              model_update_interval=at_least(1), rollout_min_temperature=positive(), rollout_max_temperature=positive(),
+CHECKS = dict(loss_type=one_of("squared", "bce", "advantage_bce", "reverse_q"), model_update_interval=at_least(1),
+              online_fraction=(lambda f, a: 0 <= f <= 1 and round(x := a.per_device_batch_size * f) == round(x, 6),
+                               "in [0, 1], a whole number of rollouts per micro-batch"), rollout_min_temperature=positive(),
+              rollout_max_temperature=(lambda t, a: t >= a.rollout_min_temperature, "≥ --rollout_min_temperature"),
               rollout_top_p=between(0, 1, lo_open=True), pass_eval_problems=at_least(1, unset_ok=True), q0_samples=at_least(0))
 
 
 # ALGO LOGIC: loss
 def soft_q(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, q0: torch.Tensor,
            beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cumulative Q-parameterisation. policy_logps, ref_logps, mask: (B, T); q0: (B,).
-    Returns (advantages, q), both (B, T): A_t = β mask_t (ℓ_t − ℓ_ref,t) and Q_t = Q̂_0 + Σ_{t' ≤ t} A_t'
-    (Q_t = Q̂_0 before the response, Q_T after its last token)."""
+    """The cumulative Q-parameterisation. policy_logps, ref_logps, mask: (B, T); q0: (B,). Returns (advantages, q),
+    both (B, T): A_t = β mask_t (ℓ_t − ℓ_ref,t) and Q_t = Q̂_0 + Σ_{t' ≤ t} A_t' (Q̂_0 before the response)."""
     advantages = beta * (policy_logps - ref_logps) * mask  # (B, T)
     return advantages, q0[:, None] + advantages.cumsum(-1)  # (B, T), (B, T)
 
@@ -183,7 +162,8 @@ def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Te
         losses = -x * y_clip - (1 - x) * torch.log(-torch.expm1(y_st))  # (B,)
     elif loss_type == "advantage_bce":
         target = torch.sigmoid((rewards - q0) / beta)  # (B,)
-        losses = F.binary_cross_entropy_with_logits(advantages.sum(-1) / beta, target, reduction="none")  # (B,)
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(advantages.sum(-1) / beta, target,
+                                                                      reduction="none")  # (B,)
     elif loss_type == "reverse_q":
         targets = (rewards[:, None] - (q_T[:, None] - q)).detach()  # (B, T) R_t = r − Σ_{t' > t} A_t'
         losses = ((q - targets) ** 2 * mask).sum(-1)  # (B,)
@@ -195,7 +175,6 @@ def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Te
     return loss, metrics
 
 
-# Small algorithm-only helpers
 def soft_value_q0(success_rate: torch.Tensor, beta: float) -> torch.Tensor:
     """Q̂_0 = β log E_{π_0}[e^{r/β}] = β log(Ŝ_0 + (1 − Ŝ_0) e^{−1/β}) for r ∈ {0, −1}, stable at Ŝ_0 ∈ {0, 1}."""
     s = success_rate.double()
@@ -208,73 +187,18 @@ def estimate_q0(rows: list[dict], beta: float) -> dict[int, float]:
     for r in rows:
         rewards.setdefault(r["prompt_idx"], []).append(r["reward"])
     idx = sorted(rewards)
-    q0 = soft_value_q0(torch.tensor([sum(rewards[i]) / len(rewards[i]) for i in idx]), beta)
-    return dict(zip(idx, q0.tolist()))
+    return dict(zip(idx, soft_value_q0(torch.tensor([sum(rewards[i]) / len(rewards[i]) for i in idx]), beta).tolist()))
 
 
 def online_slots(batch_size: int, fraction: float) -> list[int]:
-    """Positions j of a micro-batch whose rows become fresh rollouts: those with ⌊(j+1)f⌋ > ⌊jf⌋, spread evenly, ⌊Bf⌋
-    of them. When B·f is whole, the per-process slices of a global batch get the same slots as one process would."""
+    """Positions j of a micro-batch whose rows become fresh rollouts: ⌊(j+1)f⌋ > ⌊jf⌋, ⌊Bf⌋ of them, spread evenly."""
     return [j for j in range(batch_size) if math.floor((j + 1) * fraction + 1e-9) > math.floor(j * fraction + 1e-9)]
-
-
-class RolloutPolicy:
-    """A frozen copy of the policy that generates the online rollouts, refreshed every `interval` optimizer steps
-    (`version`: the step it was copied at). Has state_dict/load_state_dict, so checkpoints resume it exactly."""
-
-    def __init__(self, model, interval: int, accelerator):
-        self.model, self.interval, self.version = frozen_copy(model, accelerator), interval, 0
-
-    def maybe_refresh(self, model, step: int) -> None:
-        """`model`: the prepared policy. Under sharding every process refreshes at the same step (a collective)."""
-        if step % self.interval == 0:
-            with torch.no_grad(), unsharded(model) as policy:
-                mine = dict(self.model.named_parameters())
-                for name, p in policy.named_parameters():
-                    mine[plain_name(name)].copy_(p)
-            self.version = step
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "version": self.version}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.version = state["version"]
-
-
-def online_rollouts(rollout_policy, ref_model, tokenizer, rows: list[dict], args, seed: int) -> list[dict]:
-    """One fresh rollout of the rollout policy per row's prompt (temperature ~ U(rollout_min_temperature,
-    rollout_max_temperature), top_p
-    rollout_top_p), graded with the task's grader, scored by the frozen reference (`ref_logps`), with the prompt's Q̂_0."""
-    temperature = random.Random(seed).uniform(args.rollout_min_temperature, args.rollout_max_temperature)
-    sampling = {"temperature": temperature, "top_p": args.rollout_top_p, "top_k": 0}
-    fresh = rollout_chunk(rollout_policy, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
-                          args.task, range(len(rows)), 1, sampling, args.max_new_tokens, seed)
-    with reference_mode(ref_model):  # a LoRA policy with its adapters off, or the frozen reference copy
-        score_rows(ref_model, fresh, tokenizer.pad_token_id)
-    for f, r in zip(fresh, rows):
-        f.update(ref_logps=f.pop("logps"), q0=r["q0"], prompt_idx=r["prompt_idx"], online=True, temperature=temperature)
-    return fresh
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: allocated GPU memory on CUDA, else the maximum resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     resolve_defaults(args, TINY, PAPER)
     validate_args(args, CHECKS)
-    if abs(len(online_slots(args.per_device_batch_size, args.online_fraction)) - args.per_device_batch_size *
-           args.online_fraction) > 1e-6:
-        raise ArgumentError(f"--online_fraction {args.online_fraction} x --per_device_batch_size "
-                            f"{args.per_device_batch_size} must be a whole number of rollouts per micro-batch")
-    if args.rollout_min_temperature > args.rollout_max_temperature:
-        raise ArgumentError(f"--rollout_min_temperature {args.rollout_min_temperature} must be ≤ --rollout_max_temperature "
-                            f"{args.rollout_max_temperature}")
 
     # setup
     accelerator = setup_accelerator(args, "spo")
@@ -284,7 +208,6 @@ def main():
     model, tokenizer = load_model_and_tokenizer(args, accelerator)
     slots = online_slots(args.per_device_batch_size, args.online_fraction)  # rollouts per micro-batch and process
     n_online = len(slots)
-    # frozen copies (weights only) for the online part: the reference scores rollouts (with LoRA: the adapters off)
     ref_model = frozen_copy(model, accelerator) if n_online and not args.lora_r else None
     rollout_policy = RolloutPolicy(model, args.model_update_interval, accelerator) if n_online else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -297,16 +220,9 @@ def main():
                                                pass_problems=args.pass_eval_problems)}
     # ALGO LOGIC: data
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
-    q0_rows = rows
-    if args.q0_samples:  # more reference samples for Ŝ_0, with the offline sampler; prompt_idx as in the offline rows
-        prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in train_problems]
-        policy = accelerator.unwrap_model(model)
-        with reference_mode(policy):
-            q0_rows = rows + rollout(policy, tokenizer, prompts, [p["answer"] for p in train_problems], args.task,
-                                     n=args.q0_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                     max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
-                                     seed=args.seed + 1, accelerator=accelerator, desc="q0 samples")
-    q0 = estimate_q0(q0_rows, args.beta)  # prompt_idx -> Q̂_0
+    more = replace(args, n_samples=args.q0_samples, seed=args.seed + 1)  # more reference samples for Ŝ_0, cached
+    q0 = estimate_q0(rows + (build_offline_dataset(accelerator, model, tokenizer, train_problems, more)
+                             if args.q0_samples else []), args.beta)  # prompt_idx -> Q̂_0
     examples = [dict(r, q0=q0[r["prompt_idx"]]) for r in rows]
     accelerator.print(f"training on {len(examples)} offline examples, {args.online_fraction:.0%} of each batch "
                       f"replaced by fresh rollouts; mean Q̂_0 {sum(q0.values()) / len(q0):.4f}")
@@ -329,9 +245,11 @@ def main():
                 break
             if n_online:  # ALGO LOGIC: the rows in the online slots become fresh rollouts of their prompts
                 seed = args.seed * 1_000_003 + (epoch * 100_003 + b) * accelerator.num_processes + accelerator.process_index
-                fresh = iter(online_rollouts(rollout_policy.model, ref_model if ref_model is not None else
-                                             accelerator.unwrap_model(model), tokenizer, [batch_rows[j] for j in slots],
-                                             args, seed))
+                t = random.Random(seed).uniform(args.rollout_min_temperature, args.rollout_max_temperature)  # per call
+                sampling = dict(temperature=t, top_p=args.rollout_top_p, top_k=0)
+                fresh = online_rollouts(rollout_policy.model, ref_model or accelerator.unwrap_model(model), tokenizer,
+                                        [batch_rows[j] for j in slots], args.task, sampling, args.max_new_tokens, seed)
+                fresh = iter(dict(f, q0=batch_rows[j]["q0"], temperature=t) for f, j in zip(fresh, slots))
                 batch_rows = [next(fresh) if j in slots else row for j, row in enumerate(batch_rows)]
             batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
                                                             seq_fields).items()}
@@ -341,10 +259,8 @@ def main():
                 loss, metrics = spo_loss(policy_logps, batch["ref_logps"], batch["mask"], batch["q0"], batch["reward"] - 1,
                                          args.beta, args.loss_type)  # r_spo = reward - 1 in {0, -1}; mean over sequences
                 online = torch.tensor([bool(r.get("online")) for r in batch_rows], device=device)  # (B,)
-                metrics.update({"charts/online_fraction": online.float().mean().item(),
-                                "rewards/offline": batch["reward"][~online].mean().item() if (~online).any() else 0.0,
-                                "rewards/online": batch["reward"][online].mean().item() if online.any() else 0.0,
-                                "charts/rollout_policy_step": rollout_policy.version if n_online else 0})
+                metrics.update({"charts/online_fraction": online.float().mean().item(), "rewards/online": batch["reward"][
+                    online].mean().nan_to_num().item(), "charts/rollout_policy_step": getattr(rollout_policy, "version", 0)})
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
@@ -376,9 +292,6 @@ def main():
     # evaluate and save
     results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator,
                                     pass_problems=args.pass_eval_problems, **PASS_EVAL)
-    results["final"]["peak_memory_mb"] = peak_memory_mb(device)
-    accelerator.print(f"peak memory: {results['final']['peak_memory_mb']:.0f} MiB (policy"
-                      f"{' + frozen reference + rollout policy' if n_online else ''})")
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     accelerator.end_training()

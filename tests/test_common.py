@@ -521,6 +521,15 @@ def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch):
     assert common.build_offline_dataset(accelerator, model, tok, problems, args) == rows
     assert calls == [[4, 5, 6, 7]]
 
+    with open(os.path.join(root, "chunk-00002.jsonl")) as f:  # a damaged cache: a reward that is not 0 or 1
+        lines = f.readlines()
+    lines[1] = json.dumps(dict(json.loads(lines[1]), reward=float("nan"))) + "\n"
+    with open(os.path.join(root, "chunk-00002.jsonl"), "w") as f:
+        f.writelines(lines)
+    with pytest.raises(common.DataError, match=r"chunk-00002\.jsonl: row 2: reward nan is not 0 or 1"):
+        common.build_offline_dataset(accelerator, model, tok, problems, args)
+    os.remove(os.path.join(root, "chunk-00002.jsonl"))
+
     calls.clear()  # a different sampling parameter is a different dataset
     args.temperature = 0.7
     common.build_offline_dataset(accelerator, model, tok, problems, args)

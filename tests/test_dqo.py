@@ -156,14 +156,14 @@ def tiny_batch(tokenizer, n=4):
         text, _ = common.arith_solution(int(start), [(s[0], int(s[1:])) for s in steps], i % 2 or None, rng)
         resp = common.encode_response(tokenizer, text)
         rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "response_ids": resp,
-                     "rewards": dqo.token_rewards(len(resp), common.grade(text, p["answer"], "arith"))})
+                     "rewards": common.token_rewards(len(resp), common.grade(text, p["answer"], "arith"))})
     assert {r["rewards"][-1] for r in rows} == {0.0, 1.0}
     return common.collate(rows, tokenizer.pad_token_id, ("rewards",))
 
 
 def test_value_model_alignment_and_save_load(tiny_model, tmp_path):
     model, tokenizer = tiny_model
-    vm = dqo.ValueModel(copy.deepcopy(model))
+    vm = common.ValueModel(copy.deepcopy(model))
     assert vm.head.weight.abs().sum() == 0  # V ≡ 0 before training
     torch.nn.init.normal_(vm.head.weight)
     batch = tiny_batch(tokenizer)
@@ -182,7 +182,7 @@ def test_value_model_alignment_and_save_load(tiny_model, tmp_path):
     assert not torch.allclose(changed[:, 11:], values[:, 11:])
     vm.save_pretrained(str(tmp_path / "vm"))
     with torch.no_grad():
-        torch.testing.assert_close(dqo.ValueModel.from_pretrained(str(tmp_path / "vm"))(batch["input_ids"],
+        torch.testing.assert_close(common.ValueModel.from_pretrained(str(tmp_path / "vm"))(batch["input_ids"],
                                                                                         batch["attention_mask"]), values)
 
 
@@ -192,7 +192,7 @@ def test_one_step_lowers_both_losses(tiny_model):
     policy, detached): its gradient equals that of the same squares with Ḡ, V̄ and w held at the start, and a small
     step lowers that objective by its first-order prediction."""
     model, tokenizer = tiny_model
-    policy, vm = copy.deepcopy(model), dqo.ValueModel(copy.deepcopy(model))
+    policy, vm = copy.deepcopy(model), common.ValueModel(copy.deepcopy(model))
     torch.nn.init.normal_(vm.head.weight, std=0.1)  # a non-zero head: the zero-initialised one blocks the backbone's gradient
     batch = tiny_batch(tokenizer)
     ids, attn, mask, rewards = batch["input_ids"], batch["attention_mask"], batch["mask"], batch["rewards"]
@@ -237,7 +237,7 @@ def arith_case(tokenizer):
                      "response_ids": common.encode_response(tokenizer, text), "response": text, "answer": p["answer"],
                      "reward": common.grade(text, p["answer"], "arith")})
     assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
-    assert [dqo.arith_first_wrong(r) for r in rows] == [None, 0, 1, 2]
+    assert [common.arith_first_wrong(r) for r in rows] == [None, 0, 1, 2]
     return p, rows
 
 
@@ -268,13 +268,13 @@ def test_segments_and_process_scores(monkeypatch, tmp_path):
     p, rows = arith_case(tokenizer)
     # segments: split at blank lines, partitioning the response, each keeping its blank line; the last ends at EOS
     for r in rows:
-        ends = dqo.segment_ends(tokenizer, r["response_ids"])
+        ends = common.segment_ends(tokenizer, r["response_ids"])
         pieces = [tokenizer.decode(r["response_ids"][a:e], skip_special_tokens=True) for a, e in zip([0] + ends, ends)]
         assert pieces == [s + "\n\n" for s in r["response"].split("\n\n")[:-1]] + [r["response"].split("\n\n")[-1]]
         assert ends[-1] == len(r["response_ids"]) and r["response_ids"][-1] == tokenizer.eos_token_id
     ps, log = 3, []
-    monkeypatch.setattr(dqo, "generate_batch", fake_generator(tokenizer, p["solution"], ps, log))
-    scores = dqo.score_segments(None, tokenizer, rows, "arith", ps, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+    monkeypatch.setattr(common, "generate_batch", fake_generator(tokenizer, p["solution"], ps, log))
+    scores = common.score_segments(None, tokenizer, rows, "arith", ps, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
                                 64, 7, seed=0)
     assert [s["correct_segments"] for s in scores] == [4, 0, 1, 2]  # = the first wrong step, for each slip
     # backwards from the longest proper prefix, stopping at the first prefix with a correct completion
@@ -284,46 +284,83 @@ def test_segments_and_process_scores(monkeypatch, tmp_path):
     assert not any(x == "" for x in log)  # never the empty prefix
     # rewards: 1/n on the last token of each correct segment, the outcome on the last token
     ends = scores[2]["segment_ends"]
-    r = dqo.token_rewards(len(rows[2]["response_ids"]), rows[2]["reward"], scores[2])
+    r = common.token_rewards(len(rows[2]["response_ids"]), rows[2]["reward"], scores[2])
     assert r[ends[0] - 1] == 0.25 and sum(r) == 0.25
     assert tokenizer.decode(rows[2]["response_ids"][ends[0] - 2 : ends[0]]) == "\n\n"  # it sits on the blank line
-    r = dqo.token_rewards(len(rows[0]["response_ids"]), rows[0]["reward"], scores[0])
+    r = common.token_rewards(len(rows[0]["response_ids"]), rows[0]["reward"], scores[0])
     assert sum(r) == 2.0 and r[-1] == 1.25 and [r[e - 1] for e in scores[0]["segment_ends"][:-1]] == [0.25] * 3
 
     # cached and resumable: a second build reads the cache; a lost chunk is rebuilt alone
-    monkeypatch.setattr(dqo, "PS_CHUNK", 2)
+    monkeypatch.setattr(common, "PS_CHUNK", 2)
     args = SimpleNamespace(model="x", task="arith", ps_samples=ps, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64,
                            seed=0, gen_batch_size=7, cache_dir=str(tmp_path))
     log.clear()
-    built = dqo.build_process_scores(None, None, tokenizer, rows, args)
+    reference = torch.nn.Linear(1, 1)  # stands in for the model: the fake generator ignores it
+    built = common.build_process_scores(None, reference, tokenizer, rows, args)
     assert built == scores and log
     root = os.path.join(str(tmp_path), "process_scores", os.listdir(os.path.join(str(tmp_path), "process_scores"))[0])
     os.remove(os.path.join(root, "chunk-00001.json"))
     log.clear()
-    assert dqo.build_process_scores(None, None, tokenizer, rows, args) == scores
+    assert common.build_process_scores(None, reference, tokenizer, rows, args) == scores
     assert len(log) == ps * 5  # only the lost chunk's rows (slips 1 and 2: 3 + 2 prefixes), not all 8 prefixes
-    monkeypatch.setattr(dqo, "generate_batch", None)  # a complete cache never generates
-    assert dqo.build_process_scores(None, None, tokenizer, rows, args) == scores
+    monkeypatch.setattr(common, "generate_batch", None)  # a complete cache never generates
+    assert common.build_process_scores(None, reference, tokenizer, rows, args) == scores
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Smoke runs
 # ---------------------------------------------------------------------------------------------------------------------
-def test_smoke_run_and_show_values(tiny_cache, tmp_path):
+def test_smoke_run_and_value_trace(tiny_cache, tmp_path):
+    """A DQO run with process rewards prints its value trace; eval.py --value_model prints it for the saved model, with
+    its statistics, and writes the HTML page."""
     out = str(tmp_path / "dqo")
     results, metrics = run_script("dqo.py", tiny_cache, out, "--process_rewards", "--ps_samples", "2", "--lam", "0.95",
                                   "--behavior", "sampler")
     assert {"reference", "final"} <= set(results) and 0.0 <= results["final"]["greedy"] <= 1.0
     assert metrics and all(math.isfinite(m["losses/policy"]) and math.isfinite(m["losses/value"]) for m in metrics)
-    assert os.path.exists(os.path.join(out, "value_model", "value_head.pt"))
-    assert os.path.exists(os.path.join(out, "value_trace.html"))
+    assert os.path.exists(os.path.join(out, "value_model", "value_head.safetensors"))
     assert os.listdir(os.path.join(tiny_cache, "process_scores"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dqo.py"), "--show_values", out, "--cache_dir", tiny_cache,
-                           "--n_test", "16", "--report_to", ""], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--value_model", os.path.join(out, "value_model"),
+                           "--task", "arith", "--n_test", "16", "--trace_problems", "16", "--cache_dir", tiny_cache,
+                           "--output_dir", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "value trace" in proc.stdout and "(start)" in proc.stdout
+    assert "value trace" in proc.stdout and "(start)" in proc.stdout and "over 64 sampled responses" in proc.stdout
     assert "incorrect response" in proc.stdout  # the weak test reference always fails some
     with open(os.path.join(out, "value_trace.html")) as f:
         assert "<span style='background:" in f.read()
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f) == results
+
+
+def test_value_trace_statistics(tiny_model):
+    """dV per segment against the verifier's first wrong step, and the AUC of −dV, on a value model whose V is known:
+    a stand-in that reads 1 before a slipped step's result and 0 after it."""
+    model, tokenizer = tiny_model
+    _, rows = arith_case(tokenizer)
+    problems = [{"question": "q", "answer": rows[0]["answer"]}]
+
+    class Known(torch.nn.Linear):  # V = 1 up to the first wrong segment's last token, 0 from there on
+        def forward(self, input_ids, attention_mask):
+            v = torch.zeros(input_ids.shape)
+            for i, ids in enumerate(input_ids.tolist()):
+                r = next(r for r in rows if ids[: len(r["prompt_ids"]) + len(r["response_ids"])] == r["prompt_ids"] + r[
+                    "response_ids"])
+                ends, wrong = common.segment_ends(tokenizer, r["response_ids"]), common.arith_first_wrong(r)
+                cut = len(r["prompt_ids"]) + (ends[wrong] if wrong is not None else len(r["response_ids"]) + 1)
+                v[i, :cut] = 1.0
+            return v
+
+    import unittest.mock as mock
+
+    def fake_rollout(policy, tok, prompts, answers, task, n, **kw):
+        return [dict(r, prompt_idx=0) for r in rows]
+
+    args = SimpleNamespace(task="arith", seed=0, max_new_tokens=64, gen_batch_size=3)
+    with mock.patch.object(common, "rollout", fake_rollout):
+        out = common.value_traces(model, Known(1, 1), tokenizer, problems, args, n_problems=1, n_per=4)
+    stats = out["stats"]
+    assert out["n_responses"] == 4
+    assert stats["mean dV at WRONG segments"] == pytest.approx(-1.0)  # V drops from 1 to 0 exactly there
+    assert stats["mean dV at ok segments"] == pytest.approx(0.0)
+    assert stats["AUC of -dV, first wrong vs correct steps"] == pytest.approx(1.0)
+    assert "AUC of -dV" in common.format_value_traces(out)

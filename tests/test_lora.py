@@ -15,8 +15,6 @@ from conftest import run_script
 from safetensors import safe_open
 
 import common
-import dqo
-import dro
 
 
 def _batch(tokenizer, n=6):
@@ -118,8 +116,8 @@ def test_offline_dataset_under_lora_is_the_base_models(tiny_model, tmp_path):
     assert (_logps(policy, batch) - batch["ref_logps"]).abs().max() > 1e-2  # the adapted policy's are not these
 
 
-@pytest.mark.parametrize("algo", ["dro", "dqo"])
-def test_value_model_under_lora_trains_only_its_adapters_and_head(algo, tiny_model, tmp_path):
+def test_value_model_under_lora_trains_only_its_adapters_and_head(tiny_model, tmp_path):
+    """common.ValueModel, DRO's and DQO's, built from a LoRA policy as their main does."""
     from accelerate import Accelerator
 
     model, tokenizer = tiny_model
@@ -129,16 +127,11 @@ def test_value_model_under_lora_trains_only_its_adapters_and_head(algo, tiny_mod
     _sft_step(policy, batch)  # the policy's adapters must not leak into the value model
     policy.eval()
     adapted = _logps(policy, batch)
-    value_model = (dro if algo == "dro" else dqo).ValueModel(policy, 4)  # as main does: from the LoRA policy
+    value_model = common.ValueModel(policy, 4)  # as main does: from the LoRA policy
     assert torch.equal(_logps(policy, batch), adapted)  # which it leaves as it was, adapters included
-    if algo == "dro":
-        last = batch["mask"].argmax(-1) - 1  # (B,) the last prompt token
 
-        def values(vm):
-            return vm(batch["input_ids"], batch["attention_mask"], last)  # (B,)
-    else:
-        def values(vm):
-            return vm(batch["input_ids"], batch["attention_mask"]) * batch["mask"]  # (B, T)
+    def values(vm):
+        return vm(batch["input_ids"], batch["attention_mask"]) * batch["mask"]  # (B, T)
 
     trainable = [n for n, p in value_model.named_parameters() if p.requires_grad]
     adapters = [n for n in trainable if ".lora_A." in n or ".lora_B." in n]
@@ -155,8 +148,7 @@ def test_value_model_under_lora_trains_only_its_adapters_and_head(algo, tiny_mod
     optimizer = torch.optim.AdamW(value_model.parameters(), lr=1e-2, weight_decay=0.0)
     target = torch.rand(batch["input_ids"].shape[0])  # (B,) a value per row, regressed at every position (DQO)
     for _ in range(2):  # the zero head blocks the backbone's first gradient: the second step moves the adapters
-        v = values(value_model)
-        loss = ((v - (target if v.dim() == 1 else target[:, None] * batch["mask"])) ** 2).mean()
+        loss = ((values(value_model) - target[:, None] * batch["mask"]) ** 2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -168,16 +160,8 @@ def test_value_model_under_lora_trains_only_its_adapters_and_head(algo, tiny_mod
     # Saved merged, in the format without LoRA: a plain backbone and the head, giving the trained values
     path = str(tmp_path / "value_model")
     accelerator = Accelerator(cpu=True)
-    if algo == "dro":
-        from safetensors.torch import load_file
-        from transformers import AutoModel
-
-        dro.save_value_model(accelerator, value_model, path)
-        loaded = dro.ValueModel(AutoModel.from_pretrained(path))  # a bare backbone: its own base_model
-        loaded.head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
-    else:
-        common.save_model(accelerator, value_model, None, path)
-        loaded = dqo.ValueModel.from_pretrained(path)
+    common.save_model(accelerator, value_model, None, path)
+    loaded = common.ValueModel.from_pretrained(path)
     model.base_model.save_pretrained(str(tmp_path / "base"))
     assert _keys(path) == _keys(str(tmp_path / "base")) and not any("lora" in k for k in _keys(path))
     with torch.no_grad():

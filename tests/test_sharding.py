@@ -85,7 +85,6 @@ def test_dqo_under_accelerate_fsdp_matches_one_process(version, dqo_unsharded, t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import dqo
 
     one_dir, one_cache, one_results, one_metrics = dqo_unsharded
     out, cache = str(tmp_path / "run"), _fresh_cache(tiny_cache, tmp_path / "cache")
@@ -122,7 +121,7 @@ def test_dqo_under_accelerate_fsdp_matches_one_process(version, dqo_unsharded, t
     one, two = (AutoModelForCausalLM.from_pretrained(os.path.join(d, "model")) for d in (one_dir, out))
     for (n, p), q in zip(two.named_parameters(), one.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
-    value_one, value_two = (dqo.ValueModel.from_pretrained(os.path.join(d, "value_model")) for d in (one_dir, out))
+    value_one, value_two = (common.ValueModel.from_pretrained(os.path.join(d, "value_model")) for d in (one_dir, out))
     for p, q in zip(value_two.parameters(), value_one.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
 

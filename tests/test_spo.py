@@ -191,7 +191,7 @@ def test_rollout_policy_refresh_schedule(tiny_model):
     """The rollout copy is frozen between refreshes and equals the trained policy at the last multiple of the interval."""
     model = copy.deepcopy(tiny_model[0])
     cpu = SimpleNamespace(mixed_precision="no", device=torch.device("cpu"))  # what frozen_copy reads of an accelerator
-    rollout_policy = spo.RolloutPolicy(model, interval=3, accelerator=cpu)
+    rollout_policy = common.RolloutPolicy(model, interval=3, accelerator=cpu)
     assert all(not p.requires_grad for p in rollout_policy.model.parameters())
     snapshots = {0: copy.deepcopy(model.state_dict())}
     for step in range(1, 8):
@@ -204,31 +204,30 @@ def test_rollout_policy_refresh_schedule(tiny_model):
         assert rollout_policy.version == want
         for k, v in rollout_policy.model.state_dict().items():
             assert torch.equal(v, snapshots[want][k]), (step, k)
-    restored = spo.RolloutPolicy(tiny_model[0], interval=3, accelerator=cpu)
+    restored = common.RolloutPolicy(tiny_model[0], interval=3, accelerator=cpu)
     restored.load_state_dict(rollout_policy.state_dict())
     assert restored.version == 6 and torch.equal(restored.model.lm_head.weight, snapshots[6]["lm_head.weight"])
 
 
 def test_online_rollouts(tiny_model):
-    """Fresh rollouts keep their row's prompt and Q̂_0, are graded by common.grade, and carry the frozen reference's
-    log-probs of exactly the response tokens."""
+    """Fresh rollouts keep their row's prompt, are graded by common.grade, and carry the frozen reference's log-probs
+    of exactly the response tokens."""
     model, tokenizer = tiny_model
     problems = common.load_task("arith", "train", limit=3)
     rows = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "answer": p["answer"],
              "prompt_idx": 10 + i, "q0": -0.1 * i} for i, p in enumerate(problems)]
-    args = spo.Args(task="arith", max_new_tokens=64)
-    fresh = spo.online_rollouts(model, model, tokenizer, rows, args, seed=3)
+    sampling = dict(temperature=0.7, top_p=0.95, top_k=0)
+    fresh = common.online_rollouts(model, model, tokenizer, rows, "arith", sampling, 64, seed=3)
     assert len(fresh) == 3
     for f, r, p in zip(fresh, rows, problems):
         assert f["online"] and f["prompt_ids"] == r["prompt_ids"] and f["prompt_idx"] == r["prompt_idx"]
-        assert f["q0"] == r["q0"] and 0.1 <= f["temperature"] <= 0.8
         assert f["reward"] == common.grade(tokenizer.decode(f["response_ids"], skip_special_tokens=True), p["answer"], "arith")
         batch = common.collate([f], tokenizer.pad_token_id)
         with torch.no_grad():
             lp = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])[0, len(f["prompt_ids"]) :]
         assert len(f["ref_logps"]) == len(f["response_ids"])
         torch.testing.assert_close(torch.tensor(f["ref_logps"]), lp, atol=1e-5, rtol=1e-5)
-    again = spo.online_rollouts(model, model, tokenizer, rows, args, seed=3)
+    again = common.online_rollouts(model, model, tokenizer, rows, "arith", sampling, 64, seed=3)
     assert [f["response_ids"] for f in again] == [f["response_ids"] for f in fresh]  # seeded
 
 
