@@ -98,7 +98,8 @@ def test_dqo_under_accelerate_fsdp_matches_one_process(version, dqo_unsharded, t
         assert a["response_ids"] == b["response_ids"] and a["reward"] == b["reward"]
         assert b["ref_logps"] == pytest.approx(a["ref_logps"], abs=1e-5)
     for name in ("reference", "final"):
-        assert results[name] == one_results[name], name
+        same = lambda r: {k: v for k, v in r.items() if k != "peak_memory_mb"}  # noqa: E731
+        assert same(results[name]) == same(one_results[name]), name
 
     # training: the same losses at every step, some of them non-zero
     assert [m["step"] for m in metrics] == [m["step"] for m in one_metrics] == [1, 2, 3]
