@@ -59,7 +59,8 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 ARITH_NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay")
 ARITH_ITEMS = ("apples", "coins", "cards", "books", "shells")
-ARITH_STEPS = (2, 4)  # min and max number of steps per problem
+ARITH_STEPS = (2, 3)  # min and max number of steps per problem
+ARITH_OPERANDS = {"+": (2, 9), "-": (2, 9), "*": (2, 3)}  # operand range per operation
 ARITH_STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)$")
 
 
@@ -68,22 +69,24 @@ def _arith_apply(a: int, op: str, b: int) -> int:
 
 
 def arith_problem(rng: random.Random) -> dict:
-    """One problem: a start value and 2-4 steps. `answer` is the step spec ("7;+5;*3;-4") that the strict verifier
-    replays; `solution` is the gold worked solution, one step per segment, segments separated by a blank line."""
+    """One problem: a start value and 2-3 steps. `answer` is the step spec ("7;+5;*3;-4") that the strict verifier
+    replays; `solution` is the gold worked solution, one step per segment, segments separated by a blank line.
+    Each operation appears at most once, so a step's operand is the number beside its operation's words: with repeated
+    operations the 2-layer reference copied the operand of the wrong sentence in most of its failures. One-digit
+    operands for + and - keep each step to at most one carry or borrow, the slip that `arith_solution` plants."""
     name, item = rng.choice(ARITH_NAMES), rng.choice(ARITH_ITEMS)
-    value = rng.randint(2, 20)
+    start = value = rng.randint(2, 20)
     words, ops = [f"{name} has {value} {item}."], []
     for _ in range(rng.randint(*ARITH_STEPS)):  # intermediate values stay in [1, 99]: two digits at most
-        choices = (["+"] if value <= 89 else []) + (["-"] if value > 1 else []) + (["*"] if value <= 33 else [])
-        op = rng.choice(choices)
-        b = rng.randint(2, min(3, 99 // value)) if op == "*" else rng.randint(1, value - 1) if op == "-" else rng.randint(
-            2, min(10, 99 - value))
+        room = {"+": 99 - value, "-": value - 1, "*": 99 // value}  # the largest operand that keeps the value in range
+        choices = [o for o in "+-*" if room[o] >= ARITH_OPERANDS[o][0]]
+        op = rng.choice([o for o in choices if o not in [x for x, _ in ops]] or choices)
+        b = rng.randint(ARITH_OPERANDS[op][0], min(ARITH_OPERANDS[op][1], room[op]))
         words.append({"+": f"Then {name} gets {b} more.", "-": f"Then {name} gives away {b}.",
                       "*": f"Then {name} multiplies them by {b}."}[op])
         ops.append((op, b))
         value = _arith_apply(value, op, b)
     words.append(f"How many {item} does {name} have now?")
-    start = int(words[0].split()[2])
     return {"question": " ".join(words), "answer": ";".join([str(start)] + [f"{o}{b}" for o, b in ops]),
             "solution": arith_solution(start, ops)[0], "final": value}
 
@@ -158,6 +161,31 @@ def first_wrong_step(response: str, spec: str) -> int | None:
             return i
         value = int(m[4])
     return None
+
+
+def arith_failure_kind(response: str, spec: str) -> str | None:
+    """Why a response fails, judged at its first wrong step: "slip" (the planted misconception: a step that needs a
+    carry or borrow, right operands, result off by exactly the forgotten 10), "copy" (a wrong previous value, operation
+    or operand), "arith" (any other wrong result), "format" (a missing or malformed step, or a wrong `####` line).
+    None if the response is correct."""
+    if grade_arith(response, spec) == 1.0:
+        return None
+    start, *steps = spec.split(";")
+    lines = [ln.strip() for ln in response.strip().split("\n") if ln.strip()]
+    i = first_wrong_step(response, spec)
+    if i is None:
+        return "format"
+    m = ARITH_STEP_RE.match(lines[i]) if i < len(lines) else None
+    if not m:
+        return "format"
+    value = int(start)
+    for step in steps[:i]:
+        value = _arith_apply(value, step[0], int(step[1:]))
+    op, b = steps[i][0], int(steps[i][1:])
+    if int(m[1]) != value or m[2] != op or int(m[3]) != b:
+        return "copy"
+    forgot = _arith_apply(value, op, b) + (-10 if op == "+" else 10)
+    return "slip" if has_carry(value, op, b) and int(m[4]) == forgot else "arith"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1001,14 +1029,15 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
 # ---------------------------------------------------------------------------------------------------------------------
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)
-TINY_SFT = dict(steps=700, batch_size=64, lr=3e-3, warmup=50, carry_slip=0.6, seed=0, version=3)
+TINY_SFT = dict(steps=700, batch_size=64, lr=3e-3, warmup=50, carry_slip=0.65, seed=0, version=4)
 TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def build_tiny_tokenizer():
-    """A word-level tokenizer for the `arith` task, digits one per token, spaces and newlines as tokens, wrapped
-    as a PreTrainedTokenizerFast with pad, bos and eos, and a chat template."""
+    """A word-level tokenizer for the `arith` task, wrapped as a PreTrainedTokenizerFast with pad, bos and eos, and a
+    chat template: digits one per token, a word with its leading space one token (" has": prompts a third shorter,
+    so SFT and sampling are faster), other spaces and newlines tokens of their own."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -1016,9 +1045,9 @@ def build_tiny_tokenizer():
     words |= set(ARITH_NAMES) | set(ARITH_ITEMS) | set(re.findall(r"[A-Za-z]+", PROMPT_TEMPLATES["gsm8k"]))
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
     chars = list("0123456789") + [" ", "\n"] + list(".,?'#+-*=:$()/")
-    vocab = {t: i for i, t in enumerate(specials + chars + sorted(words))}
+    vocab = {t: i for i, t in enumerate(specials + chars + sorted(words) + sorted(" " + w for w in words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|\d|\s|[^\sA-Za-z\d]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\d|\s|[^\sA-Za-z\d]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"])
@@ -1026,8 +1055,27 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
+TINY_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # benchmarks/tiny_reference.py
+
+
+def tiny_recipe() -> dict:
+    return json.loads(json.dumps({"config": TINY_CONFIG, "sft": TINY_SFT}))  # as it reads back from recipe.json
+
+
 def tiny_dir(cache_dir: str) -> str:
-    return os.path.join(cache_dir, "tiny", cache_key({"config": TINY_CONFIG, "sft": TINY_SFT}))
+    return os.path.join(cache_dir, "tiny", cache_key(tiny_recipe()))
+
+
+def tiny_path(cache_dir: str) -> str:
+    """Where `--model tiny` loads from: the reference shipped in assets/tiny if it was built from the current recipe
+    (its recipe.json equals TINY_CONFIG and TINY_SFT), so every machine starts from the same weights (an SFT on
+    another CPU lands on other weights, and another accuracy); otherwise the cache's own build, made on first use."""
+    recipe = os.path.join(TINY_SHIPPED, "recipe.json")
+    if os.path.exists(recipe):
+        with open(recipe) as f:
+            if json.load(f) == tiny_recipe():
+                return TINY_SHIPPED
+    return tiny_dir(cache_dir)
 
 
 def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float | None = None) -> None:
@@ -1068,6 +1116,7 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
     tmp = f"{path}.tmp-{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    write_json_atomic(os.path.join(tmp, "recipe.json"), {"config": TINY_CONFIG, "sft": cfg})  # what `tiny_path` matches
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.exists(path):  # another process finished first: keep its copy
         shutil.rmtree(tmp)
@@ -1135,7 +1184,7 @@ def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
 
     path = args.model
     if args.model == "tiny":
-        path = tiny_dir(args.cache_dir)
+        path = tiny_path(args.cache_dir)
         if not os.path.exists(path):
             if accelerator is None or accelerator.is_main_process:
                 build_tiny_reference(path)

@@ -16,7 +16,7 @@ Deviations from the paper:
       are all correct or all incorrect give no pairs and are dropped (their number is printed).
     - log π_ref is the per-token reference log-prob stored with the offline dataset when it was sampled, so no
       reference model is kept in memory.
-    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr (and β)
       than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 

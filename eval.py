@@ -123,7 +123,7 @@ def value_trace_html(out: dict) -> str:
 
 def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
     """Print the value trace of --value_model (two correct and two incorrect responses) with its statistics over
-    4 responses to each of the first --trace_problems problems, and write value_trace.html beside the folder."""
+    4 responses to each of the first --trace_problems problems, and write value_trace.html and .json beside the folder."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     value_model = accelerator.prepare(ValueModel.from_pretrained(args.value_model, dtype=dtype))
     out = value_traces(model, value_model, tokenizer, problems, args, accelerator, n_correct=2, n_incorrect=2,
@@ -133,7 +133,8 @@ def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
     if accelerator.is_main_process:
         with open(path, "w") as f:
             f.write(value_trace_html(out))
-        print(f"wrote {path}")
+        write_json_atomic(path.replace(".html", ".json"), out)  # the statistics, for benchmarks/compare.py
+        print(f"wrote {path} and value_trace.json")
 
 
 def main():

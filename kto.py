@@ -14,7 +14,7 @@ Deviations from the paper:
     - Desirable means reward 1 on the verifier; λ_D n_D / (λ_U n_U) = 1 by default (the KTO paper: [1, 4/3]).
     - z0 pairs prompt i with the completion of row i+1 (mod B) of the global micro-batch (all processes), so it does not
       depend on the process count. A frozen π_ref copy scores these pairs (none with --lora_r: adapters off).
-    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr (and β)
       than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
@@ -92,7 +92,7 @@ class Args:
     undesirable_weight: float = arg(1.0, "λ_U (KTO paper: 1)")
 
 
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=3e-6, per_device_batch_size=256, beta=0.3)
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-5, per_device_batch_size=256, beta=0.3)
 # PAPER: the DQO paper's KTO baseline, run as its DPO one (App. A): 1 epoch, lr 5e-8; β 0.1 (the KTO paper); 128 rows, 64
 # pairs' worth (no paper value). Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper values.
 PAPER = dict(epochs=1, lr=5e-8, global_batch_size=128, per_device_batch_size=8, gen_batch_size=32, beta=0.1)

@@ -13,7 +13,7 @@ Deviations from the paper:
     - The loss is a token mean over the global batch (all processes), not a per-sequence mean: longer correct
       solutions are not down-weighted, and the value does not depend on the number of processes.
     - `--data gold` trains on the dataset's reference solutions instead: the paper's SFT baseline.
-    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr (and β)
       than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 

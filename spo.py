@@ -23,7 +23,7 @@ Deviations from the paper:
     - The rollout temperature ~ U(0.1, 0.8) is drawn per generate call (per process and micro-batch), not per sequence.
       The frozen reference and rollout policy are bf16 copies beside the policy (none with --online_fraction 0).
     - The loss is a mean over sequences; the paper does not say how it reduces the batch.
-    - The tiny default (TINY) is tuned for the embedded task and its 536k-parameter model, with a far larger lr (and β)
+    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr (and β)
       than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
@@ -113,7 +113,7 @@ class Args:
 
 
 # Tiny: pass@k on the first 200 test problems (20 samples each on all 1000: ~9 minutes per evaluation on 2 cores)
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, warmup_steps=0, per_device_batch_size=32, beta=0.5,
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, warmup_steps=0, per_device_batch_size=32, beta=0.5,
             pass_eval_problems=200, loss_type="squared")
 # PAPER: 100k steps at batch 128, lr 6e-8 with 200 warmup steps, β = 1/ln(100000), the headline "SPO" loss (the
 # cross-entropy Q-regression, bce). Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper.
