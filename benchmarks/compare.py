@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -79,34 +80,40 @@ def run_all(args) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.workers)), TOKENIZERS_PARALLELISM="false")
     bar = tqdm(total=len(todo), desc="comparison runs", unit="run")
     running, failed = {}, []  # (name, seed) -> (Popen, remaining commands, log file, start time)
-    while todo or running:
-        for key in [k for k, (p, *_) in running.items() if p.poll() is not None]:
-            proc, rest, log, start = running.pop(key)
-            if proc.returncode != 0:
-                failed.append(key)
-                bar.write(f"FAILED {key[0]} seed {key[1]} (exit {proc.returncode}): see {log.name}")
-            elif rest:
-                running[key] = (subprocess.Popen(rest[0], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                                rest[1:], log, start)
-                continue
-            log.close()
-            warm.add(key[1])
-            bar.update(1)
-            bar.write(f"{key[0]} seed {key[1]}: {time.time() - start:.0f} s")
-        busy = {s for _, s in running}
-        while todo and len(running) < args.workers:
-            pick = next((k for k in todo if k[1] in warm or k[1] not in busy), None)
-            if pick is None:
-                break
-            todo.remove(pick)
-            busy.add(pick[1])
-            cmds = commands(*pick, args.out, args.cache_dir)
-            os.makedirs(os.path.dirname(run_dir(args.out, *pick)), exist_ok=True)
-            log = open(run_dir(args.out, *pick) + ".log", "a")
-            running[pick] = (subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), cmds[1:],
-                             log, time.time())
-            bar.set_postfix_str(", ".join(f"{n} s{s}" for n, s in running))
-        time.sleep(1)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("comparison stopped (SIGTERM)"))  # so `finally` stops the runs
+    try:
+        while todo or running:
+            for key in [k for k, (p, *_) in running.items() if p.poll() is not None]:
+                proc, rest, log, start = running.pop(key)
+                if proc.returncode != 0:
+                    failed.append(key)
+                    bar.write(f"FAILED {key[0]} seed {key[1]} (exit {proc.returncode}): see {log.name}")
+                elif rest:
+                    running[key] = (subprocess.Popen(rest[0], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                                    rest[1:], log, start)
+                    continue
+                log.close()
+                warm.add(key[1])
+                bar.update(1)
+                bar.write(f"{key[0]} seed {key[1]}: {time.time() - start:.0f} s")
+            busy = {s for _, s in running}
+            while todo and len(running) < args.workers:
+                pick = next((k for k in todo if k[1] in warm or k[1] not in busy), None)
+                if pick is None:
+                    break
+                todo.remove(pick)
+                busy.add(pick[1])
+                cmds = commands(*pick, args.out, args.cache_dir)
+                os.makedirs(os.path.dirname(run_dir(args.out, *pick)), exist_ok=True)
+                log = open(run_dir(args.out, *pick) + ".log", "a")
+                running[pick] = (subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), cmds[1:],
+                                 log, time.time())
+                bar.set_postfix_str(", ".join(f"{n} s{s}" for n, s in running))
+            time.sleep(1)
+    finally:  # interrupted: stop the runs too; each resumes from its last checkpoint next time
+        for proc, *_ in running.values():
+            proc.terminate()
+            proc.wait()
     bar.close()
     if failed:
         sys.exit(f"{len(failed)} runs failed: {failed}; run again to retry them")
