@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, needs_data
 
 import common
 
@@ -40,6 +40,7 @@ def _wrong_number(answer: str) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
+@needs_data
 def test_gsm8k_gold_solutions_grade_correct_and_wrong_numbers_incorrect():
     problems = common.load_task("gsm8k", "test", GSM8K_TEST)
     assert len(problems) == 1319
@@ -58,6 +59,7 @@ def test_gsm8k_gold_solutions_grade_correct_and_wrong_numbers_incorrect():
     assert common.grade("the answer is 18", "18", "gsm8k") == 0.0  # no ####
 
 
+@needs_data
 def test_math500_solutions_grade_correct():
     rows = _jsonl(MATH500_TEST)
     problems = common.load_task("math", "test", MATH500_TEST)
@@ -70,6 +72,7 @@ def test_math500_solutions_grade_correct():
     assert failing == []
 
 
+@needs_data
 def test_math500_solutions_do_not_grade_against_other_answers():
     rows = _jsonl(MATH500_TEST)[:100]
     hits = [i for i, r in enumerate(rows) if common.grade(r["solution"], rows[(i + 1) % 100]["answer"], "math")]
@@ -174,6 +177,7 @@ def test_unknown_task_raises():
 # ---------------------------------------------------------------------------------------------------------------------
 # Tasks, loading and prompts
 # ---------------------------------------------------------------------------------------------------------------------
+@needs_data
 def test_load_local_task_files():
     gsm = common.load_task("gsm8k", "test", GSM8K_TEST)
     raw = _jsonl(GSM8K_TEST)
@@ -190,6 +194,7 @@ def test_load_local_task_files():
         common.load_task("aime24", "train")
 
 
+@needs_data
 def test_aime24_answers_grade():
     for p in common.load_task("aime24", "test", AIME24_TEST):
         assert common.grade(_boxed(p["answer"]), p["answer"], "aime24") == 1.0

@@ -8,13 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, needs_data
 
 import common
 import dqo
 import spo
 
 
+@needs_data
 def test_dqo_with_a_local_model_runs_the_papers_gsm8k_experiment(tiny_cache, tmp_path):
     """The issue's acceptance command, cut shorter (4 prompts, 2 test problems, 32 new tokens): no --task, no batch
     flags. 80 offline rows are fewer than one global batch of 256: the one step takes all of them (10 accumulation

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, gradient_step_lowers, run_script
+from conftest import ROOT, gradient_step_lowers, needs_data, run_script
 
 import common
 import rs
@@ -97,6 +97,7 @@ def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path):
 
 @pytest.mark.parametrize("task,train,test", [("gsm8k", "gsm8k/train.jsonl", "gsm8k/test.jsonl"),
                                              ("math", None, "math500/test.jsonl"), ("aime24", None, "aime24/test.jsonl")])
+@needs_data
 def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cache, tmp_path):
     """The real-model code path (a save_pretrained dir, the real GSM8K / MATH500 / AIME24 files): rs.py trains one
     step on GSM8K gold solutions, and eval.py evaluates every task. The tiny model cannot solve them; this checks
