@@ -27,7 +27,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
@@ -113,7 +112,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     Metrics (TRL's names): the implicit rewards β(π - ref) of chosen and rejected, the fraction of pairs whose chosen
     reward is higher (rewards/accuracies) and the mean reward margin (rewards/margins). Returns (loss, metrics)."""
     logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
-    loss = -F.logsigmoid(beta * logits).mean()  # scalar
+    loss = -torch.nn.functional.logsigmoid(beta * logits).mean()  # scalar
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
     return loss, {"losses/policy": loss.item(), "rewards/chosen": chosen_rewards.mean().item(),
@@ -184,8 +183,9 @@ def main():
                                              accelerator, start=start_batch if epoch == start_epoch else 0):
             if step >= total_steps:
                 break
-            batch = {k: v.to(device) for k, v in collate([r for pair in batch_rows for r in pair], tokenizer.pad_token_id,
-                                                            token_fields, seq_fields).items()}  # chosen, rejected, ...
+            batch_rows = [r for pair in batch_rows for r in pair]  # ALGO LOGIC: pairs -> rows (chosen, rejected, ...)
+            batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
+                                                            seq_fields).items()}
             with accelerator.accumulate(model):
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
@@ -207,7 +207,7 @@ def main():
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

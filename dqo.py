@@ -204,8 +204,9 @@ def main():
     # ALGO LOGIC: data
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
     scores = build_process_scores(accelerator, model, tokenizer, rows, args) if args.process_rewards else [None] * len(rows)
-    examples = [dict(r, behavior_logps=r[f"{args.behavior}_logps"], rewards=token_rewards(len(r["response_ids"]),
-                r["reward"], sc)) for r, sc in zip(rows, scores)]  # all n responses per prompt, correct or not
+    examples = [dict(r, behavior_logps=r[f"{args.behavior}_logps"],
+                     rewards=token_rewards(len(r["response_ids"]), r["reward"], sc))
+                for r, sc in zip(rows, scores)]  # every response
     accelerator.print(f"training on {len(examples)} examples")
     token_fields, seq_fields = ("ref_logps", "behavior_logps", "rewards"), ()
 
@@ -256,7 +257,7 @@ def main():
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}", value_loss=f"{metrics['losses/value']:.4f}")
+                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

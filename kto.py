@@ -188,8 +188,8 @@ def main():
             with accelerator.accumulate(model):
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
-                kl = collate(mismatched_pairs(batch_rows, accelerator), tokenizer.pad_token_id)  # z0's pairs
-                kl = {k: v.to(device) for k, v in kl.items()}
+                kl = {k: v.to(device) for k, v in collate(mismatched_pairs(batch_rows, accelerator),
+                                                         tokenizer.pad_token_id).items()}  # z0's pairs
                 with torch.no_grad(), reference_mode(ref := ref_model or accelerator.unwrap_model(model)):  # z0: detached
                     kl_ref_logps = (token_logprobs(ref, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
                 with torch.no_grad():
@@ -211,7 +211,7 @@ def main():
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

@@ -113,14 +113,13 @@ class Args:
 
 
 # Tiny: pass@k on the first 200 test problems (20 samples each on all 1000: ~9 minutes per evaluation on 2 cores)
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, warmup_steps=0, per_device_batch_size=32, beta=0.5,
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, per_device_batch_size=32, beta=0.5,
             pass_eval_problems=200, loss_type="squared")
 # PAPER: 100k steps at batch 128, lr 6e-8 with 200 warmup steps, β = 1/ln(100000), the headline "SPO" loss (the
 # cross-entropy Q-regression, bce). Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper.
 PAPER = dict(max_steps=100_000, lr=6e-8, warmup_steps=200, global_batch_size=128, per_device_batch_size=8,
              gen_batch_size=8, beta=1 / math.log(100_000), loss_type="bce")
 PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}  # paper
-BCE_MAX_LOGP = -1e-4  # bce: the predicted log P(success) is clipped to at most this, strictly below 0
 
 CHECKS = dict(loss_type=one_of("squared", "bce", "advantage_bce", "reverse_q"), model_update_interval=at_least(1),
               online_fraction=(lambda f, a: 0 <= f <= 1 and round(x := a.per_device_batch_size * f) == round(x, 6),
@@ -139,13 +138,14 @@ def soft_q(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tens
 
 
 def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, q0: torch.Tensor,
-             rewards: torch.Tensor, beta: float, loss_type: str = "squared") -> tuple[torch.Tensor, dict]:
+             rewards: torch.Tensor, beta: float, loss_type: str = "squared",
+             max_logp: float = -1e-4) -> tuple[torch.Tensor, dict]:
     """SPO's terminal regression of the cumulative Q onto the reward, as a mean over the batch (a loss to minimise).
     With Q_T = q0 + β Σ_t mask (ℓ_t − ℓ_ref,t), per sequence:
         squared:        (Q_T − r)²
         bce:            −x ŷ − (1 − x) log(1 − e^ŷ),  ŷ = Q_T/β the predicted log P(success), x = e^{r/β} the target;
-                        ŷ is clipped below 0 (straight-through in the second term, a plain clip in the first, so
-                        nothing pushes ŷ above 0)
+                        ŷ is clipped to at most `max_logp` < 0 (straight-through in the second term, a plain clip
+                        in the first, so nothing pushes ŷ above 0)
         advantage_bce:  the same cross-entropy between σ(Σ_t A_t / β) and σ((r − q0) / β): both sides of
                         Σ_t A_t = r − q0 warped by a sigmoid
         reverse_q:      Σ_t mask_t (Q_t − R_t)², R_t = r − Σ_{t' > t} A_t' (detached): every Q_t regressed
@@ -157,7 +157,7 @@ def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Te
         losses = (q_T - rewards) ** 2  # (B,)
     elif loss_type == "bce":
         y, x = q_T / beta, torch.exp(rewards / beta)  # (B,) predicted and target log P(success), P(success)
-        y_clip = y.clamp(max=BCE_MAX_LOGP)  # (B,) no gradient above the clip: the positive term never pushes ŷ up there
+        y_clip = y.clamp(max=max_logp)  # (B,) no gradient above the clip: the positive term never pushes ŷ up there
         y_st = y + (y_clip - y).detach()  # (B,) clipped value, straight-through gradient
         losses = -x * y_clip - (1 - x) * torch.log(-torch.expm1(y_st))  # (B,)
     elif loss_type == "advantage_bce":
@@ -224,8 +224,8 @@ def main():
     q0 = estimate_q0(rows + (build_offline_dataset(accelerator, model, tokenizer, train_problems, more)
                              if args.q0_samples else []), args.beta)  # prompt_idx -> Q̂_0
     examples = [dict(r, q0=q0[r["prompt_idx"]]) for r in rows]
-    accelerator.print(f"training on {len(examples)} offline examples, {args.online_fraction:.0%} of each batch "
-                      f"replaced by fresh rollouts; mean Q̂_0 {sum(q0.values()) / len(q0):.4f}")
+    accelerator.print(f"training on {len(examples)} examples")
+    accelerator.print(f"{args.online_fraction:.0%} of each batch fresh rollouts; mean Q̂_0 {sum(q0.values()) / len(q0):.4f}")
     token_fields, seq_fields = ("ref_logps",), ("q0", "reward")
 
     # training loop
@@ -260,7 +260,7 @@ def main():
                                          args.beta, args.loss_type)  # r_spo = reward - 1 in {0, -1}; mean over sequences
                 online = torch.tensor([bool(r.get("online")) for r in batch_rows], device=device)  # (B,)
                 metrics.update({"charts/online_fraction": online.float().mean().item(), "rewards/online": batch["reward"][
-                    online].mean().nan_to_num().item(), "charts/rollout_policy_step": getattr(rollout_policy, "version", 0)})
+                    online].mean().nan_to_num().item(), "charts/rollout_policy_step": n_online and rollout_policy.version})
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
@@ -270,14 +270,14 @@ def main():
             if accelerator.sync_gradients:
                 scheduler.step()
                 step += 1
-                if rollout_policy is not None:
+                if n_online:
                     rollout_policy.maybe_refresh(model, step)
                 bar.update(1)
                 metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix(loss=f"{metrics['losses/policy']:.4f}")
+                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:
@@ -290,8 +290,8 @@ def main():
     bar.close()
 
     # evaluate and save
-    results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator,
-                                    pass_problems=args.pass_eval_problems, **PASS_EVAL)
+    results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator, **PASS_EVAL,
+                                    pass_problems=args.pass_eval_problems)
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     accelerator.end_training()
