@@ -130,37 +130,32 @@ def arith_problems(split: str, n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def grade_arith(response: str, spec: str) -> float:
-    """Strict verifier: 1.0 only if every step line is `a<op>b=c` with `a` the previous result, the problem's
-    operation, a correct result, and the final `#### N` equals the last result."""
-    start, *steps = spec.split(";")
-    lines = [ln.strip() for ln in response.strip().split("\n") if ln.strip()]
-    if len(lines) != len(steps) + 1 or not lines[-1].startswith("####"):
-        return 0.0
-    value = int(start)
-    for line, step in zip(lines[:-1], steps):
-        m = ARITH_STEP_RE.match(line)
-        if not m or int(m[1]) != value or m[2] != step[0] or int(m[3]) != int(step[1:]):
-            return 0.0
-        if int(m[4]) != _arith_apply(value, step[0], int(step[1:])):
-            return 0.0
-        value = int(m[4])
-    return float(lines[-1][4:].strip() == str(value))
-
-
-def first_wrong_step(response: str, spec: str) -> int | None:
-    """Index of the first step line that the strict verifier rejects (None if all steps are right)."""
+def _arith_walk(response: str, spec: str) -> tuple:
+    """Replay the spec along the response's step lines: (lines, index of the first step line the strict verifier
+    rejects or None, that line's ARITH_STEP_RE match or None, the right value before that step, or the final one)."""
     start, *steps = spec.split(";")
     lines = [ln.strip() for ln in response.strip().split("\n") if ln.strip()]
     value = int(start)
     for i, step in enumerate(steps):
         m = ARITH_STEP_RE.match(lines[i]) if i < len(lines) else None
-        if not m or int(m[1]) != value or m[2] != step[0] or int(m[3]) != int(step[1:]):
-            return i
-        if int(m[4]) != _arith_apply(value, step[0], int(step[1:])):
-            return i
+        op, b = step[0], int(step[1:])
+        if not m or int(m[1]) != value or m[2] != op or int(m[3]) != b or int(m[4]) != _arith_apply(value, op, b):
+            return lines, i, m, value
         value = int(m[4])
-    return None
+    return lines, None, None, value
+
+
+def grade_arith(response: str, spec: str) -> float:
+    """Strict verifier: 1.0 only if every step line is `a<op>b=c` with `a` the previous result, the problem's
+    operation, a correct result, and the final `#### N` equals the last result."""
+    lines, wrong, _, value = _arith_walk(response, spec)
+    return float(wrong is None and len(lines) == spec.count(";") + 1 and lines[-1].startswith("####")
+                 and lines[-1][4:].strip() == str(value))
+
+
+def first_wrong_step(response: str, spec: str) -> int | None:
+    """Index of the first step line that the strict verifier rejects (None if all steps are right)."""
+    return _arith_walk(response, spec)[1]
 
 
 def arith_failure_kind(response: str, spec: str) -> str | None:
@@ -170,18 +165,11 @@ def arith_failure_kind(response: str, spec: str) -> str | None:
     None if the response is correct."""
     if grade_arith(response, spec) == 1.0:
         return None
-    start, *steps = spec.split(";")
-    lines = [ln.strip() for ln in response.strip().split("\n") if ln.strip()]
-    i = first_wrong_step(response, spec)
-    if i is None:
+    _, i, m, value = _arith_walk(response, spec)
+    if i is None or not m:
         return "format"
-    m = ARITH_STEP_RE.match(lines[i]) if i < len(lines) else None
-    if not m:
-        return "format"
-    value = int(start)
-    for step in steps[:i]:
-        value = _arith_apply(value, step[0], int(step[1:]))
-    op, b = steps[i][0], int(steps[i][1:])
+    step = spec.split(";")[i + 1]
+    op, b = step[0], int(step[1:])
     if int(m[1]) != value or m[2] != op or int(m[3]) != b:
         return "copy"
     forgot = _arith_apply(value, op, b) + (-10 if op == "+" else 10)
@@ -1131,13 +1119,14 @@ def content_digest(path: str, memo_path: str | None = None) -> str:
     """sha256 of a file's bytes, or of every file in a folder (relative names and bytes): the identity of an input in
     cache keys, so a data file or model edited in place never reuses samples, log-probs or evaluations of the old one.
     Each file's hash is remembered by (path, size, ctime, inode), per process and in the JSON file `memo_path` if given,
-    so a 17 GB model is read once, not at every start."""
+    so a 17 GB model is read once, not at every start. In a folder, the reports this project writes beside a model
+    (eval.py's eval-<task>.json, tiny_reference.py's quality.json) are not part of it."""
     memo = {}
     if memo_path and os.path.exists(memo_path):
         with open(memo_path) as f:
             memo = json.load(f)
     files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not REPORT_FILES.fullmatch(f))
     h, changed = hashlib.sha256(), False
     for file in files:
         st = os.stat(file)
@@ -1156,14 +1145,17 @@ def content_digest(path: str, memo_path: str | None = None) -> str:
 
 
 _DIGESTS: dict[str, str] = {}
+REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
 
 
 def model_key(args) -> str:
-    """The reference's identity in cache keys. The tiny model: its config hash, wherever the cache lives. A hub id: the
-    id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
+    """The reference's identity in cache keys. The tiny model: its recipe hash, wherever the cache lives, marked
+    `shipped` when the weights are assets/tiny's (a build from the same recipe on this machine has other weights). A hub
+    id: the id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
     never reuses samples, reference log-probs or evaluations of the old one, and a copy elsewhere reuses them."""
     if args.model == "tiny":
-        return "tiny/" + os.path.basename(tiny_dir(args.cache_dir))
+        shipped = "shipped-" if tiny_path(args.cache_dir) == TINY_SHIPPED else ""
+        return f"tiny/{shipped}{os.path.basename(tiny_dir(args.cache_dir))}"
     path = os.path.expanduser(args.model)
     if not os.path.isdir(path):
         return args.model
@@ -1234,9 +1226,11 @@ class ValueModel(torch.nn.Module):
     backbone is frozen and trains LoRA adapters of its own. Saved (`save_pretrained`, as common.save_model calls it)
     as the backbone in transformers' format and the head as value_head.safetensors; `from_pretrained` reads both."""
 
-    def __init__(self, causal_lm, lora_r: int = 0):
+    def __init__(self, causal_lm, lora_r: int = 0, copy_backbone: bool = True):
         super().__init__()
-        self.backbone = value_backbone(causal_lm, lora_r)  # e.g. LlamaModel: loadable on its own with AutoModel
+        # e.g. LlamaModel: loadable on its own with AutoModel. from_pretrained hands over a freshly loaded backbone, which
+        # is used as is: a copy would hold the weights twice while loading
+        self.backbone = value_backbone(causal_lm, lora_r) if copy_backbone else causal_lm
         self.head = torch.nn.Linear(causal_lm.config.get_text_config().hidden_size, 1)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
@@ -1261,7 +1255,7 @@ class ValueModel(torch.nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoModel
 
-        model = cls(AutoModel.from_pretrained(path, dtype=dtype))
+        model = cls(AutoModel.from_pretrained(path, dtype=dtype), copy_backbone=False)
         model.head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
         return model.to(dtype)
 
@@ -1434,17 +1428,17 @@ def check_task_files(args) -> None:
             raise ArgumentError(f"--{split}_file {path}: no problems in the file")
 
 
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")  # = their packages
+
+
 def check_report_to(report_to: str) -> None:
     import importlib.util
 
     for tracker in filter(None, (t.strip() for t in (report_to or "").split(","))):
-        module = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
-                  "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}.get(tracker)
-        if module is None:
-            raise ArgumentError(f"--report_to {tracker}: unknown tracker (tensorboard, wandb, comet_ml, mlflow, aim, "
-                                "clearml, dvclive, swanlab; empty for none)")
-        if importlib.util.find_spec(module) is None:
-            raise ArgumentError(f"--report_to {tracker}: the {module} package is not installed (pip install {module}), "
+        if tracker not in TRACKERS:
+            raise ArgumentError(f"--report_to {tracker}: unknown tracker ({', '.join(TRACKERS)}; empty for none)")
+        if importlib.util.find_spec(tracker) is None:
+            raise ArgumentError(f"--report_to {tracker}: the {tracker} package is not installed (pip install {tracker}), "
                                 "or pass --report_to '' for no tracker")
 
 

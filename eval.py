@@ -15,6 +15,7 @@ beside the folder.
 """
 
 import html
+import json
 import os
 from dataclasses import dataclass
 
@@ -82,6 +83,16 @@ RULES = dict(task=one_of(*TASKS), n_test=at_least(1, unset_ok=True), seeds=at_le
 
 def validate(args) -> tuple:
     """Every flag and input, before anything is loaded. Returns the pass@k k values."""
+    if args.value_model:  # the run's own policy and task, unless given
+        if not os.path.isfile(os.path.join(args.value_model, "value_head.safetensors")):
+            raise ArgumentError(f"--value_model {args.value_model}: no value_head.safetensors (a value_model/ folder that "
+                                "dro.py or dqo.py saved is expected)")
+        run_dir = os.path.dirname(os.path.abspath(args.value_model))
+        if args.model == "tiny" and os.path.isdir(os.path.join(run_dir, "model")):
+            args.model = os.path.join(run_dir, "model")
+        if args.task is None and os.path.isfile(os.path.join(run_dir, "run.json")):
+            with open(os.path.join(run_dir, "run.json")) as f:
+                args.task = json.load(f)["args"].get("task")
     args.task = args.task or ("arith" if args.model == "tiny" else "gsm8k")
     args.max_new_tokens = args.max_new_tokens or TASK_MAX_NEW_TOKENS.get(args.task)
     check_rules(args, RULES)
@@ -91,12 +102,6 @@ def validate(args) -> tuple:
         raise ArgumentError(f"--pass_k {args.pass_k!r}: must be comma-separated whole numbers") from None
     if any(not 1 <= k <= args.pass_n for k in ks):
         raise ArgumentError(f"--pass_k {args.pass_k}: every k must be in [1, --pass_n {args.pass_n}]")
-    if args.value_model:
-        if not os.path.isfile(os.path.join(args.value_model, "value_head.safetensors")):
-            raise ArgumentError(f"--value_model {args.value_model}: no value_head.safetensors (a value_model/ folder that "
-                                "dro.py or dqo.py saved is expected)")
-        beside = os.path.join(os.path.dirname(os.path.abspath(args.value_model)), "model")
-        args.model = beside if args.model == "tiny" and os.path.isdir(beside) else args.model
     check_model_arg(args.model)
     check_task_files(args)
     check_report_to(args.report_to)
@@ -129,12 +134,12 @@ def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
     out = value_traces(model, value_model, tokenizer, problems, args, accelerator, n_correct=2, n_incorrect=2,
                        n_problems=args.trace_problems)
     accelerator.print(format_value_traces(out))
-    path = os.path.join(os.path.dirname(os.path.abspath(args.value_model)), "value_trace.html")
+    path = os.path.join(os.path.dirname(os.path.abspath(args.value_model)), "value_trace")
     if accelerator.is_main_process:
-        with open(path, "w") as f:
+        with open(f"{path}.html", "w") as f:
             f.write(value_trace_html(out))
-        write_json_atomic(path.replace(".html", ".json"), out)  # the statistics, for benchmarks/compare.py
-        print(f"wrote {path} and value_trace.json")
+        write_json_atomic(f"{path}.json", out)  # the statistics, for benchmarks/compare.py
+        print(f"wrote {path}.html and {path}.json")
 
 
 def main():

@@ -1,7 +1,7 @@
 """The embedded default's comparison: all six algorithms and the DQO paper's ablations, 3 seeds each, on the tiny reference.
 
     python benchmarks/compare.py                  # every run (finished runs are kept: run it again to resume), then the report
-    python benchmarks/compare.py --workers 1      # one run at a time (default 2: one per core, one thread each)
+    python benchmarks/compare.py --workers 1      # one run at a time (default 2; each gets cores / workers threads)
     python benchmarks/compare.py --report_only    # only rebuild the table and plot from the finished runs
 
 Each run is the algorithm file itself with its tiny defaults (`python dqo.py --seed 2 ...`), plus --eval_every so that
@@ -25,6 +25,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
 # name: (script, extra flags, evaluate every N optimizer steps: about 3 points along each curve)
 RUNS = {
     "RS": ("rs.py", [], 75),
@@ -54,11 +57,13 @@ def commands(name: str, seed: int, out: str, cache: str) -> list[list[str]]:
     d = run_dir(out, name, seed)
     cmd = [sys.executable, os.path.join(ROOT, script), "--seed", str(seed), "--output_dir", d, "--cache_dir", cache,
            "--report_to", "", "--save_every", "25", "--eval_every", str(eval_every), *extra]
-    if os.path.exists(os.path.join(d, "checkpoint", "trainer_state.json")):
-        cmd.append("--resume")
-    elif os.path.isdir(d):
-        shutil.rmtree(d)  # interrupted before its first checkpoint: start it again
-    cmds = [cmd]
+    if trained(d):
+        cmds = []  # only its value trace is missing
+    elif common.checkpoint_path(d):
+        cmds = [cmd + ["--resume"]]
+    else:
+        shutil.rmtree(d, ignore_errors=True)  # interrupted before its first checkpoint: start it again
+        cmds = [cmd]
     if script == "dqo.py":  # the value function's localisation of errors, on 256 sampled test responses
         cmds.append([sys.executable, os.path.join(ROOT, "eval.py"), "--model", os.path.join(d, "model"), "--value_model",
                      os.path.join(d, "value_model"), "--task", "arith", "--trace_problems", "64", "--seed", str(seed),
@@ -66,10 +71,13 @@ def commands(name: str, seed: int, out: str, cache: str) -> list[list[str]]:
     return cmds
 
 
+def trained(d: str) -> bool:
+    return os.path.exists(os.path.join(d, "results.json")) and "final" in json.load(open(os.path.join(d, "results.json")))
+
+
 def finished(out: str, name: str, seed: int) -> bool:
     d = run_dir(out, name, seed)
-    done = os.path.exists(os.path.join(d, "results.json")) and "final" in json.load(open(os.path.join(d, "results.json")))
-    return done and (RUNS[name][0] != "dqo.py" or os.path.exists(os.path.join(d, "value_trace.json")))
+    return trained(d) and (RUNS[name][0] != "dqo.py" or os.path.exists(os.path.join(d, "value_trace.json")))
 
 
 def run_all(args) -> None:
@@ -88,7 +96,9 @@ def run_all(args) -> None:
                 if proc.returncode != 0:
                     failed.append(key)
                     bar.write(f"FAILED {key[0]} seed {key[1]} (exit {proc.returncode}): see {log.name}")
-                elif rest:
+                    log.close()
+                    continue
+                if rest:
                     running[key] = (subprocess.Popen(rest[0], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
                                     rest[1:], log, start)
                     continue

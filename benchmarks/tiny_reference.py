@@ -29,9 +29,9 @@ import common  # noqa: E402
 QUALITY_BAND = dict(greedy=(0.30, 0.55), slip_share=0.85)  # greedy accuracy range; least share of failures at a slip
 
 
-def measure(path: str, n: int = 500) -> dict:
-    """Greedy and sampled accuracy of the model at `path` on the first `n` arith test problems, and the share of each
-    failure kind among its greedy failures."""
+def measure(path: str, n: int = 500, sampled: bool = True) -> dict:
+    """Greedy (and, with `sampled`, sampled) accuracy of the model at `path` on the first `n` arith test problems, and
+    the share of each failure kind among the failures."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
@@ -39,7 +39,7 @@ def measure(path: str, n: int = 500) -> dict:
     prompts = [common.encode_prompt(tokenizer, p["question"], "arith") for p in problems]
     answers = [p["answer"] for p in problems]
     out = {"n_problems": n}
-    for name, sampling in (("greedy", dict(temperature=0.0)), ("sampled", common.EVAL_SAMPLING)):
+    for name, sampling in (("greedy", dict(temperature=0.0)), ("sampled", common.EVAL_SAMPLING))[: 1 + sampled]:
         rows = common.rollout(model, tokenizer, prompts, answers, "arith", desc=name, **sampling)
         out[name] = float(np.mean([r["reward"] for r in rows]))
         kinds = collections.Counter(common.arith_failure_kind(r["response"], r["answer"]) for r in rows if r["reward"] < 1)
