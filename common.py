@@ -1184,7 +1184,7 @@ def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
             accelerator.wait_for_everyone()
     elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"--model {path}: no such directory (a local model must be a save_pretrained folder)")
-    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+    dtype = torch.bfloat16 if getattr(args, "precision", None) == "bf16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -1474,7 +1474,7 @@ def setup_accelerator(args, algo: str) -> Accelerator:
                    "processes. On a CPU machine run `python SCRIPT.py` (one process) or `accelerate launch --multi_gpu "
                    "--num_processes N SCRIPT.py` (N gloo processes, data parallel); configs/fsdp.yaml is for GPU nodes")
     try:
-        accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no",
+        accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.precision == "bf16" else "no",
                                   log_with=args.report_to or None, project_dir=args.output_dir, cpu=cpu)
     except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
         if sharding and not torch.cuda.is_available():

@@ -9,7 +9,7 @@ log π(y|x) = Σ_t log π(y_t | x, y_<t) and a separate value network V_φ(x) (t
 Launch:
     python dro.py                                                    # embedded default: arith task, tiny model, CPU
     accelerate launch --config_file configs/fsdp.yaml dro.py --model google/gemma-1.1-7b-it    # the paper's run, 8 GPUs
-    python dro.py --model google/gemma-1.1-7b-it --bf16 --gradient_checkpointing --lora_r 16  # one GPU
+    python dro.py --model google/gemma-1.1-7b-it --gradient_checkpointing --lora_r 16         # one GPU, bf16
 
 Deviations from the paper:
     - V_φ(x) is common.ValueModel, DQO's value network (a separate copy of the backbone, as the DRO paper found best),
@@ -78,7 +78,7 @@ class Args:
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    bf16: bool = arg(False, "bf16 weights and autocast (GPU)")
+    precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")

@@ -4,7 +4,7 @@ value trace of a trained value model (DQO paper, Table 4) as text and as an HTML
 
     python eval.py                                          # the embedded tiny reference on arith
     python eval.py --model runs/dqo/model --task arith
-    python eval.py --model google/gemma-1.1-7b-it --task gsm8k --bf16
+    python eval.py --model google/gemma-1.1-7b-it --task gsm8k --precision bf16
     python eval.py --model PATH --task math --test_file ../shared/data/math500/test.jsonl
     python eval.py --model PATH --pass_n 20 --pass_k 1,10 --pass_temperature 0.4 --pass_top_p 0.95 --pass_top_k 0  # SPO
     python eval.py --value_model runs/dqo/value_model --task arith  # value trace; the policy: runs/dqo/model
@@ -64,7 +64,7 @@ class Args:
     pass_problems: int | None = arg(None, "pass@k on the first N test problems only (default: all)")
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
     gen_batch_size: int = arg(256, "sequences per generate call")
-    bf16: bool = arg(False, "bf16 weights (GPU)")
+    precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
     cache_dir: str = arg(".cache", "where the tiny reference is cached")
     output: str = arg("", "JSON result path (default: beside the model, or in cache_dir for hub ids)")
     report_to: str = arg("", "accelerate tracker (none by default)")
@@ -129,7 +129,7 @@ def value_trace_html(out: dict) -> str:
 def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
     """Print the value trace of --value_model (two correct and two incorrect responses) with its statistics over
     4 responses to each of the first --trace_problems problems, and write value_trace.html and .json beside the folder."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     value_model = accelerator.prepare(ValueModel.from_pretrained(args.value_model, dtype=dtype))
     out = value_traces(model, value_model, tokenizer, problems, args, accelerator, n_correct=2, n_incorrect=2,
                        n_problems=args.trace_problems)

@@ -410,7 +410,7 @@ def test_left_padded_greedy_matches_unpadded(tiny_model):
 # Models: load by path, clear errors
 # ---------------------------------------------------------------------------------------------------------------------
 def _model_args(path, cache_dir=".cache"):
-    return SimpleNamespace(model=path, cache_dir=cache_dir, bf16=False, gradient_checkpointing=False)
+    return SimpleNamespace(model=path, cache_dir=cache_dir, precision="fp32", gradient_checkpointing=False)
 
 
 def test_model_saved_to_temp_dir_loads_by_path(tiny_model, tmp_path):

@@ -83,7 +83,7 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges(tiny_model, tmp
 
 
 def test_lora_with_gradient_checkpointing_trains_every_adapter(tiny_cache):
-    args = SimpleNamespace(model="tiny", cache_dir=tiny_cache, bf16=False, gradient_checkpointing=True, lora_r=4)
+    args = SimpleNamespace(model="tiny", cache_dir=tiny_cache, precision="fp32", gradient_checkpointing=True, lora_r=4)
     policy, tokenizer = common.load_model_and_tokenizer(args)
     batch = _batch(tokenizer)
     policy.train()
