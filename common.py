@@ -1168,10 +1168,13 @@ def data_key(args, split: str) -> str | None:
     return content_digest(path, os.path.join(args.cache_dir, "digests.json")) if path else None
 
 
-def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
+def load_model_and_tokenizer(args, accelerator: Accelerator | None = None, trainable: bool = True):
     """`--model tiny` builds (once, cached) and loads the embedded reference; anything else is a hub id or a local
     directory, loaded with AutoModelForCausalLM / AutoTokenizer. Pads on the left for generation is handled in
-    `generate_batch`; the tokenizer gets a pad token if it has none."""
+    `generate_batch`; the tokenizer gets a pad token if it has none.
+    Precision (`args.precision`, see `resolve_precision`): fp32 loads fp32; bf16 loads the weights in their stored dtype
+    (Gemma: bf16), and a `trainable` model gets fp32 master copies of the weights it trains (`master_weights`) unless
+    the launch shards it: FSDP2's `prepare` upcasts them itself, after which each process holds only its shard."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = args.model
@@ -1184,7 +1187,7 @@ def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
             accelerator.wait_for_everyone()
     elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"--model {path}: no such directory (a local model must be a save_pretrained folder)")
-    dtype = torch.bfloat16 if getattr(args, "precision", None) == "bf16" else torch.float32
+    dtype = "auto" if args.precision == "bf16" else torch.float32  # "auto": the dtype the weights were saved in
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -1195,7 +1198,19 @@ def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
         model.config.use_cache = False
     if getattr(args, "lora_r", 0):
         model = add_lora(model, args.lora_r)
+    sharded = accelerator is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if trainable and not sharded:
+        master_weights(model)
     return model, tokenizer
+
+
+def master_weights(model) -> None:
+    """Trained weights in fp32, in place; frozen ones (a LoRA base) keep their dtype. Under bf16 autocast the forward
+    runs in bf16 either way, but AdamW's updates at the papers' lr (1e-7) are below bf16's resolution (2^-8 of the
+    weight): on bf16 weights most of them would round to no change at all."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def add_lora(model, r: int):
@@ -1238,7 +1253,7 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        v = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T): V of the state after token t
+        v = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T): V of the state after token t, fp32
         return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)  # (B, T): V of the state before token t
 
     def save_pretrained(self, path: str, state_dict: dict | None = None, safe_serialization: bool = True) -> None:
@@ -1461,8 +1476,63 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
                             "with it, or choose a new --output_dir")
 
 
+PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16"}  # accelerate's mixed_precision names -> ours
+# The versions whose FSDP2 internals `unsharded` and the sharded tests were run against (requirements.txt's floors)
+FSDP2_TESTED = {"torch": (2, 13), "accelerate": (1, 16)}
+
+
+def resolve_precision(model: str, precision: str | None) -> str:
+    """fp32 or bf16 for this run. An accelerate launch's mixed_precision (ACCELERATE_MIXED_PRECISION, from its
+    --config_file or --mixed_precision) is what the user launched, so it is never overridden: --precision may only
+    repeat it. Without a launch: --precision, else fp32 for the tiny CPU default and bf16 for any other model (the
+    papers' 7B runs; fp32 weights would double every gathered copy, frozen copy and KV cache)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None and precision not in ("fp32", "bf16"):
+        raise ArgumentError(f"--precision {precision!r}: must be one of 'fp32', 'bf16'")
+    if launched:
+        if launched not in PRECISIONS:
+            raise ArgumentError(f"the accelerate launch asks for mixed_precision {launched}: only bf16 or no (fp32) is "
+                                "supported (fp16 needs loss scaling, which these scripts do not do)")
+        if precision is not None and precision != PRECISIONS[launched]:
+            raise ArgumentError(f"--precision {precision} contradicts the accelerate launch's mixed_precision {launched}: "
+                                "drop --precision, or launch with --mixed_precision "
+                                f"{'no' if precision == 'fp32' else precision}")
+        return PRECISIONS[launched]
+    return precision or ("fp32" if model == "tiny" else "bf16")
+
+
+def check_versions(sharding: str | None, fsdp_version: int) -> None:
+    """Under FSDP2, `unsharded` and the resharding around generation read private attributes of torch's fully_shard,
+    and accelerate's root-module wrapping matters to `token_logprobs`: stop at start, not at the first evaluation."""
+    if sharding != "FSDP" or fsdp_version != 2:
+        return
+    import accelerate
+
+    for name, version in (("torch", torch.__version__), ("accelerate", accelerate.__version__)):
+        have = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+        need = FSDP2_TESTED[name]
+        if have < need:
+            raise ArgumentError(f"FSDP2 (configs/fsdp.yaml) needs {name} >= {need[0]}.{need[1]} (the version whose FSDP2 "
+                                f"internals this code was tested with); found {version}. Upgrade {name}, or launch "
+                                "with configs/deepspeed_zero3.yaml")
+
+
 def setup_accelerator(args, algo: str) -> Accelerator:
-    """Accelerator with TensorBoard tracking under `output_dir`, and seeding as one block (per-rank offset)."""
+    """The Accelerator this launch asked for, checked, with TensorBoard tracking under `output_dir` and seeding as one
+    block (per-rank offset). Sets `args.precision` (`resolve_precision`). What it decides, and why:
+      - precision: bf16 reaches accelerate as mixed_precision (autocast; under FSDP2 a MixedPrecisionPolicy of bf16
+        parameters for compute and fp32 gradient reduction over fp32 master weights);
+      - gradient accumulation under FSDP reduce-scatters every micro-batch (`sync_each_batch`): with no_sync, FSDP2
+        keeps each layer's unsharded gradient between micro-batches, a whole model's worth per GPU (+34 GB at 7B in
+        bf16). Under plain data parallel no_sync stays on: DDP's gradients are full-size either way;
+      - the process-group timeout is --dist_timeout (the offline dataset, sampled by each process on its own, has no
+        collective for hours at paper size; NCCL's default of 10 minutes would kill a run whose processes finish
+        their shares at different times);
+      - the effective precision, world, sharding and batch sizes are printed and written to run.json."""
+    from datetime import timedelta
+
+    from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo needs cpu=True,
     # or accelerate silently runs each process as a world of one.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1470,12 +1540,26 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     # accelerate launch --config_file configs/fsdp.yaml (or deepspeed_zero3.yaml) sets this; without GPUs accelerate
     # either refuses the plugin or quietly runs plain data parallel (each process holding the whole model) instead
     sharding = next((n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"), None)
+    fsdp_version = int(os.environ.get("FSDP_VERSION", "1")) if sharding == "FSDP" else 0
+    args.precision = resolve_precision(args.model, args.precision)
+    check_versions(sharding, fsdp_version)
     no_sharding = (f"the accelerate config asks for {sharding}, which needs GPUs: accelerate does not shard on CPU "
                    "processes. On a CPU machine run `python SCRIPT.py` (one process) or `accelerate launch --multi_gpu "
                    "--num_processes N SCRIPT.py` (N gloo processes, data parallel); configs/fsdp.yaml is for GPU nodes")
+    kwargs = {}
+    if sharding == "FSDP" and args.precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
+
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fsdp_version == 2 else
+                  MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16))
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)  # the rest from the env
+    accumulation = GradientAccumulationPlugin(num_steps=getattr(args, "grad_accum", 1) or 1,
+                                              sync_each_batch=sharding == "FSDP", sync_with_dataloader=False)
     try:
-        accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.precision == "bf16" else "no",
-                                  log_with=args.report_to or None, project_dir=args.output_dir, cpu=cpu)
+        accelerator = Accelerator(gradient_accumulation_plugin=accumulation, log_with=args.report_to or None,
+                                  mixed_precision="bf16" if args.precision == "bf16" else "no", project_dir=args.output_dir,
+                                  cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
+                                  **kwargs)
     except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
         if sharding and not torch.cuda.is_available():
             raise ArgumentError(no_sharding) from e
@@ -1489,11 +1573,15 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
     if args.report_to:
         accelerator.init_trackers(algo, config=config)
-    accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}")
+    launch = dict(precision=args.precision, world_size=accelerator.num_processes,
+                  sharding=f"FSDP{fsdp_version}" if sharding == "FSDP" else sharding or "none",
+                  per_device_batch_size=getattr(args, "per_device_batch_size", None),
+                  grad_accum=getattr(args, "grad_accum", None), global_batch_size=getattr(args, "global_batch_size", None))
+    accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}, "
+                      + ", ".join(f"{k} {v}" for k, v in launch.items() if k != "world_size" and v is not None))
     if accelerator.is_main_process:  # what ran: tests read the world size from here
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(args.output_dir, "run.json"),
-                          {"algo": algo, "world_size": accelerator.num_processes, "args": config})
+        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": algo, **launch, "args": config})
     return accelerator
 
 

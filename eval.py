@@ -65,6 +65,8 @@ class Args:
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
     gen_batch_size: int = arg(256, "sequences per generate call")
     precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
+    dist_timeout: int = arg(43200, "seconds a process waits at a collective (12 h: sampling the offline dataset has none)")
+    skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
     cache_dir: str = arg(".cache", "where the tiny reference is cached")
     output: str = arg("", "JSON result path (default: beside the model, or in cache_dir for hub ids)")
     report_to: str = arg("", "accelerate tracker (none by default)")
@@ -146,7 +148,7 @@ def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     ks = validate(args)
     accelerator = setup_accelerator(args, "eval")
-    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    model, tokenizer = load_model_and_tokenizer(args, accelerator, trainable=False)
     model = accelerator.prepare(model)
     problems = load_task(args.task, "test", args.test_file, args.n_test)
     if args.value_model:

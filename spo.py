@@ -93,6 +93,8 @@ class Args:
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
+    dist_timeout: int = arg(43200, "seconds a process waits at a collective (12 h: sampling the offline dataset has none)")
+    skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")

@@ -68,12 +68,13 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch(*options: str, num_processes: int = 2) -> tuple:
+def launch(*options: str, num_processes: int = 2, mixed_precision: str | None = "no") -> tuple:
     """`accelerate launch` with `options` (e.g. a --config_file) for `num_processes` processes on this CPU machine:
-    fp32, no dynamo, a free port. Without a config, --multi_gpu: on a CPU-only machine that starts gloo ranks
-    (`--cpu --num_processes 2` silently starts ONE process)."""
+    no dynamo, a free port, fp32 unless `mixed_precision` says otherwise (None: the config's own). Without a config,
+    --multi_gpu: on a CPU-only machine that starts gloo ranks (`--cpu --num_processes 2` silently starts ONE process)."""
+    precision = ("--mixed_precision", mixed_precision) if mixed_precision else ()
     return (sys.executable, "-m", "accelerate.commands.launch", *(options or ("--multi_gpu",)), "--num_processes",
-            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(num_processes), "--num_machines", "1", *precision, "--dynamo_backend", "no",
             "--main_process_port", free_port())
 
 
