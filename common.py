@@ -1501,14 +1501,17 @@ def resolve_precision(model: str, precision: str | None) -> str:
     return precision or ("fp32" if model == "tiny" else "bf16")
 
 
-def check_versions(sharding: str | None, fsdp_version: int) -> None:
-    """Under FSDP2, `unsharded` and the resharding around generation read private attributes of torch's fully_shard,
-    and accelerate's root-module wrapping matters to `token_logprobs`: stop at start, not at the first evaluation."""
+def check_versions(sharding: str | None, fsdp_version: int, versions: dict | None = None) -> None:
+    """Under FSDP2, `unsharded` reads private attributes of torch's fully_shard state, and `token_logprobs` needs
+    accelerate's root wrapping (an older accelerate reshards the root after forward, which frees the output head's
+    weight that log-probs read): stop at start, not at the first evaluation. `versions`: {"torch": ..., "accelerate":
+    ...}, default the installed ones."""
     if sharding != "FSDP" or fsdp_version != 2:
         return
     import accelerate
 
-    for name, version in (("torch", torch.__version__), ("accelerate", accelerate.__version__)):
+    versions = versions or {"torch": torch.__version__, "accelerate": accelerate.__version__}
+    for name, version in versions.items():
         have = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
         need = FSDP2_TESTED[name]
         if have < need:

@@ -154,3 +154,61 @@ def test_accelerate_configs_parse(config):
         assert cfg.fsdp_config["fsdp_activation_checkpointing"] is True
     if config == "deepspeed_zero3.yaml":
         assert cfg.deepspeed_config["zero_stage"] == 3
+
+
+def test_precision_follows_the_launch(monkeypatch):
+    """An accelerate launch's mixed_precision is never overridden; without one, hub models default to bf16."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert common.resolve_precision("tiny", None) == "fp32"
+    assert common.resolve_precision("google/gemma-1.1-7b-it", None) == "bf16"
+    assert common.resolve_precision("google/gemma-1.1-7b-it", "fp32") == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --config_file configs/fsdp.yaml` sets
+    assert common.resolve_precision("tiny", None) == "bf16"
+    with pytest.raises(common.ArgumentError, match="--precision fp32 contradicts the accelerate launch's mixed_precision bf16"):
+        common.resolve_precision("tiny", "fp32")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert common.resolve_precision("google/gemma-1.1-7b-it", None) == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(common.ArgumentError, match="only bf16 or no"):
+        common.resolve_precision("tiny", None)
+
+
+def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch):
+    """`ACCELERATE_MIXED_PRECISION=bf16 python dqo.py ...` runs bf16 autocast over fp32 master weights, and says so."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = str(tmp_path / "run")
+    run_script("dqo.py", tiny_cache, out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    assert (run["precision"], run["sharding"], run["world_size"]) == ("bf16", "none", 1)
+
+
+def test_fsdp2_needs_the_tested_versions():
+    common.check_versions("FSDP", 2, {"torch": "2.13.0+cu128", "accelerate": "1.16.0"})
+    common.check_versions("FSDP", 1, {"torch": "2.5.1", "accelerate": "1.10.0"})  # FSDP1 uses none of those internals
+    common.check_versions(None, 0, {"torch": "2.5.1", "accelerate": "1.10.0"})
+    with pytest.raises(common.ArgumentError, match=r"FSDP2 \(configs/fsdp.yaml\) needs torch >= 2.13 .* found 2.9.1"):
+        common.check_versions("FSDP", 2, {"torch": "2.9.1", "accelerate": "1.16.0"})
+    with pytest.raises(common.ArgumentError, match="needs accelerate >= 1.16"):
+        common.check_versions("FSDP", 2, {"torch": "2.13.0", "accelerate": "1.12.0"})
+
+
+def test_dist_timeout_reaches_the_process_group(tmp_path):
+    """--dist_timeout is the process group's timeout (NCCL's default, 10 minutes, is shorter than sampling the offline
+    dataset at paper size, during which processes make no collective call)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""import sys
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import common
+common.asdict = vars  # a namespace stands in for the Args dataclass
+args = SimpleNamespace(model="tiny", precision=None, grad_accum=1, report_to="", output_dir={str(tmp_path / "out")!r},
+                       seed=1, dist_timeout=1234)
+acc = common.setup_accelerator(args, "probe")
+print("timeout", acc.process_index, dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+""")
+    proc = subprocess.run([*launch(), str(driver)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("timeout")) == [
+        "timeout 0 1234.0", "timeout 1 1234.0"]
