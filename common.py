@@ -158,6 +158,15 @@ def first_wrong_step(response: str, spec: str) -> int | None:
     return _arith_walk(response, spec)[1]
 
 
+def arith_first_wrong(row: dict) -> int | None:
+    """Index of the first wrong segment of an arith response (segment i is step i, the last one the `####` answer),
+    by the strict verifier; None if the response is correct."""
+    if row["reward"] == 1.0:
+        return None
+    step = first_wrong_step(row["response"], row["answer"])
+    return len(row["answer"].split(";")) - 1 if step is None else step
+
+
 def arith_failure_kind(response: str, spec: str) -> str | None:
     """Why a response fails, judged at its first wrong step: "slip" (the planted misconception: a step that needs a
     carry or borrow, right operands, result off by exactly the forgotten 10), "copy" (a wrong previous value, operation
@@ -490,6 +499,31 @@ def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_f
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, **out}
 
 
+SEGMENT_SEP = re.compile(r"\n\s*\n")  # segments of a response (process scores, value traces) end at blank lines
+
+
+def segment_ends(tokenizer, response_ids: list[int]) -> list[int]:
+    """Exclusive token ends of a response's segments, split at blank lines. The segments partition the response: each
+    keeps its trailing blank line, and the last one ends at the last token (EOS included). Token boundaries come from
+    decoding prefixes (a binary search per cut), so any tokenizer works."""
+    def n_chars(k):
+        return len(tokenizer.decode(response_ids[:k], skip_special_tokens=True))
+
+    text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    ends, start = [], 0
+    for m in SEGMENT_SEP.finditer(text):
+        if not text[start : m.start()].strip() or not text[m.end() :].strip():
+            continue  # blank lines at the start or the end do not open a new segment
+        start = m.end()
+        lo, hi = 1, len(response_ids)
+        while lo < hi:  # the first token that reaches past the blank line
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if n_chars(mid) >= start else (mid + 1, hi)
+        if lo < len(response_ids) and (not ends or lo > ends[-1]):
+            ends.append(lo)
+    return ends + [len(response_ids)]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-token log-probs: the backbone, then the output projection in checkpointed chunks, never the (B, T, V) logits
 # ---------------------------------------------------------------------------------------------------------------------
@@ -816,129 +850,6 @@ def online_rollouts(rollout_model, ref_model, tokenizer, rows: list[dict], task:
     with reference_mode(ref_model):
         score_rows(ref_model, fresh, tokenizer.pad_token_id)
     return [dict(f, ref_logps=f.pop("logps"), prompt_idx=r["prompt_idx"], online=True) for f, r in zip(fresh, rows)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Process scores (DQO paper §5.5): segments of a response, and how many of them are correct, from prefix completions
-# ---------------------------------------------------------------------------------------------------------------------
-SEGMENT_SEP = re.compile(r"\n\s*\n")
-PS_CHUNK = 64  # responses per cached process-score chunk
-
-
-def segment_ends(tokenizer, response_ids: list[int]) -> list[int]:
-    """Exclusive token ends of a response's segments, split at blank lines. The segments partition the response: each
-    keeps its trailing blank line, and the last one ends at the last token (EOS included). Token boundaries come from
-    decoding prefixes (a binary search per cut), so any tokenizer works."""
-    def n_chars(k):
-        return len(tokenizer.decode(response_ids[:k], skip_special_tokens=True))
-
-    text = tokenizer.decode(response_ids, skip_special_tokens=True)
-    ends, start = [], 0
-    for m in SEGMENT_SEP.finditer(text):
-        if not text[start : m.start()].strip() or not text[m.end() :].strip():
-            continue  # blank lines at the start or the end do not open a new segment
-        start = m.end()
-        lo, hi = 1, len(response_ids)
-        while lo < hi:  # the first token that reaches past the blank line
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if n_chars(mid) >= start else (mid + 1, hi)
-        if lo < len(response_ids) and (not ends or lo > ends[-1]):
-            ends.append(lo)
-    return ends + [len(response_ids)]
-
-
-def score_segments(policy, tokenizer, rows: list[dict], task: str, ps_samples: int, sampling: dict, max_new_tokens: int,
-                   gen_batch_size: int, seed: int) -> list[dict]:
-    """Per response, its segment ends and the number of leading segments judged correct. Correct responses: all n.
-    Failed ones: for k = n − 1, n − 2, ..., 1, sample `ps_samples` completions of the prompt plus the first k segments
-    from `policy`; the first (longest) prefix with at least one correct completion marks its k segments correct.
-    All still-undecided responses of `rows` go through one prefix length per round, in batches of `gen_batch_size`."""
-    ends = [segment_ends(tokenizer, r["response_ids"]) for r in rows]
-    correct = [len(e) if r["reward"] == 1.0 else 0 for r, e in zip(rows, ends)]
-    k = [len(e) - 1 for e in ends]  # candidate prefix length, in segments
-    pending = [i for i, r in enumerate(rows) if r["reward"] != 1.0 and k[i] >= 1]
-    for rnd in range(max(k, default=0)):
-        if not pending:
-            break
-        torch.manual_seed(seed * 1_009 + rnd)
-        prefixes = [rows[i]["response_ids"][: ends[i][k[i] - 1]] for i in pending]
-        flat = [j for j in range(len(pending)) for _ in range(ps_samples)]
-        hit = [False] * len(pending)
-        for s in range(0, len(flat), gen_batch_size):
-            idx = flat[s : s + gen_batch_size]
-            budget = max(1, max_new_tokens - min(len(prefixes[j]) for j in idx))
-            outs = generate_batch(policy, tokenizer, [rows[pending[j]]["prompt_ids"] + prefixes[j] for j in idx],
-                                  max_new_tokens=budget, **sampling)
-            for j, o in zip(idx, outs):
-                if not hit[j]:
-                    text = tokenizer.decode(prefixes[j] + o["response_ids"], skip_special_tokens=True)
-                    hit[j] = grade(text, rows[pending[j]]["answer"], task) == 1.0
-        for j, i in enumerate(pending):
-            correct[i] = k[i] if hit[j] else 0
-            k[i] -= 0 if hit[j] else 1
-        pending = [i for j, i in enumerate(pending) if not hit[j] and k[i] >= 1]
-    return [{"segment_ends": e, "correct_segments": c} for e, c in zip(ends, correct)]
-
-
-def build_process_scores(accelerator, model, tokenizer, rows: list[dict], args) -> list[dict]:
-    """`score_segments` for every offline row, by the reference (`model` before training, prepared or not), cached
-    under `cache_dir/process_scores/<key>/`, keyed by the offline rows themselves and the sampling parameters. Chunks of
-    PS_CHUNK rows are written atomically when done (an interrupted build resumes) and shared round-robin across
-    processes (accelerator None: one process)."""
-    key = dict(model=model_key(args), task=args.task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
-               ps_samples=args.ps_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-               max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=PS_CHUNK, gen_batch_size=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "process_scores", cache_key(key))
-    os.makedirs(root, exist_ok=True)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    chunks = [range(s, min(s + PS_CHUNK, len(rows))) for s in range(0, len(rows), PS_CHUNK)]
-    mine = range(rank, len(chunks), world)
-    todo = [c for c in mine if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.json"))]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="process scores", disable=rank != 0)
-    with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
-        for c in todo:
-            scores = score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], args.task, args.ps_samples, sampling,
-                                    args.max_new_tokens, args.gen_batch_size, args.seed * 1_000_003 + c)
-            write_json_atomic(os.path.join(root, f"chunk-{c:05d}.json"), scores)
-            bar.update(1)
-    bar.close()
-    if accelerator:
-        accelerator.wait_for_everyone()
-    scores = []
-    for c in range(len(chunks)):
-        with open(os.path.join(root, f"chunk-{c:05d}.json")) as f:
-            scores += json.load(f)
-    failed = [(r, s) for r, s in zip(rows, scores) if r["reward"] != 1.0]
-    n_ok, n_seg = sum(s["correct_segments"] for _, s in failed), sum(len(s["segment_ends"]) for _, s in failed)
-    msg = (f"process scores: {sum(s['correct_segments'] > 0 for _, s in failed)}/{len(failed)} failed responses have a "
-           f"correct prefix, {n_ok / max(1, n_seg):.3f} of their segments judged correct")
-    if args.task == "arith":  # the verifier knows the first wrong step: segment i is step i, the last one the answer
-        match = [arith_first_wrong(r) == s["correct_segments"] for r, s in failed]
-        msg += f"; the first segment judged wrong is the verifier's first wrong step in {sum(match) / max(1, len(match)):.3f}"
-    if rank == 0:
-        print(f"{msg} ({root})")
-    return scores
-
-
-def arith_first_wrong(row: dict) -> int | None:
-    """Index of the first wrong segment of an arith response (segment i is step i, the last one the `####` answer),
-    by the strict verifier; None if the response is correct."""
-    if row["reward"] == 1.0:
-        return None
-    step = first_wrong_step(row["response"], row["answer"])
-    return len(row["answer"].split(";")) - 1 if step is None else step
-
-
-def token_rewards(n_tokens: int, reward: float, score: dict | None = None) -> list[float]:
-    """Per-token rewards of one response: the outcome reward on its last token, plus 1/n on the last token of each
-    of its correct leading segments (n segments)."""
-    r = [0.0] * n_tokens
-    r[-1] += reward
-    if score:
-        for e in score["segment_ends"][: score["correct_segments"]]:
-            r[e - 1] += 1 / len(score["segment_ends"])
-    return r
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1733,70 +1644,6 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json_atomic(path, out)
     return out
-
-
-@torch.no_grad()
-def value_traces(policy, value_model, tokenizer, problems: list[dict], args, accelerator=None, n_correct: int = 1,
-                 n_incorrect: int = 1, n_problems: int = 32, n_per: int = 4) -> dict:
-    """The DQO paper's value trace (Table 4). Sample `n_per` responses per problem for the first `n_problems` (the
-    paper's evaluation sampling; `policy` and `value_model` prepared or not; `args`: task, seed, max_new_tokens,
-    gen_batch_size), split each into segments and read V at each segment end (the state after its last token; for
-    the last segment, before its stop token). Returns {"traces": the first `n_correct` correct and `n_incorrect`
-    incorrect ones, "stats", "n_responses"}. On arith each segment is marked against the verifier's first wrong step,
-    and stats, over all sampled responses, gives the mean change of V across correct steps and across the first wrong
-    step, and the AUC with which the drop −dV ranks first-wrong-step segments above correct-step ones."""
-    problems = problems[:n_problems]
-    prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in problems]
-    rows = rollout(policy, tokenizer, prompts, [p["answer"] for p in problems], args.task, n=n_per, seed=args.seed,
-                   max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, accelerator=accelerator,
-                   desc="value trace", **EVAL_SAMPLING)
-    was_training = value_model.training
-    value_model.eval()
-    device = next(value_model.parameters()).device
-    traces = []
-    for s in range(0, len(rows), args.gen_batch_size):
-        chunk = rows[s : s + args.gen_batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id)
-        values = value_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()  # (B, T)
-        for i, r in enumerate(chunk):
-            p, n, ends = len(r["prompt_ids"]), len(r["response_ids"]), segment_ends(tokenizer, r["response_ids"])
-            wrong = arith_first_wrong(r) if args.task == "arith" else None
-            segs, a = [], 0
-            for j, e in enumerate(ends):
-                text = tokenizer.decode(r["response_ids"][a:e], skip_special_tokens=True)
-                status = "" if args.task != "arith" else "ok" if wrong is None or j < wrong else "WRONG" if j == wrong else "-"
-                segs.append({"text": text, "value": values[i, p + min(e, n - 1)].item(), "status": status})
-                a = e
-            traces.append({"question": problems[r["prompt_idx"]]["question"], "reward": r["reward"],
-                           "value_start": values[i, p].item(), "segments": segs, "first_wrong": wrong})
-    value_model.train(was_training)
-    stats = {}
-    if args.task == "arith":
-        dv = {"ok": [], "WRONG": []}
-        for t in traces:
-            prev = t["value_start"]
-            for sg in t["segments"]:
-                dv.setdefault(sg["status"], []).append(sg["value"] - prev)
-                prev = sg["value"]
-        stats = {f"mean dV at {k} segments": sum(v) / len(v) for k, v in dv.items() if v and k in ("ok", "WRONG")}
-        if dv["ok"] and dv["WRONG"]:  # P(−dV at a first wrong step > −dV at a correct step), ties counting half
-            wrong, ok = -np.array(dv["WRONG"])[:, None], -np.array(dv["ok"])[None, :]
-            stats["AUC of -dV, first wrong vs correct steps"] = float((wrong > ok).mean() + 0.5 * (wrong == ok).mean())
-    picked = [t for t in traces if t["reward"] == 1.0][:n_correct] + [t for t in traces if t["reward"] != 1.0][:n_incorrect]
-    return {"traces": picked, "stats": stats, "n_responses": len(traces)}
-
-
-def format_value_traces(out: dict) -> str:
-    """Plain text: per response, V at the start and at each segment end, the segment's status, and the segment."""
-    lines = ["value trace: learned V at each segment end (DQO paper, Table 4)"]
-    for t in out["traces"]:
-        lines += ["", f"{'correct' if t['reward'] == 1.0 else 'incorrect'} response to: {t['question']}",
-                  f"  {'V':>7}  {'step':<6} segment", f"  {t['value_start']:>7.3f}  {'':<6} (start)"]
-        lines += [f"  {sg['value']:>7.3f}  {sg['status']:<6} {sg['text'].strip()!r}" for sg in t["segments"]]
-    if out["stats"]:
-        lines += ["", f"over {out['n_responses']} sampled responses: "
-                  + ", ".join(f"{k} {v:+.3f}" for k, v in out["stats"].items())]
-    return "\n".join(lines)
 
 
 def format_results(results: dict[str, dict]) -> str:
