@@ -924,108 +924,26 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The embedded model `tiny`: a small Llama with a local word-level tokenizer, SFT'd into an imperfect reference
-# ---------------------------------------------------------------------------------------------------------------------
-TINY_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)
-TINY_SFT = dict(steps=700, batch_size=64, lr=3e-3, warmup=50, carry_slip=0.65, seed=0, version=4)
-TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def build_tiny_tokenizer():
-    """A word-level tokenizer for the `arith` task, wrapped as a PreTrainedTokenizerFast with pad, bos and eos, and a
-    chat template: digits one per token, a word with its leading space one token (" has": prompts a third shorter,
-    so SFT and sampling are faster), other spaces and newlines tokens of their own."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = set("has Then gets more gives away multiplies them by How many does have now".split())
-    words |= set(ARITH_NAMES) | set(ARITH_ITEMS) | set(re.findall(r"[A-Za-z]+", PROMPT_TEMPLATES["gsm8k"]))
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
-    chars = list("0123456789") + [" ", "\n"] + list(".,?'#+-*=:$()/")
-    vocab = {t: i for i, t in enumerate(specials + chars + sorted(words) + sorted(" " + w for w in words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\d|\s|[^\sA-Za-z\d]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-TINY_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # benchmarks/tiny_reference.py
-
-
-def tiny_recipe() -> dict:
-    return json.loads(json.dumps({"config": TINY_CONFIG, "sft": TINY_SFT}))  # as it reads back from recipe.json
-
-
-def tiny_dir(cache_dir: str) -> str:
-    return os.path.join(cache_dir, "tiny", cache_key(tiny_recipe()))
-
-
-def tiny_path(cache_dir: str) -> str:
-    """Where `--model tiny` loads from: the reference shipped in assets/tiny if it was built from the current recipe
-    (its recipe.json equals TINY_CONFIG and TINY_SFT), so every machine starts from the same weights (an SFT on
-    another CPU lands on other weights, and another accuracy); otherwise the cache's own build, made on first use."""
-    recipe = os.path.join(TINY_SHIPPED, "recipe.json")
-    if os.path.exists(recipe):
-        with open(recipe) as f:
-            if json.load(f) == tiny_recipe():
-                return TINY_SHIPPED
-    return tiny_dir(cache_dir)
-
-
-def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float | None = None) -> None:
-    """Build the tiny Llama and SFT it on a mix of correct and slipped `arith` solutions, so the reference makes
-    step-level mistakes that reward-driven methods can learn to avoid. Saved atomically to `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(TINY_SFT, steps=steps or TINY_SFT["steps"])  # tests override steps and carry_slip for a quick model
-    cfg["carry_slip"] = TINY_SFT["carry_slip"] if carry_slip is None else carry_slip
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(cfg["seed"])
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         **TINY_CONFIG)
-    model = LlamaForCausalLM(config)
-    rng = random.Random(cfg["seed"])
-    problems = arith_problems("train", 4000, seed=1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * 0.5 * (
-        1 + math.cos(math.pi * min(s, cfg["steps"]) / cfg["steps"])))
-    model.train()
-    for _ in tqdm(range(cfg["steps"]), desc="SFT tiny reference"):
-        rows = []
-        for p in rng.sample(problems, cfg["batch_size"]):  # random batches: sorting by length hurts accuracy badly
-            start, *steps_ = p["answer"].split(";")
-            ops = [(s[0], int(s[1:])) for s in steps_]
-            text, _ = arith_solution(int(start), ops, rng=rng, carry_slip=cfg["carry_slip"])
-            rows.append({"prompt_ids": encode_prompt(tokenizer, p["question"], "arith"),
-                         "response_ids": encode_response(tokenizer, text)})
-        batch = collate(rows, tokenizer.pad_token_id)
-        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        loss = -masked_mean(lp, batch["mask"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        optimizer.zero_grad(set_to_none=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(os.path.join(tmp, "recipe.json"), {"config": TINY_CONFIG, "sft": cfg})  # what `tiny_path` matches
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):  # another process finished first: keep its copy
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
+TINY_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # `--model tiny`
+TINY_REBUILD = "python benchmarks/tiny_reference.py --build assets/tiny --force"
+
+
+def tiny_recipe_key() -> str:
+    """The hash of the recipe assets/tiny was built from (its recipe.json), after checking that it is the recipe
+    benchmarks/tiny_reference.py holds now. Nothing is built at run time: a reference built from an older recipe is
+    an error, not silently another model."""
+    from benchmarks.tiny_reference import tiny_recipe  # the recipe only: a small dict beside the builder
+
+    with open(os.path.join(TINY_SHIPPED, "recipe.json")) as f:
+        shipped = cache_key(json.load(f))
+    if shipped != cache_key(tiny_recipe()):
+        raise ArgumentError(f"--model tiny: {TINY_SHIPPED} was built from another recipe than benchmarks/tiny_reference.py's: "
+                           f"rebuild it with `{TINY_REBUILD}`")
+    return shipped
+
+
 def content_digest(path: str, memo_path: str | None = None) -> str:
     """sha256 of a file's bytes, or of every file in a folder (relative names and bytes): the identity of an input in
     cache keys, so a data file or model edited in place never reuses samples, log-probs or evaluations of the old one.
@@ -1060,13 +978,11 @@ REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a mode
 
 
 def model_key(args) -> str:
-    """The reference's identity in cache keys. The tiny model: its recipe hash, wherever the cache lives, marked
-    `shipped` when the weights are assets/tiny's (a build from the same recipe on this machine has other weights). A hub
+    """The reference's identity in cache keys. The tiny model: the hash of the recipe assets/tiny was built from. A hub
     id: the id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
     never reuses samples, reference log-probs or evaluations of the old one, and a copy elsewhere reuses them."""
     if args.model == "tiny":
-        shipped = "shipped-" if tiny_path(args.cache_dir) == TINY_SHIPPED else ""
-        return f"tiny/{shipped}{os.path.basename(tiny_dir(args.cache_dir))}"
+        return f"tiny/shipped-{tiny_recipe_key()}"  # "shipped-": the key the shipped weights have always had
     path = os.path.expanduser(args.model)
     if not os.path.isdir(path):
         return args.model
@@ -1080,19 +996,15 @@ def data_key(args, split: str) -> str | None:
 
 
 def load_model_and_tokenizer(args, accelerator: Accelerator | None = None):
-    """`--model tiny` builds (once, cached) and loads the embedded reference; anything else is a hub id or a local
+    """`--model tiny` loads the embedded reference, assets/tiny; anything else is a hub id or a local
     directory, loaded with AutoModelForCausalLM / AutoTokenizer. Pads on the left for generation is handled in
     `generate_batch`; the tokenizer gets a pad token if it has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = args.model
     if args.model == "tiny":
-        path = tiny_path(args.cache_dir)
-        if not os.path.exists(path):
-            if accelerator is None or accelerator.is_main_process:
-                build_tiny_reference(path)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        tiny_recipe_key()  # a stale assets/tiny stops here
+        path = TINY_SHIPPED
     elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"--model {path}: no such directory (a local model must be a save_pretrained folder)")
     dtype = torch.bfloat16 if getattr(args, "precision", None) == "bf16" else torch.float32
@@ -1311,6 +1223,7 @@ def check_rules(args, rules: dict) -> None:
 
 def check_model_arg(model: str) -> None:
     if model == "tiny":
+        tiny_recipe_key()  # assets/tiny is built from the current recipe
         return
     path = os.path.expanduser(model)
     if os.path.isdir(path):

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny reference in a session temp cache, and a helper that runs a script."""
+"""Shared fixtures and helpers: a session temp cache, the tiny reference, arith batches, and running a script."""
 
 import json
 import os
@@ -22,24 +22,29 @@ needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"the real data 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    """A cache dir holding the `tiny` reference at `common.tiny_dir(cache)`: a copy of the shipped one (assets/tiny),
-    the same weights on every machine. If the recipe changed and assets/tiny was not rebuilt, the session stops: a
-    reference SFT'd on the host would make the tests depend on this CPU."""
-    if common.tiny_path(str(tmp_path_factory.getbasetemp())) != common.TINY_SHIPPED:
-        pytest.exit("assets/tiny no longer matches TINY_CONFIG/TINY_SFT: rebuild it with "
-                    "`python benchmarks/tiny_reference.py --build assets/tiny --force`", returncode=1)
-    cache = os.environ.get("TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse across runs
-    if not os.path.exists(common.tiny_dir(cache)):
-        shutil.copytree(common.TINY_SHIPPED, common.tiny_dir(cache))
-    return cache
+    """A cache dir for the runs' offline datasets and evaluations; `--model tiny` itself loads assets/tiny, the same
+    weights on every machine. If the recipe changed and assets/tiny was not rebuilt, the session stops: a reference
+    SFT'd on the host would make the tests depend on this CPU."""
+    try:
+        common.tiny_recipe_key()
+    except common.ArgumentError as e:
+        pytest.exit(str(e), returncode=1)
+    return os.environ.get("TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse across runs
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_cache, tmp_path_factory):
+    """A copy of assets/tiny, for tests that load the tiny model by path: a run may write reports beside its model."""
+    path = str(tmp_path_factory.mktemp("model") / "tiny")
+    shutil.copytree(common.TINY_SHIPPED, path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = common.tiny_dir(tiny_cache)
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED), AutoTokenizer.from_pretrained(common.TINY_SHIPPED)
 
 
 SMOKE_ARGS = ["--n_train_prompts", "48", "--n_test", "32", "--n_samples", "4", "--epochs", "1",

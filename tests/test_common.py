@@ -17,6 +17,7 @@ import torch
 from conftest import DATA, needs_data
 
 import common
+from benchmarks import tiny_reference
 
 GSM8K_TEST = os.path.join(DATA, "gsm8k", "test.jsonl")
 MATH500_TEST = os.path.join(DATA, "math500", "test.jsonl")
@@ -236,9 +237,9 @@ def test_encode_prompt_with_and_without_chat_template():
     plain = _char_bpe_tokenizer([text, PAPER_MATH.format(problem=q)])
     assert plain.decode(common.encode_prompt(plain, q, "gsm8k")) == text
     assert plain.decode(common.encode_prompt(plain, q, "math")) == PAPER_MATH.format(problem=q)
-    chat = _char_bpe_tokenizer([text, "<|user|>\n<|assistant|>"], chat_template=common.TINY_CHAT_TEMPLATE)
+    chat = _char_bpe_tokenizer([text, "<|user|>\n<|assistant|>"], chat_template=tiny_reference.TINY_CHAT_TEMPLATE)
     assert chat.decode(common.encode_prompt(chat, q, "gsm8k")) == f"<s><|user|>\n{text}\n<|assistant|>\n"
-    tiny = common.build_tiny_tokenizer()  # the embedded default goes through the same chat-template path
+    tiny = tiny_reference.build_tiny_tokenizer()  # the embedded default goes through the same chat-template path
     p = common.load_task("arith", "test", limit=1)[0]
     ids = common.encode_prompt(tiny, p["question"], "arith")
     assert ids[0] == tiny.bos_token_id and ids.count(tiny.bos_token_id) == 1

@@ -180,7 +180,7 @@ RUN_ARGS = {"rs": ["--per_device_batch_size", "4"], "dpo": ["--max_steps", "2"],
 
 
 @pytest.mark.parametrize("algo", ["rs", "dpo", "kto", "dro", "dqo", "spo"])
-def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tmp_path):
+def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tiny_dir, tmp_path):
     from transformers import AutoModel, AutoModelForCausalLM
 
     out = str(tmp_path / algo)
@@ -196,7 +196,7 @@ def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tmp_pa
         assert first and all(x == pytest.approx(0.0, abs=1e-3) for x in first)  # the stored reference: the base model
         assert last and any(abs(x) > 1e-3 for x in last)  # and the adapters moved the policy away from it
 
-    base = common.tiny_dir(tiny_cache)
+    base = tiny_dir
     path = os.path.join(out, "model")
     assert _keys(path) == _keys(base) and not any("lora" in k for k in _keys(path))  # merged: the base's format
     AutoModelForCausalLM.from_pretrained(path)

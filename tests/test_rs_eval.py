@@ -98,13 +98,13 @@ def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path):
 @pytest.mark.parametrize("task,train,test", [("gsm8k", "gsm8k/train.jsonl", "gsm8k/test.jsonl"),
                                              ("math", None, "math500/test.jsonl"), ("aime24", None, "aime24/test.jsonl")])
 @needs_data
-def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cache, tmp_path):
+def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cache, tiny_dir, tmp_path):
     """The real-model code path (a save_pretrained dir, the real GSM8K / MATH500 / AIME24 files): rs.py trains one
     step on GSM8K gold solutions, and eval.py evaluates every task. The tiny model cannot solve them; this checks
     loading, prompting, generation and grading end to end."""
     from conftest import DATA
 
-    model_dir = common.tiny_dir(tiny_cache)
+    model_dir = tiny_dir
     test_file = os.path.join(DATA, test)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if train:

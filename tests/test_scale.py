@@ -4,7 +4,6 @@ checkpoints are atomic; the shipped accelerate configs parse."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -65,9 +64,6 @@ def test_offline_dataset_same_for_any_process_count(tiny_cache, tmp_path):
     rows = {}
     for world, launcher in ((1, ()), (2, launch())):
         cache = tmp_path / f"cache{world}"
-        tiny = common.tiny_dir(str(cache))
-        os.makedirs(os.path.dirname(tiny))
-        shutil.copytree(common.tiny_dir(tiny_cache), tiny)
         out = str(tmp_path / f"run{world}")
         run_script("rs.py", str(cache), out, "--max_steps", "1", "--n_test", "8", "--n_train_prompts", "40",
                    "--gen_batch_size", "32", launcher=launcher)
