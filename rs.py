@@ -13,8 +13,8 @@ Deviations from the paper:
     - The loss is a token mean over the global batch (all processes), not a per-sequence mean: longer correct
       solutions are not down-weighted, and the value does not depend on the number of processes.
     - `--data gold` trains on the dataset's reference solutions instead: the paper's SFT baseline.
-    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr (and β)
-      than the 7B run (PAPER); the README's results table gives what it reaches.
+    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr than the
+      7B run (PAPER); the README's results table gives what it reaches.
 """
 
 import os
@@ -27,7 +27,6 @@ from transformers import HfArgumentParser, get_scheduler
 
 from common import (
     arg,
-    at_least,
     build_offline_dataset,
     collate,
     encode_prompt,
@@ -86,17 +85,16 @@ class Args:
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
-    beta: float | None = arg(None, "KL coefficient β (unused by RS; kept so every file takes the same flags)")
     # Algorithm-specific arguments
     data: str = arg("samples", "samples: the correct reference samples (RS); gold: the dataset's solutions (SFT)")
 
 
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=3e-4, per_device_batch_size=32, beta=0.0)
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=3e-4, per_device_batch_size=32)
 # PAPER: the DQO paper's RS baseline (App. A): 3 epochs, lr 1e-6, global batch 128. Micro-batch and generation batch:
 # what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
-PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, gen_batch_size=64, beta=0.0)
+PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, gen_batch_size=64)
 
-CHECKS = dict(beta=at_least(0), data=one_of("samples", "gold"))  # β is unused by RS
+CHECKS = dict(data=one_of("samples", "gold"))
 
 
 # ALGO LOGIC: loss
