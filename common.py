@@ -167,22 +167,6 @@ def arith_first_wrong(row: dict) -> int | None:
     return len(row["answer"].split(";")) - 1 if step is None else step
 
 
-def arith_failure_kind(response: str, spec: str) -> str | None:
-    """Why a response fails, judged at its first wrong step: "slip" (the planted misconception: a step that needs a
-    carry or borrow, right operands, result off by exactly the forgotten 10), "copy" (a wrong previous value, operation
-    or operand), "arith" (any other wrong result), "format" (a missing or malformed step, or a wrong `####` line).
-    None if the response is correct."""
-    if grade_arith(response, spec) == 1.0:
-        return None
-    _, i, m, value = _arith_walk(response, spec)
-    if i is None or not m:
-        return "format"
-    step = spec.split(";")[i + 1]
-    op, b = step[0], int(step[1:])
-    if int(m[1]) != value or m[2] != op or int(m[3]) != b:
-        return "copy"
-    forgot = _arith_apply(value, op, b) + (-10 if op == "+" else 10)
-    return "slip" if has_carry(value, op, b) and int(m[4]) == forgot else "arith"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,12 +456,6 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return {*ids, tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Response ids, closed by the end-of-turn token (`end_of_turn_id`: EOS for a model without a chat template), as
-    the model ends a turn when generating. Encoded on its own so no token straddles the prompt/response boundary."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
-
-
 def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_fields: tuple = ()) -> dict:
     """Right-padded batch. `mask` is 1 exactly on response tokens (the closing stop token included). Each of
     `token_fields` is a per-response-token list on the row, placed at the response positions of a (B, T) tensor
@@ -656,10 +634,6 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """(model, input_ids, attention_mask) -> (B, T) log-prob of each token given its prefix, 0 at position 0 and at
     padding; under the sampler's `warp` if given. See `token_logprob_variants`."""
     return token_logprob_variants(model, input_ids, attention_mask, (warp,), chunk_tokens)[0]
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1358,14 +1332,6 @@ def plan_steps(n_examples: int, args, accelerator: Accelerator) -> tuple[int, in
     steps_per_epoch = micro // args.grad_accum
     args.epochs = args.epochs or math.ceil(args.max_steps / steps_per_epoch)
     return steps_per_epoch, min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
-
-
-def global_token_scale(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor:
-    """Factor that turns a per-process token mean into this process's share of the global token mean: DDP averages
-    gradients over processes, so loss_local * (n_local * world / n_global) sums to the global token mean."""
-    n_local = mask.sum()
-    n_global = accelerator.reduce(n_local.detach().clone(), reduction="sum")
-    return n_local * accelerator.num_processes / n_global.clamp(min=1)
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: str) -> None:

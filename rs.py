@@ -30,10 +30,9 @@ from common import (
     build_offline_dataset,
     collate,
     encode_prompt,
-    encode_response,
+    end_of_turn_id,
     evaluate_reference,
     evaluate_run,
-    global_token_scale,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
@@ -107,6 +106,21 @@ def rs_loss(policy_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     Returns (loss, metrics)."""
     loss = -(policy_logps * mask).sum() / mask.sum()  # scalar
     return loss, {"losses/policy": loss.item(), "charts/response_tokens": mask.sum().item()}
+
+
+def global_token_scale(accelerator, mask: torch.Tensor) -> torch.Tensor:
+    """Factor that turns a per-process token mean into this process's share of the global token mean: DDP averages
+    gradients over processes, so loss_local * (n_local * world / n_global) sums to the global token mean."""
+    n_local = mask.sum()
+    n_global = accelerator.reduce(n_local.detach().clone(), reduction="sum")
+    return n_local * accelerator.num_processes / n_global.clamp(min=1)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """A dataset solution as response ids (--data gold), closed by the end-of-turn token (common.end_of_turn_id: EOS for
+    a model without a chat template), as the model ends a turn when generating. Encoded on its own so no token
+    straddles the prompt/response boundary."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
 
 
 def main():

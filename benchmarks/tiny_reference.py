@@ -5,7 +5,7 @@
     python benchmarks/tiny_reference.py --build assets/tiny --force    # rebuild the shipped one after a recipe change
 
 Prints greedy and sampled accuracy on the first --n `arith` test problems and, for the greedy failures, the kind of
-each one's first wrong step (common.arith_failure_kind), and writes them to quality.json in the model folder. The
+each one's first wrong step (arith_failure_kind), and writes them to quality.json in the model folder. The
 reference is meant to fail mostly at the planted slip (a forgotten carry or borrow, written with probability 0.65 in
 its SFT data, so greedy decoding keeps it and sampling sometimes avoids it): mistakes that reward can teach away.
 QUALITY_BAND is what tests/test_tiny_reference.py requires of a fresh build: SFT on another CPU lands on other
@@ -72,6 +72,8 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
     step-level mistakes that reward-driven methods can learn to avoid. Saved atomically to `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from rs import encode_response  # the SFT data are encoded as `rs.py --data gold` encodes solutions
+
     cfg = dict(TINY_SFT, steps=steps or TINY_SFT["steps"])  # tests override steps and carry_slip for a quick model
     cfg["carry_slip"] = TINY_SFT["carry_slip"] if carry_slip is None else carry_slip
     tokenizer = build_tiny_tokenizer()
@@ -93,10 +95,10 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
             ops = [(s[0], int(s[1:])) for s in steps_]
             text, _ = common.arith_solution(int(start), ops, rng=rng, carry_slip=cfg["carry_slip"])
             rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
-                         "response_ids": common.encode_response(tokenizer, text)})
+                         "response_ids": encode_response(tokenizer, text)})
         batch = common.collate(rows, tokenizer.pad_token_id)
         lp = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        loss = -common.masked_mean(lp, batch["mask"])
+        loss = -(lp * batch["mask"]).sum() / batch["mask"].sum().clamp(min=1)  # token mean
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -117,6 +119,24 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
 QUALITY_BAND = dict(greedy=(0.30, 0.55), slip_share=0.85)  # greedy accuracy range; least share of failures at a slip
 
 
+def arith_failure_kind(response: str, spec: str) -> str | None:
+    """Why a response fails, judged at its first wrong step: "slip" (the planted misconception: a step that needs a
+    carry or borrow, right operands, result off by exactly the forgotten 10), "copy" (a wrong previous value, operation
+    or operand), "arith" (any other wrong result), "format" (a missing or malformed step, or a wrong `####` line).
+    None if the response is correct."""
+    if common.grade_arith(response, spec) == 1.0:
+        return None
+    _, i, m, value = common._arith_walk(response, spec)
+    if i is None or not m:
+        return "format"
+    step = spec.split(";")[i + 1]
+    op, b = step[0], int(step[1:])
+    if int(m[1]) != value or m[2] != op or int(m[3]) != b:
+        return "copy"
+    forgot = common._arith_apply(value, op, b) + (-10 if op == "+" else 10)
+    return "slip" if common.has_carry(value, op, b) and int(m[4]) == forgot else "arith"
+
+
 def measure(path: str, n: int = 500, sampled: bool = True) -> dict:
     """Greedy (and, with `sampled`, sampled) accuracy of the model at `path` on the first `n` arith test problems, and
     the share of each failure kind among the failures."""
@@ -130,7 +150,7 @@ def measure(path: str, n: int = 500, sampled: bool = True) -> dict:
     for name, sampling in (("greedy", dict(temperature=0.0)), ("sampled", common.EVAL_SAMPLING))[: 1 + sampled]:
         rows = common.rollout(model, tokenizer, prompts, answers, "arith", desc=name, **sampling)
         out[name] = float(np.mean([r["reward"] for r in rows]))
-        kinds = collections.Counter(common.arith_failure_kind(r["response"], r["answer"]) for r in rows if r["reward"] < 1)
+        kinds = collections.Counter(arith_failure_kind(r["response"], r["answer"]) for r in rows if r["reward"] < 1)
         failures = max(1, sum(kinds.values()))
         out[f"{name}_failures"] = {k: round(c / failures, 4) for k, c in sorted(kinds.items())}
     out["slip_share"] = out["greedy_failures"].get("slip", 0.0)

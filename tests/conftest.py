@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+from rs import encode_response  # noqa: E402,F401  (responses from text, as rs.py --data gold encodes them)
 
 DATA = os.environ.get("SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")  # GSM8K, MATH500, AIME24
 # Tests on the real data files: they run wherever the project sits beside shared/ (CI does); a clone elsewhere skips
@@ -45,6 +46,27 @@ def tiny_model(tiny_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED), AutoTokenizer.from_pretrained(common.TINY_SHIPPED)
+
+
+def arith_ops(spec: str) -> tuple[int, list]:
+    """An arith answer spec, "15;+7;*2", as (15, [("+", 7), ("*", 2)])."""
+    start, *steps = spec.split(";")
+    return int(start), [(s[0], int(s[1:])) for s in steps]
+
+
+def arith_rows(tokenizer, problems: list[dict], slips: tuple = (None,), rng=None) -> list[dict]:
+    """Offline-dataset rows for arith `problems`, one per problem and entry of `slips`: None the gold solution, i a slip
+    at step i (-1: the last step; `rng` picks how far off it is). Each row has prompt and response ids, the response
+    text, the answer, and the response's grade as its reward."""
+    rows = []
+    for i, p in enumerate(problems):
+        start, ops = arith_ops(p["answer"])
+        for slip in slips:
+            text, _ = common.arith_solution(start, ops, None if slip is None else slip % len(ops), rng)
+            rows.append({"prompt_idx": i, "prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
+                         "response_ids": encode_response(tokenizer, text), "response": text, "answer": p["answer"],
+                         "reward": common.grade(text, p["answer"], "arith"), "truncated": False})
+    return rows
 
 
 SMOKE_ARGS = ["--n_train_prompts", "48", "--n_test", "32", "--n_samples", "4", "--epochs", "1",

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from transformers import AutoTokenizer
-from conftest import ROOT, gradient_step_lowers, run_script
+from conftest import ROOT, arith_rows, encode_response, gradient_step_lowers, run_script
 
 import common
 import dqo
@@ -22,7 +22,7 @@ import eval as eval_script
 # The loss
 # ---------------------------------------------------------------------------------------------------------------------
 def reference_dqo(pl, rl, bl, v, r, mask, beta, lam, is_clip, is_policy=True, is_value=True):
-    """The issue's equations, one trajectory and one token at a time, on scalar tensors (so autograd sees exactly
+    """dqo.py's equations (its docstring), one trajectory and one token at a time, on scalar tensors (so autograd sees exactly
     which terms are detached)."""
     policy_terms, value_terms = [], []
     for b in range(mask.shape[0]):
@@ -152,12 +152,9 @@ def tiny_batch(tokenizer, n=4):
     import random
 
     rng, rows = random.Random(0), []
-    for i, p in enumerate(common.arith_problems("train", n, seed=5)):
-        start, *steps = p["answer"].split(";")
-        text, _ = common.arith_solution(int(start), [(s[0], int(s[1:])) for s in steps], i % 2 or None, rng)
-        resp = common.encode_response(tokenizer, text)
-        rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "response_ids": resp,
-                     "rewards": dqo.token_rewards(len(resp), common.grade(text, p["answer"], "arith"))})
+    for i, p in enumerate(common.arith_problems("train", n, seed=5)):  # a slip at step 1 in every other response
+        (row,) = arith_rows(tokenizer, [p], (i % 2 or None,), rng)
+        rows.append(dict(row, rewards=dqo.token_rewards(len(row["response_ids"]), row["reward"])))
     assert {r["rewards"][-1] for r in rows} == {0.0, 1.0}
     return common.collate(rows, tokenizer.pad_token_id, ("rewards",))
 
@@ -229,14 +226,7 @@ def arith_case(tokenizer):
     import random
 
     p = next(q for q in common.arith_problems("train", 100, seed=3) if q["answer"].count(";") == 3)
-    start, *steps = p["answer"].split(";")
-    ops = [(s[0], int(s[1:])) for s in steps]
-    rows = []
-    for slip in (None, 0, 1, 2):
-        text, _ = common.arith_solution(int(start), ops, slip, random.Random(slip))
-        rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
-                     "response_ids": common.encode_response(tokenizer, text), "response": text, "answer": p["answer"],
-                     "reward": common.grade(text, p["answer"], "arith")})
+    rows = [arith_rows(tokenizer, [p], (slip,), random.Random(slip))[0] for slip in (None, 0, 1, 2)]
     assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
     assert [common.arith_first_wrong(r) for r in rows] == [None, 0, 1, 2]
     return p, rows
@@ -257,7 +247,7 @@ def fake_generator(tokenizer, gold: str, ps_samples: int, log: list):
             k = len([s for s in prefix.split("\n\n") if s.strip()])
             rest = "\n\n".join(gold_lines[k:]) if counter[0] % ps_samples == ps_samples - 1 else "#### 99999"
             counter[0] += 1
-            ids_out = common.encode_response(tok, rest)
+            ids_out = encode_response(tok, rest)
             out.append({"response_ids": ids_out, "finish": "stop", "response": rest})
         return out
 

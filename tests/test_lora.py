@@ -11,18 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import arith_rows, run_script
 from safetensors import safe_open
 
 import common
+import rs
 
 
 def _batch(tokenizer, n=6):
     """Gold arith solutions to `n` training prompts, collated."""
-    rows = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
-             "response_ids": common.encode_response(tokenizer, p["solution"])}
-            for p in common.arith_problems("train", n, seed=3)]
-    return common.collate(rows, tokenizer.pad_token_id)
+    return common.collate(arith_rows(tokenizer, common.arith_problems("train", n, seed=3)), tokenizer.pad_token_id)
 
 
 def _logps(model, batch):
@@ -33,7 +31,7 @@ def _logps(model, batch):
 def _sft_step(model, batch, lr=1e-2):
     """One AdamW step on the NLL of `batch`, over the trainable parameters only."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    loss = -common.masked_mean(common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["mask"])
+    loss = rs.rs_loss(common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["mask"])[0]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -87,7 +85,7 @@ def test_lora_with_gradient_checkpointing_trains_every_adapter(tiny_cache):
     policy, tokenizer = common.load_model_and_tokenizer(args)
     batch = _batch(tokenizer)
     policy.train()
-    loss = -common.masked_mean(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])
+    loss = rs.rs_loss(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])[0]
     loss.backward()
     # B starts at zero, so A's first gradient is zero; every B must get one through the checkpointed layers
     grads = {n: p.grad for n, p in policy.named_parameters() if ".lora_B." in n}

@@ -17,8 +17,8 @@ import spo
 
 @needs_data
 def test_dqo_with_a_local_model_runs_the_papers_gsm8k_experiment(tiny_cache, tiny_dir, tmp_path):
-    """The issue's acceptance command, cut shorter (4 prompts, 2 test problems, 32 new tokens): no --task, no batch
-    flags. 80 offline rows are fewer than one global batch of 256: the one step takes all of them (10 accumulation
+    """The paper's GSM8K run on a local model, cut shorter (4 prompts, 2 test problems, 32 new tokens): no --task, no
+    batch flags. 80 offline rows are fewer than one global batch of 256: the one step takes all of them (10 accumulation
     steps of 8), says so, and run.json records it beside the paper's values."""
     out = tmp_path / "run"
     gsm8k = os.path.join(DATA, "gsm8k")

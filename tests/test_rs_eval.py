@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, gradient_step_lowers, needs_data, run_script
+from conftest import ROOT, arith_rows, gradient_step_lowers, needs_data, run_script
 
 import common
 import rs
@@ -48,9 +48,7 @@ def test_rs_step_lowers_the_loss(tiny_model):
     policy = type(model)(model.config)
     policy.load_state_dict(model.state_dict())  # a copy: the session fixture stays untouched
     problems = common.load_task("arith", "train", limit=16)
-    rows = [{"prompt_ids": common.encode_prompt(tok, p["question"], "arith"),
-             "response_ids": common.encode_response(tok, p["solution"])} for p in problems]
-    batch = common.collate(rows, tok.pad_token_id)
+    batch = common.collate(arith_rows(tok, problems), tok.pad_token_id)
 
     def loss_now():
         return rs.rs_loss(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])[0]
