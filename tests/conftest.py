@@ -69,6 +69,29 @@ def arith_rows(tokenizer, problems: list[dict], slips: tuple = (None,), rng=None
     return rows
 
 
+@pytest.fixture(scope="session")
+def reference_greedy(tiny_model):
+    """reference_greedy(n): the tiny reference's greedy accuracy on the first n arith test problems, evaluated here in
+    process (no accelerate, no cache): what a run's results["reference"]["greedy"] must equal."""
+    model, tokenizer = tiny_model
+    memo = {}
+
+    def accuracy(n: int) -> float:
+        if n not in memo:
+            problems = common.load_task("arith", "test", limit=n)
+            memo[n] = common.evaluate(model, tokenizer, problems, "arith", max_new_tokens=64, sampled_seeds=0)["greedy"]
+        return memo[n]
+
+    return accuracy
+
+
+def assert_accuracy(value: float, n: int, seeds: int = 1) -> None:
+    """`value` is an accuracy over n problems (averaged over `seeds` seeds): a whole number of correct answers out of
+    n x seeds, not just any number in [0, 1]."""
+    correct = value * n * seeds
+    assert 0 <= value <= 1 and correct == pytest.approx(round(correct), abs=1e-6), (value, n, seeds)
+
+
 SMOKE_ARGS = ["--n_train_prompts", "48", "--n_test", "32", "--n_samples", "4", "--epochs", "1",
               "--per_device_batch_size", "8", "--report_to", "", "--save_every", "0"]
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import arith_rows, gradient_step_lowers, run_script
+from conftest import arith_rows, assert_accuracy, gradient_step_lowers, run_script
 
 import common
 import dpo
@@ -254,10 +254,11 @@ def test_dro_one_step_lowers_both_losses(tiny_model):
 # Smoke runs and script-level errors
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["dpo.py", "kto.py", "dro.py"])
-def test_smoke_run(script, tiny_cache, tmp_path):
+def test_smoke_run(script, tiny_cache, tmp_path, reference_greedy):
     out = str(tmp_path / script)
     results, metrics = run_script(script, tiny_cache, out)
-    assert {"reference", "final"} <= set(results) and 0.0 <= results["final"]["greedy"] <= 1.0
+    assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
+    assert_accuracy(results["final"]["greedy"], 32)
     assert metrics and all(math.isfinite(m["losses/policy"]) for m in metrics)
     assert os.path.exists(os.path.join(out, "model", "config.json"))
     if script == "dro.py":

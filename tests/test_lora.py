@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import arith_rows, run_script
+from conftest import arith_rows, assert_accuracy, run_script
 from safetensors import safe_open
 
 import common
@@ -178,7 +178,7 @@ RUN_ARGS = {"rs": ["--per_device_batch_size", "4"], "dpo": ["--max_steps", "2"],
 
 
 @pytest.mark.parametrize("algo", ["rs", "dpo", "kto", "dro", "dqo", "spo"])
-def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tiny_dir, tmp_path):
+def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tiny_dir, tmp_path, reference_greedy):
     from transformers import AutoModel, AutoModelForCausalLM
 
     out = str(tmp_path / algo)
@@ -187,7 +187,8 @@ def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tiny_d
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["args"]["lora_r"] == 4
     assert len(metrics) >= 2 and all(math.isfinite(m["losses/policy"]) for m in metrics)
-    assert 0.0 <= results["final"]["greedy"] <= 1.0
+    assert results["reference"]["greedy"] == reference_greedy(8)  # adapters off: the base model is the reference
+    assert_accuracy(results["final"]["greedy"], 8)
     if algo in LOGRATIO_METRICS:
         first = [metrics[0][k] for k in LOGRATIO_METRICS[algo] if k in metrics[0]]
         last = [metrics[-1][k] for k in LOGRATIO_METRICS[algo] if k in metrics[-1]]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import encode_response, gradient_step_lowers, run_script
+from conftest import assert_accuracy, encode_response, gradient_step_lowers, run_script
 
 import common
 import spo
@@ -273,7 +273,7 @@ def test_one_step_lowers_loss(tiny_model, loss_type):
 
 
 @pytest.mark.parametrize("mode", ["offline", "half", "online"])
-def test_smoke(tiny_cache, tmp_path, mode):
+def test_smoke(tiny_cache, tmp_path, mode, reference_greedy):
     """The script in its three modes: the per-step mix is exact, the rollout policy is refreshed on schedule, and
     pass@1 / pass@10 (20 samples at T=0.4) and peak memory are reported."""
     fraction = {"offline": 0.0, "half": 0.5, "online": 1.0}[mode]
@@ -286,5 +286,6 @@ def test_smoke(tiny_cache, tmp_path, mode):
         assert math.isfinite(m["losses/policy"])
     for name in ("reference", "final"):
         assert 0 <= results[name]["pass@1"] <= results[name]["pass@10"] <= 1
-        assert 0 <= results[name]["greedy"] <= 1
+        assert_accuracy(results[name]["greedy"], 32)
+    assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
     assert results["final"]["peak_memory_mb"] > 0

@@ -13,16 +13,16 @@ from benchmarks import tiny_reference
 
 def test_failure_kinds():
     spec = "15;+7;*2"  # 15+7=22 needs a carry; 22*2=44
-    assert common.arith_failure_kind("15+7=22\n\n22*2=44\n\n#### 44", spec) is None
-    assert common.arith_failure_kind("15+7=12\n\n12*2=24\n\n#### 24", spec) == "slip"  # the forgotten carry
-    assert common.arith_failure_kind("15+6=21\n\n21*2=42\n\n#### 42", spec) == "copy"  # wrong operand
-    assert common.arith_failure_kind("14+7=21\n\n21*2=42\n\n#### 42", spec) == "copy"  # wrong start value
-    assert common.arith_failure_kind("15+7=23\n\n23*2=46\n\n#### 46", spec) == "arith"
-    assert common.arith_failure_kind("15+7=22\n\n22*2=43\n\n#### 43", spec) == "arith"  # 22*2 has no carry to forget
-    assert common.arith_failure_kind("15+7=22\n\n22*2=44\n\n#### 45", spec) == "format"
-    assert common.arith_failure_kind("15+7=22", spec) == "format"
-    assert common.arith_failure_kind("18-9+2", "18;-9;+2") == "format"
-    assert common.arith_failure_kind("18-9=19\n\n19+2=21\n\n#### 21", "18;-9;+2") == "slip"  # the forgotten borrow
+    assert tiny_reference.arith_failure_kind("15+7=22\n\n22*2=44\n\n#### 44", spec) is None
+    assert tiny_reference.arith_failure_kind("15+7=12\n\n12*2=24\n\n#### 24", spec) == "slip"  # the forgotten carry
+    assert tiny_reference.arith_failure_kind("15+6=21\n\n21*2=42\n\n#### 42", spec) == "copy"  # wrong operand
+    assert tiny_reference.arith_failure_kind("14+7=21\n\n21*2=42\n\n#### 42", spec) == "copy"  # wrong start value
+    assert tiny_reference.arith_failure_kind("15+7=23\n\n23*2=46\n\n#### 46", spec) == "arith"
+    assert tiny_reference.arith_failure_kind("15+7=22\n\n22*2=43\n\n#### 43", spec) == "arith"  # 22*2 has no carry to forget
+    assert tiny_reference.arith_failure_kind("15+7=22\n\n22*2=44\n\n#### 45", spec) == "format"
+    assert tiny_reference.arith_failure_kind("15+7=22", spec) == "format"
+    assert tiny_reference.arith_failure_kind("18-9+2", "18;-9;+2") == "format"
+    assert tiny_reference.arith_failure_kind("18-9=19\n\n19+2=21\n\n#### 21", "18;-9;+2") == "slip"  # the forgotten borrow
 
 
 def test_shipped_reference_is_the_default(monkeypatch):
