@@ -69,7 +69,7 @@ class Args:
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
     gen_batch_size: int = arg(256, "sequences per generate call")
     precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
-    cache_dir: str = arg(".cache", "where the tiny reference is cached")
+    cache_dir: str = arg(".cache", "where file digests are cached, and the result for a hub model goes (see --output)")
     output: str = arg("", "JSON result path (default: beside the model, or in cache_dir for hub ids)")
     report_to: str = arg("", "accelerate tracker (none by default)")
     output_dir: str = arg("runs/eval", "tracker directory")
