@@ -158,22 +158,15 @@ def first_wrong_step(response: str, spec: str) -> int | None:
     return _arith_walk(response, spec)[1]
 
 
-def arith_failure_kind(response: str, spec: str) -> str | None:
-    """Why a response fails, judged at its first wrong step: "slip" (the planted misconception: a step that needs a
-    carry or borrow, right operands, result off by exactly the forgotten 10), "copy" (a wrong previous value, operation
-    or operand), "arith" (any other wrong result), "format" (a missing or malformed step, or a wrong `####` line).
-    None if the response is correct."""
-    if grade_arith(response, spec) == 1.0:
+def arith_first_wrong(row: dict) -> int | None:
+    """Index of the first wrong segment of an arith response (segment i is step i, the last one the `####` answer),
+    by the strict verifier; None if the response is correct."""
+    if row["reward"] == 1.0:
         return None
-    _, i, m, value = _arith_walk(response, spec)
-    if i is None or not m:
-        return "format"
-    step = spec.split(";")[i + 1]
-    op, b = step[0], int(step[1:])
-    if int(m[1]) != value or m[2] != op or int(m[3]) != b:
-        return "copy"
-    forgot = _arith_apply(value, op, b) + (-10 if op == "+" else 10)
-    return "slip" if has_carry(value, op, b) and int(m[4]) == forgot else "arith"
+    step = first_wrong_step(row["response"], row["answer"])
+    return len(row["answer"].split(";")) - 1 if step is None else step
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -463,12 +456,6 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return {*ids, tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Response ids, closed by the end-of-turn token (`end_of_turn_id`: EOS for a model without a chat template), as
-    the model ends a turn when generating. Encoded on its own so no token straddles the prompt/response boundary."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
-
-
 def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_fields: tuple = ()) -> dict:
     """Right-padded batch. `mask` is 1 exactly on response tokens (the closing stop token included). Each of
     `token_fields` is a per-response-token list on the row, placed at the response positions of a (B, T) tensor
@@ -488,6 +475,31 @@ def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_f
             out[f][i, p : p + n] = torch.tensor(r[f], dtype=torch.float)
     out.update({f: torch.tensor([float(r[f]) for r in rows]) for f in seq_fields})
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, **out}
+
+
+SEGMENT_SEP = re.compile(r"\n\s*\n")  # segments of a response (process scores, value traces) end at blank lines
+
+
+def segment_ends(tokenizer, response_ids: list[int]) -> list[int]:
+    """Exclusive token ends of a response's segments, split at blank lines. The segments partition the response: each
+    keeps its trailing blank line, and the last one ends at the last token (EOS included). Token boundaries come from
+    decoding prefixes (a binary search per cut), so any tokenizer works."""
+    def n_chars(k):
+        return len(tokenizer.decode(response_ids[:k], skip_special_tokens=True))
+
+    text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    ends, start = [], 0
+    for m in SEGMENT_SEP.finditer(text):
+        if not text[start : m.start()].strip() or not text[m.end() :].strip():
+            continue  # blank lines at the start or the end do not open a new segment
+        start = m.end()
+        lo, hi = 1, len(response_ids)
+        while lo < hi:  # the first token that reaches past the blank line
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if n_chars(mid) >= start else (mid + 1, hi)
+        if lo < len(response_ids) and (not ends or lo > ends[-1]):
+            ends.append(lo)
+    return ends + [len(response_ids)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -622,10 +634,6 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """(model, input_ids, attention_mask) -> (B, T) log-prob of each token given its prefix, 0 at position 0 and at
     padding; under the sampler's `warp` if given. See `token_logprob_variants`."""
     return token_logprob_variants(model, input_ids, attention_mask, (warp,), chunk_tokens)[0]
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -819,129 +827,6 @@ def online_rollouts(rollout_model, ref_model, tokenizer, rows: list[dict], task:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Process scores (DQO paper §5.5): segments of a response, and how many of them are correct, from prefix completions
-# ---------------------------------------------------------------------------------------------------------------------
-SEGMENT_SEP = re.compile(r"\n\s*\n")
-PS_CHUNK = 64  # responses per cached process-score chunk
-
-
-def segment_ends(tokenizer, response_ids: list[int]) -> list[int]:
-    """Exclusive token ends of a response's segments, split at blank lines. The segments partition the response: each
-    keeps its trailing blank line, and the last one ends at the last token (EOS included). Token boundaries come from
-    decoding prefixes (a binary search per cut), so any tokenizer works."""
-    def n_chars(k):
-        return len(tokenizer.decode(response_ids[:k], skip_special_tokens=True))
-
-    text = tokenizer.decode(response_ids, skip_special_tokens=True)
-    ends, start = [], 0
-    for m in SEGMENT_SEP.finditer(text):
-        if not text[start : m.start()].strip() or not text[m.end() :].strip():
-            continue  # blank lines at the start or the end do not open a new segment
-        start = m.end()
-        lo, hi = 1, len(response_ids)
-        while lo < hi:  # the first token that reaches past the blank line
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if n_chars(mid) >= start else (mid + 1, hi)
-        if lo < len(response_ids) and (not ends or lo > ends[-1]):
-            ends.append(lo)
-    return ends + [len(response_ids)]
-
-
-def score_segments(policy, tokenizer, rows: list[dict], task: str, ps_samples: int, sampling: dict, max_new_tokens: int,
-                   gen_batch_size: int, seed: int) -> list[dict]:
-    """Per response, its segment ends and the number of leading segments judged correct. Correct responses: all n.
-    Failed ones: for k = n − 1, n − 2, ..., 1, sample `ps_samples` completions of the prompt plus the first k segments
-    from `policy`; the first (longest) prefix with at least one correct completion marks its k segments correct.
-    All still-undecided responses of `rows` go through one prefix length per round, in batches of `gen_batch_size`."""
-    ends = [segment_ends(tokenizer, r["response_ids"]) for r in rows]
-    correct = [len(e) if r["reward"] == 1.0 else 0 for r, e in zip(rows, ends)]
-    k = [len(e) - 1 for e in ends]  # candidate prefix length, in segments
-    pending = [i for i, r in enumerate(rows) if r["reward"] != 1.0 and k[i] >= 1]
-    for rnd in range(max(k, default=0)):
-        if not pending:
-            break
-        torch.manual_seed(seed * 1_009 + rnd)
-        prefixes = [rows[i]["response_ids"][: ends[i][k[i] - 1]] for i in pending]
-        flat = [j for j in range(len(pending)) for _ in range(ps_samples)]
-        hit = [False] * len(pending)
-        for s in range(0, len(flat), gen_batch_size):
-            idx = flat[s : s + gen_batch_size]
-            budget = max(1, max_new_tokens - min(len(prefixes[j]) for j in idx))
-            outs = generate_batch(policy, tokenizer, [rows[pending[j]]["prompt_ids"] + prefixes[j] for j in idx],
-                                  max_new_tokens=budget, **sampling)
-            for j, o in zip(idx, outs):
-                if not hit[j]:
-                    text = tokenizer.decode(prefixes[j] + o["response_ids"], skip_special_tokens=True)
-                    hit[j] = grade(text, rows[pending[j]]["answer"], task) == 1.0
-        for j, i in enumerate(pending):
-            correct[i] = k[i] if hit[j] else 0
-            k[i] -= 0 if hit[j] else 1
-        pending = [i for j, i in enumerate(pending) if not hit[j] and k[i] >= 1]
-    return [{"segment_ends": e, "correct_segments": c} for e, c in zip(ends, correct)]
-
-
-def build_process_scores(accelerator, model, tokenizer, rows: list[dict], args) -> list[dict]:
-    """`score_segments` for every offline row, by the reference (`model` before training, prepared or not), cached
-    under `cache_dir/process_scores/<key>/`, keyed by the offline rows themselves and the sampling parameters. Chunks of
-    PS_CHUNK rows are written atomically when done (an interrupted build resumes) and shared round-robin across
-    processes (accelerator None: one process)."""
-    key = dict(model=model_key(args), task=args.task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
-               ps_samples=args.ps_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-               max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=PS_CHUNK, gen_batch_size=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "process_scores", cache_key(key))
-    os.makedirs(root, exist_ok=True)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    chunks = [range(s, min(s + PS_CHUNK, len(rows))) for s in range(0, len(rows), PS_CHUNK)]
-    mine = range(rank, len(chunks), world)
-    todo = [c for c in mine if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.json"))]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="process scores", disable=rank != 0)
-    with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
-        for c in todo:
-            scores = score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], args.task, args.ps_samples, sampling,
-                                    args.max_new_tokens, args.gen_batch_size, args.seed * 1_000_003 + c)
-            write_json_atomic(os.path.join(root, f"chunk-{c:05d}.json"), scores)
-            bar.update(1)
-    bar.close()
-    if accelerator:
-        accelerator.wait_for_everyone()
-    scores = []
-    for c in range(len(chunks)):
-        with open(os.path.join(root, f"chunk-{c:05d}.json")) as f:
-            scores += json.load(f)
-    failed = [(r, s) for r, s in zip(rows, scores) if r["reward"] != 1.0]
-    n_ok, n_seg = sum(s["correct_segments"] for _, s in failed), sum(len(s["segment_ends"]) for _, s in failed)
-    msg = (f"process scores: {sum(s['correct_segments'] > 0 for _, s in failed)}/{len(failed)} failed responses have a "
-           f"correct prefix, {n_ok / max(1, n_seg):.3f} of their segments judged correct")
-    if args.task == "arith":  # the verifier knows the first wrong step: segment i is step i, the last one the answer
-        match = [arith_first_wrong(r) == s["correct_segments"] for r, s in failed]
-        msg += f"; the first segment judged wrong is the verifier's first wrong step in {sum(match) / max(1, len(match)):.3f}"
-    if rank == 0:
-        print(f"{msg} ({root})")
-    return scores
-
-
-def arith_first_wrong(row: dict) -> int | None:
-    """Index of the first wrong segment of an arith response (segment i is step i, the last one the `####` answer),
-    by the strict verifier; None if the response is correct."""
-    if row["reward"] == 1.0:
-        return None
-    step = first_wrong_step(row["response"], row["answer"])
-    return len(row["answer"].split(";")) - 1 if step is None else step
-
-
-def token_rewards(n_tokens: int, reward: float, score: dict | None = None) -> list[float]:
-    """Per-token rewards of one response: the outcome reward on its last token, plus 1/n on the last token of each
-    of its correct leading segments (n segments)."""
-    r = [0.0] * n_tokens
-    r[-1] += reward
-    if score:
-        for e in score["segment_ends"][: score["correct_segments"]]:
-            r[e - 1] += 1 / len(score["segment_ends"])
-    return r
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The offline dataset: n reference samples per training prompt, graded, with reference log-probs stored
 # ---------------------------------------------------------------------------------------------------------------------
 def cache_key(obj) -> str:
@@ -1013,108 +898,26 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The embedded model `tiny`: a small Llama with a local word-level tokenizer, SFT'd into an imperfect reference
-# ---------------------------------------------------------------------------------------------------------------------
-TINY_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)
-TINY_SFT = dict(steps=700, batch_size=64, lr=3e-3, warmup=50, carry_slip=0.65, seed=0, version=4)
-TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def build_tiny_tokenizer():
-    """A word-level tokenizer for the `arith` task, wrapped as a PreTrainedTokenizerFast with pad, bos and eos, and a
-    chat template: digits one per token, a word with its leading space one token (" has": prompts a third shorter,
-    so SFT and sampling are faster), other spaces and newlines tokens of their own."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = set("has Then gets more gives away multiplies them by How many does have now".split())
-    words |= set(ARITH_NAMES) | set(ARITH_ITEMS) | set(re.findall(r"[A-Za-z]+", PROMPT_TEMPLATES["gsm8k"]))
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
-    chars = list("0123456789") + [" ", "\n"] + list(".,?'#+-*=:$()/")
-    vocab = {t: i for i, t in enumerate(specials + chars + sorted(words) + sorted(" " + w for w in words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\d|\s|[^\sA-Za-z\d]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-TINY_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # benchmarks/tiny_reference.py
-
-
-def tiny_recipe() -> dict:
-    return json.loads(json.dumps({"config": TINY_CONFIG, "sft": TINY_SFT}))  # as it reads back from recipe.json
-
-
-def tiny_dir(cache_dir: str) -> str:
-    return os.path.join(cache_dir, "tiny", cache_key(tiny_recipe()))
-
-
-def tiny_path(cache_dir: str) -> str:
-    """Where `--model tiny` loads from: the reference shipped in assets/tiny if it was built from the current recipe
-    (its recipe.json equals TINY_CONFIG and TINY_SFT), so every machine starts from the same weights (an SFT on
-    another CPU lands on other weights, and another accuracy); otherwise the cache's own build, made on first use."""
-    recipe = os.path.join(TINY_SHIPPED, "recipe.json")
-    if os.path.exists(recipe):
-        with open(recipe) as f:
-            if json.load(f) == tiny_recipe():
-                return TINY_SHIPPED
-    return tiny_dir(cache_dir)
-
-
-def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float | None = None) -> None:
-    """Build the tiny Llama and SFT it on a mix of correct and slipped `arith` solutions, so the reference makes
-    step-level mistakes that reward-driven methods can learn to avoid. Saved atomically to `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(TINY_SFT, steps=steps or TINY_SFT["steps"])  # tests override steps and carry_slip for a quick model
-    cfg["carry_slip"] = TINY_SFT["carry_slip"] if carry_slip is None else carry_slip
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(cfg["seed"])
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         **TINY_CONFIG)
-    model = LlamaForCausalLM(config)
-    rng = random.Random(cfg["seed"])
-    problems = arith_problems("train", 4000, seed=1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * 0.5 * (
-        1 + math.cos(math.pi * min(s, cfg["steps"]) / cfg["steps"])))
-    model.train()
-    for _ in tqdm(range(cfg["steps"]), desc="SFT tiny reference"):
-        rows = []
-        for p in rng.sample(problems, cfg["batch_size"]):  # random batches: sorting by length hurts accuracy badly
-            start, *steps_ = p["answer"].split(";")
-            ops = [(s[0], int(s[1:])) for s in steps_]
-            text, _ = arith_solution(int(start), ops, rng=rng, carry_slip=cfg["carry_slip"])
-            rows.append({"prompt_ids": encode_prompt(tokenizer, p["question"], "arith"),
-                         "response_ids": encode_response(tokenizer, text)})
-        batch = collate(rows, tokenizer.pad_token_id)
-        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        loss = -masked_mean(lp, batch["mask"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        optimizer.zero_grad(set_to_none=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(os.path.join(tmp, "recipe.json"), {"config": TINY_CONFIG, "sft": cfg})  # what `tiny_path` matches
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):  # another process finished first: keep its copy
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
+TINY_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # `--model tiny`
+TINY_REBUILD = "python benchmarks/tiny_reference.py --build assets/tiny --force"
+
+
+def tiny_recipe_key() -> str:
+    """The hash of the recipe assets/tiny was built from (its recipe.json), after checking that it is the recipe
+    benchmarks/tiny_reference.py holds now. Nothing is built at run time: a reference built from an older recipe is
+    an error, not silently another model."""
+    from benchmarks.tiny_reference import tiny_recipe  # the recipe only: a small dict beside the builder
+
+    with open(os.path.join(TINY_SHIPPED, "recipe.json")) as f:
+        shipped = cache_key(json.load(f))
+    if shipped != cache_key(tiny_recipe()):
+        raise ArgumentError(f"--model tiny: {TINY_SHIPPED} was built from another recipe than benchmarks/tiny_reference.py's: "
+                           f"rebuild it with `{TINY_REBUILD}`")
+    return shipped
+
+
 def content_digest(path: str, memo_path: str | None = None) -> str:
     """sha256 of a file's bytes, or of every file in a folder (relative names and bytes): the identity of an input in
     cache keys, so a data file or model edited in place never reuses samples, log-probs or evaluations of the old one.
@@ -1149,13 +952,11 @@ REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a mode
 
 
 def model_key(args) -> str:
-    """The reference's identity in cache keys. The tiny model: its recipe hash, wherever the cache lives, marked
-    `shipped` when the weights are assets/tiny's (a build from the same recipe on this machine has other weights). A hub
+    """The reference's identity in cache keys. The tiny model: the hash of the recipe assets/tiny was built from. A hub
     id: the id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
     never reuses samples, reference log-probs or evaluations of the old one, and a copy elsewhere reuses them."""
     if args.model == "tiny":
-        shipped = "shipped-" if tiny_path(args.cache_dir) == TINY_SHIPPED else ""
-        return f"tiny/{shipped}{os.path.basename(tiny_dir(args.cache_dir))}"
+        return f"tiny/shipped-{tiny_recipe_key()}"  # "shipped-": the key the shipped weights have always had
     path = os.path.expanduser(args.model)
     if not os.path.isdir(path):
         return args.model
@@ -1169,7 +970,7 @@ def data_key(args, split: str) -> str | None:
 
 
 def load_model_and_tokenizer(args, accelerator: Accelerator | None = None, trainable: bool = True):
-    """`--model tiny` builds (once, cached) and loads the embedded reference; anything else is a hub id or a local
+    """`--model tiny` loads the embedded reference, assets/tiny; anything else is a hub id or a local
     directory, loaded with AutoModelForCausalLM / AutoTokenizer. Pads on the left for generation is handled in
     `generate_batch`; the tokenizer gets a pad token if it has none.
     Precision (`args.precision`, see `resolve_precision`): fp32 loads fp32; bf16 loads the weights in their stored dtype
@@ -1179,12 +980,8 @@ def load_model_and_tokenizer(args, accelerator: Accelerator | None = None, train
 
     path = args.model
     if args.model == "tiny":
-        path = tiny_path(args.cache_dir)
-        if not os.path.exists(path):
-            if accelerator is None or accelerator.is_main_process:
-                build_tiny_reference(path)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        tiny_recipe_key()  # a stale assets/tiny stops here
+        path = TINY_SHIPPED
     elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"--model {path}: no such directory (a local model must be a save_pretrained folder)")
     dtype = "auto" if args.precision == "bf16" else torch.float32  # "auto": the dtype the weights were saved in
@@ -1405,16 +1202,16 @@ def validate_args(args, rules: dict | None = None) -> None:
 
 
 def check_rules(args, rules: dict) -> None:
-    """Each flag of `args` named in `rules` (flag -> (test, what it must be)) passes its test: test(value), or
-    test(value, args) for a rule that relates the flag to others."""
+    """Each flag of `args` named in `rules` (flag -> (test, what it must be)) passes its test, test(value). A file
+    without the flag skips its rule. Rules that relate two flags are the algorithm file's own small checks."""
     for name, (ok, want) in rules.items():
-        value = getattr(args, name, None)
-        if hasattr(args, name) and not (ok(value, args) if ok.__code__.co_argcount == 2 else ok(value)):
-            raise ArgumentError(f"--{name} {value!r}: must be {want}")
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise ArgumentError(f"--{name} {getattr(args, name)!r}: must be {want}")
 
 
 def check_model_arg(model: str) -> None:
     if model == "tiny":
+        tiny_recipe_key()  # assets/tiny is built from the current recipe
         return
     path = os.path.expanduser(model)
     if os.path.isdir(path):
@@ -1559,10 +1356,10 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     accumulation = GradientAccumulationPlugin(num_steps=getattr(args, "grad_accum", 1) or 1,
                                               sync_each_batch=sharding == "FSDP", sync_with_dataloader=False)
     try:
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))
         accelerator = Accelerator(gradient_accumulation_plugin=accumulation, log_with=args.report_to or None,
                                   mixed_precision="bf16" if args.precision == "bf16" else "no", project_dir=args.output_dir,
-                                  cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
-                                  **kwargs)
+                                  cpu=cpu, kwargs_handlers=[timeout], **kwargs)
     except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
         if sharding and not torch.cuda.is_available():
             raise ArgumentError(no_sharding) from e
@@ -1626,14 +1423,6 @@ def plan_steps(n_examples: int, args, accelerator: Accelerator) -> tuple[int, in
     steps_per_epoch = micro // args.grad_accum
     args.epochs = args.epochs or math.ceil(args.max_steps / steps_per_epoch)
     return steps_per_epoch, min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
-
-
-def global_token_scale(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor:
-    """Factor that turns a per-process token mean into this process's share of the global token mean: DDP averages
-    gradients over processes, so loss_local * (n_local * world / n_global) sums to the global token mean."""
-    n_local = mask.sum()
-    n_global = accelerator.reduce(n_local.detach().clone(), reduction="sum")
-    return n_local * accelerator.num_processes / n_global.clamp(min=1)
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: str) -> None:
@@ -1824,70 +1613,6 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json_atomic(path, out)
     return out
-
-
-@torch.no_grad()
-def value_traces(policy, value_model, tokenizer, problems: list[dict], args, accelerator=None, n_correct: int = 1,
-                 n_incorrect: int = 1, n_problems: int = 32, n_per: int = 4) -> dict:
-    """The DQO paper's value trace (Table 4). Sample `n_per` responses per problem for the first `n_problems` (the
-    paper's evaluation sampling; `policy` and `value_model` prepared or not; `args`: task, seed, max_new_tokens,
-    gen_batch_size), split each into segments and read V at each segment end (the state after its last token; for
-    the last segment, before its stop token). Returns {"traces": the first `n_correct` correct and `n_incorrect`
-    incorrect ones, "stats", "n_responses"}. On arith each segment is marked against the verifier's first wrong step,
-    and stats, over all sampled responses, gives the mean change of V across correct steps and across the first wrong
-    step, and the AUC with which the drop −dV ranks first-wrong-step segments above correct-step ones."""
-    problems = problems[:n_problems]
-    prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in problems]
-    rows = rollout(policy, tokenizer, prompts, [p["answer"] for p in problems], args.task, n=n_per, seed=args.seed,
-                   max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, accelerator=accelerator,
-                   desc="value trace", **EVAL_SAMPLING)
-    was_training = value_model.training
-    value_model.eval()
-    device = next(value_model.parameters()).device
-    traces = []
-    for s in range(0, len(rows), args.gen_batch_size):
-        chunk = rows[s : s + args.gen_batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id)
-        values = value_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()  # (B, T)
-        for i, r in enumerate(chunk):
-            p, n, ends = len(r["prompt_ids"]), len(r["response_ids"]), segment_ends(tokenizer, r["response_ids"])
-            wrong = arith_first_wrong(r) if args.task == "arith" else None
-            segs, a = [], 0
-            for j, e in enumerate(ends):
-                text = tokenizer.decode(r["response_ids"][a:e], skip_special_tokens=True)
-                status = "" if args.task != "arith" else "ok" if wrong is None or j < wrong else "WRONG" if j == wrong else "-"
-                segs.append({"text": text, "value": values[i, p + min(e, n - 1)].item(), "status": status})
-                a = e
-            traces.append({"question": problems[r["prompt_idx"]]["question"], "reward": r["reward"],
-                           "value_start": values[i, p].item(), "segments": segs, "first_wrong": wrong})
-    value_model.train(was_training)
-    stats = {}
-    if args.task == "arith":
-        dv = {"ok": [], "WRONG": []}
-        for t in traces:
-            prev = t["value_start"]
-            for sg in t["segments"]:
-                dv.setdefault(sg["status"], []).append(sg["value"] - prev)
-                prev = sg["value"]
-        stats = {f"mean dV at {k} segments": sum(v) / len(v) for k, v in dv.items() if v and k in ("ok", "WRONG")}
-        if dv["ok"] and dv["WRONG"]:  # P(−dV at a first wrong step > −dV at a correct step), ties counting half
-            wrong, ok = -np.array(dv["WRONG"])[:, None], -np.array(dv["ok"])[None, :]
-            stats["AUC of -dV, first wrong vs correct steps"] = float((wrong > ok).mean() + 0.5 * (wrong == ok).mean())
-    picked = [t for t in traces if t["reward"] == 1.0][:n_correct] + [t for t in traces if t["reward"] != 1.0][:n_incorrect]
-    return {"traces": picked, "stats": stats, "n_responses": len(traces)}
-
-
-def format_value_traces(out: dict) -> str:
-    """Plain text: per response, V at the start and at each segment end, the segment's status, and the segment."""
-    lines = ["value trace: learned V at each segment end (DQO paper, Table 4)"]
-    for t in out["traces"]:
-        lines += ["", f"{'correct' if t['reward'] == 1.0 else 'incorrect'} response to: {t['question']}",
-                  f"  {'V':>7}  {'step':<6} segment", f"  {t['value_start']:>7.3f}  {'':<6} (start)"]
-        lines += [f"  {sg['value']:>7.3f}  {sg['status']:<6} {sg['text'].strip()!r}" for sg in t["segments"]]
-    if out["stats"]:
-        lines += ["", f"over {out['n_responses']} sampled responses: "
-                  + ", ".join(f"{k} {v:+.3f}" for k, v in out["stats"].items())]
-    return "\n".join(lines)
 
 
 def format_results(results: dict[str, dict]) -> str:

@@ -33,6 +33,7 @@ Deviations from the paper:
       than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
+import json
 import math
 import os
 import time
@@ -45,32 +46,37 @@ from transformers import HfArgumentParser, get_scheduler
 from common import (
     ValueModel,
     arg,
+    arith_first_wrong,
     at_least,
     between,
     build_offline_dataset,
-    build_process_scores,
+    cache_key,
     collate,
     evaluate_reference,
     evaluate_run,
-    format_value_traces,
+    generate_batch,
+    grade,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
     load_task,
     log_eval,
     log_metrics,
+    model_key,
     one_of,
     plan_steps,
     positive,
+    reference_mode,
     resolve_defaults,
     save_checkpoint,
     save_model,
+    segment_ends,
     setup_accelerator,
     throughput,
     token_logprobs,
-    token_rewards,
+    unsharded,
     validate_args,
-    value_traces,
+    write_json_atomic,
 )
 
 
@@ -84,7 +90,7 @@ class Args:
     n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
     seed: int = arg(1, "seed for sampling, data order and initialisation")
     output_dir: str = arg("runs/dqo", "where checkpoints, the final model, metrics and results go")
-    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
     n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
@@ -181,6 +187,96 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
     return policy_loss, value_loss, metrics
 
 
+# Process rewards (DQO paper §5.5): the correct leading segments of each response, from prefix completions
+PS_CHUNK = 64  # responses per cached process-score chunk
+
+
+def token_rewards(n_tokens: int, reward: float, score: dict | None = None) -> list[float]:
+    """Per-token rewards of one response: the outcome reward on its last token, plus 1/n on the last token of each
+    of its correct leading segments (n segments)."""
+    r = [0.0] * n_tokens
+    r[-1] += reward
+    if score:
+        for e in score["segment_ends"][: score["correct_segments"]]:
+            r[e - 1] += 1 / len(score["segment_ends"])
+    return r
+
+
+def score_segments(policy, tokenizer, rows: list[dict], task: str, ps_samples: int, sampling: dict, max_new_tokens: int,
+                   gen_batch_size: int, seed: int) -> list[dict]:
+    """Per response, its segment ends and the number of leading segments judged correct. Correct responses: all n.
+    Failed ones: for k = n − 1, n − 2, ..., 1, sample `ps_samples` completions of the prompt plus the first k segments
+    from `policy`; the first (longest) prefix with at least one correct completion marks its k segments correct.
+    All still-undecided responses of `rows` go through one prefix length per round, in batches of `gen_batch_size`."""
+    ends = [segment_ends(tokenizer, r["response_ids"]) for r in rows]
+    correct = [len(e) if r["reward"] == 1.0 else 0 for r, e in zip(rows, ends)]
+    k = [len(e) - 1 for e in ends]  # candidate prefix length, in segments
+    pending = [i for i, r in enumerate(rows) if r["reward"] != 1.0 and k[i] >= 1]
+    for rnd in range(max(k, default=0)):
+        if not pending:
+            break
+        torch.manual_seed(seed * 1_009 + rnd)
+        prefixes = [rows[i]["response_ids"][: ends[i][k[i] - 1]] for i in pending]
+        flat = [j for j in range(len(pending)) for _ in range(ps_samples)]
+        hit = [False] * len(pending)
+        for s in range(0, len(flat), gen_batch_size):
+            idx = flat[s : s + gen_batch_size]
+            budget = max(1, max_new_tokens - min(len(prefixes[j]) for j in idx))
+            outs = generate_batch(policy, tokenizer, [rows[pending[j]]["prompt_ids"] + prefixes[j] for j in idx],
+                                  max_new_tokens=budget, **sampling)
+            for j, o in zip(idx, outs):
+                if not hit[j]:
+                    text = tokenizer.decode(prefixes[j] + o["response_ids"], skip_special_tokens=True)
+                    hit[j] = grade(text, rows[pending[j]]["answer"], task) == 1.0
+        for j, i in enumerate(pending):
+            correct[i] = k[i] if hit[j] else 0
+            k[i] -= 0 if hit[j] else 1
+        pending = [i for j, i in enumerate(pending) if not hit[j] and k[i] >= 1]
+    return [{"segment_ends": e, "correct_segments": c} for e, c in zip(ends, correct)]
+
+
+def build_process_scores(accelerator, model, tokenizer, rows: list[dict], task: str, ps_samples: int, sampling: dict,
+                         max_new_tokens: int, gen_batch_size: int, seed: int, cache_dir: str, reference: str) -> list[dict]:
+    """`score_segments` for every offline row, by the reference (`model` before training, prepared or not), cached
+    under `cache_dir/process_scores/<key>/`, keyed by the reference's identity (`reference`, common.model_key), the
+    offline rows themselves and the sampling parameters. Chunks of PS_CHUNK rows are written atomically when done (an
+    interrupted build resumes) and shared round-robin across processes (accelerator None: one process)."""
+    key = dict(model=reference, task=task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
+               ps_samples=ps_samples, temperature=sampling["temperature"], top_p=sampling["top_p"],
+               top_k=sampling["top_k"], max_new_tokens=max_new_tokens, seed=seed, chunk=PS_CHUNK,
+               gen_batch_size=gen_batch_size)
+    root = os.path.join(cache_dir, "process_scores", cache_key(key))
+    os.makedirs(root, exist_ok=True)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    chunks = [range(s, min(s + PS_CHUNK, len(rows))) for s in range(0, len(rows), PS_CHUNK)]
+    mine = range(rank, len(chunks), world)
+    todo = [c for c in mine if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.json"))]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="process scores", disable=rank != 0)
+    with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
+        for c in todo:
+            scores = score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], task, ps_samples, sampling,
+                                    max_new_tokens, gen_batch_size, seed * 1_000_003 + c)
+            write_json_atomic(os.path.join(root, f"chunk-{c:05d}.json"), scores)
+            bar.update(1)
+    bar.close()
+    if accelerator:
+        accelerator.wait_for_everyone()
+    scores = []
+    for c in range(len(chunks)):
+        with open(os.path.join(root, f"chunk-{c:05d}.json")) as f:
+            scores += json.load(f)
+    failed = [(r, s) for r, s in zip(rows, scores) if r["reward"] != 1.0]
+    n_ok, n_seg = sum(s["correct_segments"] for _, s in failed), sum(len(s["segment_ends"]) for _, s in failed)
+    msg = (f"process scores: {sum(s['correct_segments'] > 0 for _, s in failed)}/{len(failed)} failed responses have a "
+           f"correct prefix, {n_ok / max(1, n_seg):.3f} of their segments judged correct")
+    if task == "arith":  # the verifier knows the first wrong step: segment i is step i, the last one the answer
+        match = [arith_first_wrong(r) == s["correct_segments"] for r, s in failed]
+        msg += f"; the first segment judged wrong is the verifier's first wrong step in {sum(match) / max(1, len(match)):.3f}"
+    if rank == 0:
+        print(f"{msg} ({root})")
+    return scores
+
+
 def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     resolve_defaults(args, TINY, PAPER)
@@ -205,7 +301,11 @@ def main():
     results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
     # ALGO LOGIC: data
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
-    scores = build_process_scores(accelerator, model, tokenizer, rows, args) if args.process_rewards else [None] * len(rows)
+    scores = [None] * len(rows)
+    if args.process_rewards:
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        scores = build_process_scores(accelerator, model, tokenizer, rows, args.task, args.ps_samples, sampling,
+                                      args.max_new_tokens, args.gen_batch_size, args.seed, args.cache_dir, model_key(args))
     examples = [dict(r, behavior_logps=r[f"{args.behavior}_logps"],
                      rewards=token_rewards(len(r["response_ids"]), r["reward"], sc))
                 for r, sc in zip(rows, scores)]  # every response
@@ -276,7 +376,7 @@ def main():
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
-    accelerator.print(format_value_traces(value_traces(model, value_model, tokenizer, test_problems, args, accelerator)))
+    accelerator.print(f"value trace: python eval.py --value_model {os.path.join(args.output_dir, 'value_model')}")
     accelerator.end_training()
 
 

@@ -63,7 +63,7 @@ class Args:
     n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
     seed: int = arg(1, "seed for sampling, data order and initialisation")
     output_dir: str = arg("runs/dro", "where checkpoints, the final model, metrics and results go")
-    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
     n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")

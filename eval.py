@@ -19,31 +19,35 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
 from transformers import HfArgumentParser
 
 from common import (
-    TASK_MAX_NEW_TOKENS,
+    EVAL_SAMPLING,
     TASKS,
+    TASK_MAX_NEW_TOKENS,
     ArgumentError,
+    ValueModel,
     arg,
+    arith_first_wrong,
     at_least,
     between,
     check_model_arg,
     check_report_to,
     check_rules,
     check_task_files,
-    ValueModel,
+    collate,
+    encode_prompt,
     evaluate,
     format_results,
-    format_value_traces,
     load_model_and_tokenizer,
     load_task,
     one_of,
     positive,
+    rollout,
+    segment_ends,
     setup_accelerator,
-    value_traces,
     write_json_atomic,
 )
 
@@ -67,7 +71,7 @@ class Args:
     precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
     dist_timeout: int = arg(43200, "seconds a process waits at a collective (12 h: sampling the offline dataset has none)")
     skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
-    cache_dir: str = arg(".cache", "where the tiny reference is cached")
+    cache_dir: str = arg(".cache", "where file digests are cached, and the result for a hub model goes (see --output)")
     output: str = arg("", "JSON result path (default: beside the model, or in cache_dir for hub ids)")
     report_to: str = arg("", "accelerate tracker (none by default)")
     output_dir: str = arg("runs/eval", "tracker directory")
@@ -110,6 +114,72 @@ def validate(args) -> tuple:
     return ks
 
 
+@torch.no_grad()
+def value_traces(policy, value_model, tokenizer, problems: list[dict], task: str, seed: int, max_new_tokens: int,
+                 gen_batch_size: int, accelerator=None, n_correct: int = 1, n_incorrect: int = 1, n_problems: int = 32,
+                 n_per: int = 4) -> dict:
+    """The DQO paper's value trace (Table 4). Sample `n_per` responses per problem for the first `n_problems` (the
+    paper's evaluation sampling, `gen_batch_size` sequences per generate call; `policy` and `value_model` prepared or
+    not), split each into segments and read V at each segment end (the state after its last token; for
+    the last segment, before its stop token). Returns {"traces": the first `n_correct` correct and `n_incorrect`
+    incorrect ones, "stats", "n_responses"}. On arith each segment is marked against the verifier's first wrong step,
+    and stats, over all sampled responses, gives the mean change of V across correct steps and across the first wrong
+    step, and the AUC with which the drop −dV ranks first-wrong-step segments above correct-step ones."""
+    problems = problems[:n_problems]
+    prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
+    rows = rollout(policy, tokenizer, prompts, [p["answer"] for p in problems], task, n=n_per, seed=seed,
+                   max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, accelerator=accelerator,
+                   desc="value trace", **EVAL_SAMPLING)
+    was_training = value_model.training
+    value_model.eval()
+    device = next(value_model.parameters()).device
+    traces = []
+    for s in range(0, len(rows), gen_batch_size):
+        chunk = rows[s : s + gen_batch_size]
+        batch = collate(chunk, tokenizer.pad_token_id)
+        values = value_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()  # (B, T)
+        for i, r in enumerate(chunk):
+            p, n, ends = len(r["prompt_ids"]), len(r["response_ids"]), segment_ends(tokenizer, r["response_ids"])
+            wrong = arith_first_wrong(r) if task == "arith" else None
+            segs, a = [], 0
+            for j, e in enumerate(ends):
+                text = tokenizer.decode(r["response_ids"][a:e], skip_special_tokens=True)
+                status = "" if task != "arith" else "ok" if wrong is None or j < wrong else "WRONG" if j == wrong else "-"
+                segs.append({"text": text, "value": values[i, p + min(e, n - 1)].item(), "status": status})
+                a = e
+            traces.append({"question": problems[r["prompt_idx"]]["question"], "reward": r["reward"],
+                           "value_start": values[i, p].item(), "segments": segs, "first_wrong": wrong})
+    value_model.train(was_training)
+    stats = {}
+    if task == "arith":
+        dv = {"ok": [], "WRONG": []}
+        for t in traces:
+            prev = t["value_start"]
+            for sg in t["segments"]:
+                dv.setdefault(sg["status"], []).append(sg["value"] - prev)
+                prev = sg["value"]
+        stats = {f"mean dV at {k} segments": sum(v) / len(v) for k, v in dv.items() if v and k in ("ok", "WRONG")}
+        if dv["ok"] and dv["WRONG"]:  # P(−dV at a first wrong step > −dV at a correct step), ties counting half
+            wrong, ok = -np.array(dv["WRONG"])[:, None], -np.array(dv["ok"])[None, :]
+            stats["AUC of -dV, first wrong vs correct steps"] = float((wrong > ok).mean() + 0.5 * (wrong == ok).mean())
+    picked = [t for t in traces if t["reward"] == 1.0][:n_correct] + [t for t in traces if t["reward"] != 1.0][:n_incorrect]
+    return {"traces": picked, "stats": stats, "n_responses": len(traces)}
+
+
+def format_value_traces(out: dict) -> str:
+    """Plain text: per response, V at the start and at each segment end, the segment's status, and the segment."""
+    lines = ["value trace: learned V at each segment end (DQO paper, Table 4)"]
+    for t in out["traces"]:
+        lines += ["", f"{'correct' if t['reward'] == 1.0 else 'incorrect'} response to: {t['question']}",
+                  f"  {'V':>7}  {'step':<6} segment", f"  {t['value_start']:>7.3f}  {'':<6} (start)"]
+        lines += [f"  {sg['value']:>7.3f}  {sg['status']:<6} {sg['text'].strip()!r}" for sg in t["segments"]]
+    if out["stats"]:
+        # dV is a signed change; the AUC a probability in [0, 1]
+        lines += ["", f"over {out['n_responses']} sampled responses: "
+                  + ", ".join(f"{k} {v:.3f}" if k.startswith("AUC") else f"{k} {v:+.3f}" for k, v in out["stats"].items())]
+    return "\n".join(lines)
+
+
 def value_trace_html(out: dict) -> str:
     """A small HTML page: each segment coloured by V at its end on a fixed scale, red at V ≤ 0 (certain failure) to
     green at V ≥ 1 (certain success with the 1/0 reward), so pages of different runs compare; V is printed after it."""
@@ -133,8 +203,8 @@ def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
     4 responses to each of the first --trace_problems problems, and write value_trace.html and .json beside the folder."""
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     value_model = accelerator.prepare(ValueModel.from_pretrained(args.value_model, dtype=dtype))
-    out = value_traces(model, value_model, tokenizer, problems, args, accelerator, n_correct=2, n_incorrect=2,
-                       n_problems=args.trace_problems)
+    out = value_traces(model, value_model, tokenizer, problems, args.task, args.seed, args.max_new_tokens,
+                       args.gen_batch_size, accelerator, n_correct=2, n_incorrect=2, n_problems=args.trace_problems)
     accelerator.print(format_value_traces(out))
     path = os.path.join(os.path.dirname(os.path.abspath(args.value_model)), "value_trace")
     if accelerator.is_main_process:

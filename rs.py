@@ -13,8 +13,8 @@ Deviations from the paper:
     - The loss is a token mean over the global batch (all processes), not a per-sequence mean: longer correct
       solutions are not down-weighted, and the value does not depend on the number of processes.
     - `--data gold` trains on the dataset's reference solutions instead: the paper's SFT baseline.
-    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr (and β)
-      than the 7B run (PAPER); the README's results table gives what it reaches.
+    - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr than the
+      7B run (PAPER); the README's results table gives what it reaches.
 """
 
 import os
@@ -27,14 +27,12 @@ from transformers import HfArgumentParser, get_scheduler
 
 from common import (
     arg,
-    at_least,
     build_offline_dataset,
     collate,
     encode_prompt,
-    encode_response,
+    end_of_turn_id,
     evaluate_reference,
     evaluate_run,
-    global_token_scale,
     iterate_batches,
     load_checkpoint,
     load_model_and_tokenizer,
@@ -63,7 +61,7 @@ class Args:
     n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
     seed: int = arg(1, "seed for sampling, data order and initialisation")
     output_dir: str = arg("runs/rs", "where checkpoints, the final model, metrics and results go")
-    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
     n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
@@ -88,17 +86,16 @@ class Args:
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
-    beta: float | None = arg(None, "KL coefficient β (unused by RS; kept so every file takes the same flags)")
     # Algorithm-specific arguments
     data: str = arg("samples", "samples: the correct reference samples (RS); gold: the dataset's solutions (SFT)")
 
 
-TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=3e-4, per_device_batch_size=32, beta=0.0)
+TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=3e-4, per_device_batch_size=32)
 # PAPER: the DQO paper's RS baseline (App. A): 3 epochs, lr 1e-6, global batch 128. Micro-batch and generation batch:
 # what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
-PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, gen_batch_size=64, beta=0.0)
+PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, gen_batch_size=64)
 
-CHECKS = dict(beta=at_least(0), data=one_of("samples", "gold"))  # β is unused by RS
+CHECKS = dict(data=one_of("samples", "gold"))
 
 
 # ALGO LOGIC: loss
@@ -111,6 +108,21 @@ def rs_loss(policy_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     Returns (loss, metrics)."""
     loss = -(policy_logps * mask).sum() / mask.sum()  # scalar
     return loss, {"losses/policy": loss.item(), "charts/response_tokens": mask.sum().item()}
+
+
+def global_token_scale(accelerator, mask: torch.Tensor) -> torch.Tensor:
+    """Factor that turns a per-process token mean into this process's share of the global token mean: DDP averages
+    gradients over processes, so loss_local * (n_local * world / n_global) sums to the global token mean."""
+    n_local = mask.sum()
+    n_global = accelerator.reduce(n_local.detach().clone(), reduction="sum")
+    return n_local * accelerator.num_processes / n_global.clamp(min=1)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """A dataset solution as response ids (--data gold), closed by the end-of-turn token (common.end_of_turn_id: EOS for
+    a model without a chat template), as the model ends a turn when generating. Encoded on its own so no token
+    straddles the prompt/response boundary."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
 
 
 def main():

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from common import (
+    ArgumentError,
     RolloutPolicy,
     arg,
     at_least,
@@ -77,7 +78,7 @@ class Args:
     n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
     seed: int = arg(1, "seed for sampling, data order and initialisation")
     output_dir: str = arg("runs/spo", "where checkpoints, the final model, metrics and results go")
-    cache_dir: str = arg(".cache", "where the tiny reference, offline datasets and reference evaluations are cached")
+    cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
     n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
@@ -124,10 +125,19 @@ PAPER = dict(max_steps=100_000, lr=6e-8, warmup_steps=200, global_batch_size=128
 PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}  # paper
 
 CHECKS = dict(loss_type=one_of("squared", "bce", "advantage_bce", "reverse_q"), model_update_interval=at_least(1),
-              online_fraction=(lambda f, a: 0 <= f <= 1 and round(x := a.per_device_batch_size * f) == round(x, 6),
-                               "in [0, 1], a whole number of rollouts per micro-batch"), rollout_min_temperature=positive(),
-              rollout_max_temperature=(lambda t, a: t >= a.rollout_min_temperature, "≥ --rollout_min_temperature"),
+              online_fraction=between(0, 1), rollout_min_temperature=positive(), rollout_max_temperature=positive(),
               rollout_top_p=between(0, 1, lo_open=True), pass_eval_problems=at_least(1, unset_ok=True), q0_samples=at_least(0))
+
+
+def check_flag_pairs(args) -> None:
+    """The rules that relate two flags, after each flag's own (CHECKS)."""
+    n_online = args.per_device_batch_size * args.online_fraction  # rollouts per micro-batch
+    if round(n_online) != round(n_online, 6):
+        raise ArgumentError(f"--online_fraction {args.online_fraction!r}: must be in [0, 1], a whole number of rollouts "
+                            f"per micro-batch (of --per_device_batch_size {args.per_device_batch_size})")
+    if args.rollout_max_temperature < args.rollout_min_temperature:
+        raise ArgumentError(f"--rollout_max_temperature {args.rollout_max_temperature!r}: must be ≥ "
+                            f"--rollout_min_temperature {args.rollout_min_temperature!r}")
 
 
 # ALGO LOGIC: loss
@@ -201,6 +211,7 @@ def main():
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     resolve_defaults(args, TINY, PAPER)
     validate_args(args, CHECKS)
+    check_flag_pairs(args)
 
     # setup
     accelerator = setup_accelerator(args, "spo")

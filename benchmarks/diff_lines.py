@@ -1,18 +1,19 @@
-"""How far each algorithm file is from rs.py, the template: the lines `diff` shows, against the README's targets.
+"""How far each algorithm file is from rs.py, the template, and from its neighbour: the lines `diff` shows.
 
     python benchmarks/diff_lines.py
 
-Changed lines are `diff A B | grep -c '^[<>]'`. tests/test_layout.py asserts the targets, so they cannot drift.
+Changed lines are `diff A B | grep -c '^[<>]'`. They are measured, not capped: a cap rewards moving an algorithm's code
+out of its file. tests/test_layout.py checks instead that common.py holds only what two entry points use
+(benchmarks/common_usage.py), and that no algorithm file exceeds MAX_LINES.
 """
 
 import os
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (A, B) -> the most changed lines `diff A B` may show
-TARGETS = {("rs.py", "dpo.py"): 120, ("rs.py", "kto.py"): 120, ("rs.py", "dro.py"): 120, ("rs.py", "spo.py"): 200,
-           ("rs.py", "dqo.py"): 200, ("dro.py", "dqo.py"): 150}
-MAX_LINES = {"dqo.py": 350, "*": 400}  # per file
+PAIRS = (("rs.py", "dpo.py"), ("rs.py", "kto.py"), ("rs.py", "dro.py"), ("rs.py", "spo.py"), ("rs.py", "dqo.py"),
+         ("dro.py", "dqo.py"))
+MAX_LINES = 450  # per algorithm file
 
 
 def lines(name: str) -> list[str]:
@@ -27,10 +28,16 @@ def changed(a: str, b: str) -> int:
 
 
 def table() -> str:
-    out = ["| pair | changed lines | target | file sizes |", "| --- | --- | --- | --- |"]
-    for (a, b), target in TARGETS.items():
-        out.append(f"| {a[:-3]} / {b[:-3]} | {changed(a, b)} | ≤ {target} | {len(lines(a))} / {len(lines(b))} |")
+    out = ["| pair | changed lines | lines only in the second | file sizes |", "| --- | --- | --- | --- |"]
+    for a, b in PAIRS:
+        out.append(f"| {a[:-3]} / {b[:-3]} | {changed(a, b)} | {changed_in(a, b)} | {len(lines(a))} / {len(lines(b))} |")
     return "\n".join(out)
+
+
+def changed_in(a: str, b: str) -> int:
+    """The lines `diff a b` marks with > (what b has that a does not)."""
+    out = subprocess.run(["diff", a, b], cwd=ROOT, capture_output=True, text=True).stdout
+    return sum(line.startswith(">") for line in out.splitlines())
 
 
 if __name__ == "__main__":

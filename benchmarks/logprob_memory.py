@@ -6,7 +6,7 @@ The model is a random GemmaForCausalLM in bf16 with Gemma's vocabulary (V = 2560
 body (1 layer, hidden 256), so that the log-probs, not the body, dominate; batch B = 4 sequences of T = 512 tokens.
 Each variant computes (B, T) log-probs, then `.sum().backward()` into the model's weights (their gradients included):
     naive        the common trainer pattern: the model's logits, `.float().log_softmax(-1).gather(...)`
-    before       common.token_logprobs before issue 15: the model's (B, T, V) logits, then checkpointed chunks of
+    before       common.token_logprobs before the chunked head: the model's (B, T, V) logits, then checkpointed chunks of
                  4096 // B positions, each upcast to fp32 for logsumexp
     floor        the backbone's hidden states, then lm_head and an fp32 logsumexp on 256-token chunks under
                  activation checkpointing, written inline: the least memory this computation needs

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny reference in a session temp cache, and a helper that runs a script."""
+"""Shared fixtures and helpers: a session temp cache, the tiny reference, arith batches, and running a script."""
 
 import json
 import os
@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+from rs import encode_response  # noqa: E402,F401  (responses from text, as rs.py --data gold encodes them)
 
 DATA = os.environ.get("SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")  # GSM8K, MATH500, AIME24
 # Tests on the real data files: they run wherever the project sits beside shared/ (CI does); a clone elsewhere skips
@@ -22,24 +23,73 @@ needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"the real data 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    """A cache dir holding the `tiny` reference at `common.tiny_dir(cache)`: a copy of the shipped one (assets/tiny),
-    the same weights on every machine. If the recipe changed and assets/tiny was not rebuilt, the session stops: a
-    reference SFT'd on the host would make the tests depend on this CPU."""
-    if common.tiny_path(str(tmp_path_factory.getbasetemp())) != common.TINY_SHIPPED:
-        pytest.exit("assets/tiny no longer matches TINY_CONFIG/TINY_SFT: rebuild it with "
-                    "`python benchmarks/tiny_reference.py --build assets/tiny --force`", returncode=1)
-    cache = os.environ.get("TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse across runs
-    if not os.path.exists(common.tiny_dir(cache)):
-        shutil.copytree(common.TINY_SHIPPED, common.tiny_dir(cache))
-    return cache
+    """A cache dir for the runs' offline datasets and evaluations; `--model tiny` itself loads assets/tiny, the same
+    weights on every machine. If the recipe changed and assets/tiny was not rebuilt, the session stops: a reference
+    SFT'd on the host would make the tests depend on this CPU."""
+    try:
+        common.tiny_recipe_key()
+    except common.ArgumentError as e:
+        pytest.exit(str(e), returncode=1)
+    return os.environ.get("TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse across runs
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_cache, tmp_path_factory):
+    """A copy of assets/tiny, for tests that load the tiny model by path: a run may write reports beside its model."""
+    path = str(tmp_path_factory.mktemp("model") / "tiny")
+    shutil.copytree(common.TINY_SHIPPED, path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = common.tiny_dir(tiny_cache)
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED), AutoTokenizer.from_pretrained(common.TINY_SHIPPED)
+
+
+def arith_ops(spec: str) -> tuple[int, list]:
+    """An arith answer spec, "15;+7;*2", as (15, [("+", 7), ("*", 2)])."""
+    start, *steps = spec.split(";")
+    return int(start), [(s[0], int(s[1:])) for s in steps]
+
+
+def arith_rows(tokenizer, problems: list[dict], slips: tuple = (None,), rng=None) -> list[dict]:
+    """Offline-dataset rows for arith `problems`, one per problem and entry of `slips`: None the gold solution, i a slip
+    at step i (-1: the last step; `rng` picks how far off it is). Each row has prompt and response ids, the response
+    text, the answer, and the response's grade as its reward."""
+    rows = []
+    for i, p in enumerate(problems):
+        start, ops = arith_ops(p["answer"])
+        for slip in slips:
+            text, _ = common.arith_solution(start, ops, None if slip is None else slip % len(ops), rng)
+            rows.append({"prompt_idx": i, "prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
+                         "response_ids": encode_response(tokenizer, text), "response": text, "answer": p["answer"],
+                         "reward": common.grade(text, p["answer"], "arith"), "truncated": False})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def reference_greedy(tiny_model):
+    """reference_greedy(n): the tiny reference's greedy accuracy on the first n arith test problems, evaluated here in
+    process (no accelerate, no cache): what a run's results["reference"]["greedy"] must equal."""
+    model, tokenizer = tiny_model
+    memo = {}
+
+    def accuracy(n: int) -> float:
+        if n not in memo:
+            problems = common.load_task("arith", "test", limit=n)
+            memo[n] = common.evaluate(model, tokenizer, problems, "arith", max_new_tokens=64, sampled_seeds=0)["greedy"]
+        return memo[n]
+
+    return accuracy
+
+
+def assert_accuracy(value: float, n: int, seeds: int = 1) -> None:
+    """`value` is an accuracy over n problems (averaged over `seeds` seeds): a whole number of correct answers out of
+    n x seeds, not just any number in [0, 1]."""
+    correct = value * n * seeds
+    assert 0 <= value <= 1 and correct == pytest.approx(round(correct), abs=1e-6), (value, n, seeds)
 
 
 SMOKE_ARGS = ["--n_train_prompts", "48", "--n_test", "32", "--n_samples", "4", "--epochs", "1",

@@ -19,10 +19,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from benchmarks.tiny_reference import TINY_CONFIG, build_tiny_tokenizer  # noqa: E402
 
 
 def wrap(model, version: int):
-    """As the issue's reproduction and accelerate do: each decoder layer its own unit, then the root."""
+    """As accelerate does: each decoder layer its own unit, then the root."""
     if version == 1:
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -41,9 +42,9 @@ def main():
     accelerator = Accelerator(cpu=True)  # gloo process group; rollout shares its chunks round-robin over the processes
     assert accelerator.num_processes == 2
     torch.manual_seed(0)
-    tokenizer = common.build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **common.TINY_CONFIG)
+                         eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
     model = LlamaForCausalLM(config)  # random weights: the tokens only need to be equal, not right
     plain = copy.deepcopy(model)
     problems = common.arith_problems("test", 6)

@@ -1,4 +1,4 @@
-"""Chat models end a turn with their own token, not EOS (issue 16). Tiny local word-level tokenizers carry chat templates
+"""Chat models end a turn with their own token, not EOS. Tiny local word-level tokenizers carry chat templates
 written in the style of Gemma, Llama-3.1 and Qwen2, each with an end-of-turn token that differs from its EOS; a
 hand-built "bigram" Llama answers every prompt with `#### 7` followed by a chosen closing token, deterministically."""
 
@@ -7,8 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import encode_response
 
 import common
+from benchmarks import tiny_reference
 
 # Gemma-1.1-it and Gemma-2-it: `<bos>`, turns `<start_of_turn>{user|model}\n{content | trim}<end_of_turn>\n`, no
 # system role, roles must alternate. Tokenizer EOS `<eos>` (id 1), end of turn `<end_of_turn>` (id 107).
@@ -130,7 +132,7 @@ def test_end_of_turn_comes_from_the_template(family):
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=tok.convert_tokens_to_ids(f["generation_eos"])))
     assert common.stop_token_ids(model, tok) == {eot, tok.eos_token_id, *tok.convert_tokens_to_ids(f["generation_eos"])}
 
-    response = common.encode_response(tok, ANSWER)
+    response = encode_response(tok, ANSWER)
     assert response == tok(ANSWER, add_special_tokens=False)["input_ids"] + [eot]
     assert tok.decode(response, skip_special_tokens=True) == ANSWER
     # prompt + response is the template's own rendering of the conversation, up to the end of the assistant turn
@@ -157,7 +159,7 @@ def test_generation_stops_where_the_turn_ends(family, closing):
         assert r["finish"] == "stop" and not r["truncated"]
         assert r["response"] == ANSWER and r["reward"] == 1.0
     if closing == FAMILIES[family]["end_of_turn"]:  # generation and encoding agree on how a response ends
-        assert all(r["response_ids"] == common.encode_response(tok, ANSWER) for r in rows)
+        assert all(r["response_ids"] == encode_response(tok, ANSWER) for r in rows)
     # Scoring covers the stop token too. By construction every step of the chain, ending the turn included, has the
     # final-norm logit s = 1/sqrt(1/H + eps) against 0 for the V - 1 others: log-prob -log(1 + (V - 1) e^-s).
     V, H, eps = model.config.vocab_size, model.config.hidden_size, model.config.rms_norm_eps
@@ -171,7 +173,7 @@ def test_generation_stops_where_the_turn_ends(family, closing):
 def test_without_the_end_of_turn_in_the_stop_set_the_model_runs_on():
     """The control that makes the test above able to fail: the same Gemma-1.1-style model, with the template gone (so
     the end of turn falls back to EOS) and generation_config listing only `<eos>`, runs past `<end_of_turn>` to the
-    token limit, and is marked truncated, as every chat model was before issue 16."""
+    token limit, and is marked truncated, as every chat model did while EOS alone ended a response."""
     tok, model = answering_model("gemma-1.1", "<end_of_turn>")
     prompts = gsm8k_prompts(tok)
     tok.chat_template = None
@@ -197,7 +199,7 @@ def test_end_of_turn_is_derived_once_per_tokenizer(monkeypatch):
     render = tok.apply_chat_template
     monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: calls.append(1) or render(*a, **k))
     for _ in range(50):
-        assert common.encode_response(tok, ANSWER)[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+        assert encode_response(tok, ANSWER)[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     assert len(calls) == 1
 
 
@@ -210,7 +212,7 @@ def test_tiny_model_still_ends_responses_with_eos(tiny_model):
     assert rendered.endswith("<|assistant|>\na\n")
     eos = tok.convert_tokens_to_ids("</s>")
     assert tok.eos_token_id == eos and common.end_of_turn_id(tok) == eos
-    assert common.end_of_turn_id(common.build_tiny_tokenizer()) == eos
+    assert common.end_of_turn_id(tiny_reference.build_tiny_tokenizer()) == eos  # and the builder's, before saving
     assert common.stop_token_ids(model, tok) == {eos}
     p = common.load_task("arith", "test", limit=1)[0]
-    assert common.encode_response(tok, p["solution"]) == tok(p["solution"], add_special_tokens=False)["input_ids"] + [eos]
+    assert encode_response(tok, p["solution"]) == tok(p["solution"], add_special_tokens=False)["input_ids"] + [eos]

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DATA, needs_data
+from conftest import DATA, arith_ops, encode_response, needs_data
 
 import common
+from benchmarks import tiny_reference
 
 GSM8K_TEST = os.path.join(DATA, "gsm8k", "test.jsonl")
 MATH500_TEST = os.path.join(DATA, "math500", "test.jsonl")
@@ -236,9 +237,9 @@ def test_encode_prompt_with_and_without_chat_template():
     plain = _char_bpe_tokenizer([text, PAPER_MATH.format(problem=q)])
     assert plain.decode(common.encode_prompt(plain, q, "gsm8k")) == text
     assert plain.decode(common.encode_prompt(plain, q, "math")) == PAPER_MATH.format(problem=q)
-    chat = _char_bpe_tokenizer([text, "<|user|>\n<|assistant|>"], chat_template=common.TINY_CHAT_TEMPLATE)
+    chat = _char_bpe_tokenizer([text, "<|user|>\n<|assistant|>"], chat_template=tiny_reference.TINY_CHAT_TEMPLATE)
     assert chat.decode(common.encode_prompt(chat, q, "gsm8k")) == f"<s><|user|>\n{text}\n<|assistant|>\n"
-    tiny = common.build_tiny_tokenizer()  # the embedded default goes through the same chat-template path
+    tiny = tiny_reference.build_tiny_tokenizer()  # the embedded default goes through the same chat-template path
     p = common.load_task("arith", "test", limit=1)[0]
     ids = common.encode_prompt(tiny, p["question"], "arith")
     assert ids[0] == tiny.bos_token_id and ids.count(tiny.bos_token_id) == 1
@@ -249,11 +250,6 @@ def test_encode_prompt_with_and_without_chat_template():
 # ---------------------------------------------------------------------------------------------------------------------
 # The arith task and its strict verifier
 # ---------------------------------------------------------------------------------------------------------------------
-def _ops(spec):
-    start, *steps = spec.split(";")
-    return int(start), [(s[0], int(s[1:])) for s in steps]
-
-
 def test_arith_problems_format_deterministic_and_disjoint():
     train = common.arith_problems("train", 5000)
     test = common.arith_problems("test", 1000)
@@ -264,7 +260,7 @@ def test_arith_problems_format_deterministic_and_disjoint():
     assert common.load_task("arith", "test", limit=20) == test[:20]
     for p in train[:500] + test[:500]:
         segments = p["solution"].split("\n\n")  # one step per segment, blank line between
-        start, ops = _ops(p["answer"])
+        start, ops = arith_ops(p["answer"])
         assert 2 <= len(ops) <= 5 and len(segments) == len(ops) + 1
         assert segments[-1] == f"#### {p['final']}" and p["question"].startswith(f"{p['question'].split()[0]} has {start} ")
         assert common.grade(p["solution"], p["answer"], "arith") == 1.0
@@ -275,7 +271,7 @@ def test_arith_problems_format_deterministic_and_disjoint():
 def test_arith_strict_verifier_rejects_right_answers_on_wrong_steps():
     rng = random.Random(0)
     for p in common.arith_problems("test", 200):
-        start, ops = _ops(p["answer"])
+        start, ops = arith_ops(p["answer"])
         lines = p["solution"].split("\n\n")
         # a wrong intermediate result, final answer still right: answer-only grading would pass it
         i = rng.randrange(len(ops))
@@ -299,7 +295,7 @@ def test_arith_strict_verifier_rejects_right_answers_on_wrong_steps():
 def test_arith_slipped_solutions_and_first_wrong_step():
     rng = random.Random(1)
     for p in common.arith_problems("train", 300):
-        start, ops = _ops(p["answer"])
+        start, ops = arith_ops(p["answer"])
         slip = rng.randrange(len(ops))
         text, step = common.arith_solution(start, ops, slip, rng)
         assert step == slip
@@ -320,7 +316,7 @@ def test_prompt_response_boundary_is_never_merged():
     tok = _char_bpe_tokenizer([prompt_text, response], merges=[(".", "5")])
     merged_id = tok.convert_tokens_to_ids(".5")
     assert merged_id in tok(prompt_text + response)["input_ids"]  # encoding the two jointly merges ".5" at the boundary
-    prompt_ids, response_ids = common.encode_prompt(tok, q, "gsm8k"), common.encode_response(tok, response)
+    prompt_ids, response_ids = common.encode_prompt(tok, q, "gsm8k"), encode_response(tok, response)
     assert response_ids[-1] == tok.eos_token_id and tok.decode(response_ids[:-1]) == response
     batch = common.collate([{"prompt_ids": prompt_ids, "response_ids": response_ids}], tok.pad_token_id)
     ids, mask = batch["input_ids"][0].tolist(), batch["mask"][0]
@@ -347,7 +343,7 @@ def test_collate_masks_padding_and_fields():
 def test_encode_response_on_the_tiny_tokenizer(tiny_model):
     _, tok = tiny_model
     p = common.load_task("arith", "train", limit=1)[0]
-    prompt_ids, response_ids = common.encode_prompt(tok, p["question"], "arith"), common.encode_response(tok, p["solution"])
+    prompt_ids, response_ids = common.encode_prompt(tok, p["question"], "arith"), encode_response(tok, p["solution"])
     assert response_ids[-1] == tok.eos_token_id and tok.bos_token_id not in response_ids
     batch = common.collate([{"prompt_ids": prompt_ids, "response_ids": response_ids}], tok.pad_token_id)
     ids = batch["input_ids"][0]

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import gradient_step_lowers, run_script
+from conftest import arith_rows, assert_accuracy, gradient_step_lowers, run_script
 
 import common
 import dpo
@@ -166,15 +166,7 @@ def test_dro_loss_values_and_gradients():
 def _batch_rows(model, tokenizer, n_prompts=4):
     """Per prompt one correct and one slipped (incorrect) arith solution, with the reference's log-probs stored as
     the offline dataset stores them."""
-    rng, rows = random.Random(0), []
-    for i, p in enumerate(common.arith_problems("train", n_prompts, seed=5)):
-        start, *steps = p["answer"].split(";")
-        ops = [(s[0], int(s[1:])) for s in steps]
-        for slip in (None, len(ops) - 1):
-            text, _ = common.arith_solution(int(start), ops, slip, rng)
-            rows.append({"prompt_idx": i, "prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
-                         "response_ids": common.encode_response(tokenizer, text), "truncated": False,
-                         "reward": common.grade(text, p["answer"], "arith")})
+    rows = arith_rows(tokenizer, common.arith_problems("train", n_prompts, seed=5), (None, -1), random.Random(0))
     assert [r["reward"] for r in rows] == [1.0, 0.0] * n_prompts
     common.score_rows(model, rows, tokenizer.pad_token_id)
     for r in rows:
@@ -262,10 +254,11 @@ def test_dro_one_step_lowers_both_losses(tiny_model):
 # Smoke runs and script-level errors
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["dpo.py", "kto.py", "dro.py"])
-def test_smoke_run(script, tiny_cache, tmp_path):
+def test_smoke_run(script, tiny_cache, tmp_path, reference_greedy):
     out = str(tmp_path / script)
     results, metrics = run_script(script, tiny_cache, out)
-    assert {"reference", "final"} <= set(results) and 0.0 <= results["final"]["greedy"] <= 1.0
+    assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
+    assert_accuracy(results["final"]["greedy"], 32)
     assert metrics and all(math.isfinite(m["losses/policy"]) for m in metrics)
     assert os.path.exists(os.path.join(out, "model", "config.json"))
     if script == "dro.py":

@@ -7,21 +7,22 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, gradient_step_lowers, run_script
+from transformers import AutoTokenizer
+from conftest import ROOT, arith_rows, assert_accuracy, encode_response, gradient_step_lowers, run_script
 
 import common
 import dqo
+import eval as eval_script
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------------------------------
 def reference_dqo(pl, rl, bl, v, r, mask, beta, lam, is_clip, is_policy=True, is_value=True):
-    """The issue's equations, one trajectory and one token at a time, on scalar tensors (so autograd sees exactly
+    """dqo.py's equations (its docstring), one trajectory and one token at a time, on scalar tensors (so autograd sees exactly
     which terms are detached)."""
     policy_terms, value_terms = [], []
     for b in range(mask.shape[0]):
@@ -151,12 +152,9 @@ def tiny_batch(tokenizer, n=4):
     import random
 
     rng, rows = random.Random(0), []
-    for i, p in enumerate(common.arith_problems("train", n, seed=5)):
-        start, *steps = p["answer"].split(";")
-        text, _ = common.arith_solution(int(start), [(s[0], int(s[1:])) for s in steps], i % 2 or None, rng)
-        resp = common.encode_response(tokenizer, text)
-        rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "response_ids": resp,
-                     "rewards": common.token_rewards(len(resp), common.grade(text, p["answer"], "arith"))})
+    for i, p in enumerate(common.arith_problems("train", n, seed=5)):  # a slip at step 1 in every other response
+        (row,) = arith_rows(tokenizer, [p], (i % 2 or None,), rng)
+        rows.append(dict(row, rewards=dqo.token_rewards(len(row["response_ids"]), row["reward"])))
     assert {r["rewards"][-1] for r in rows} == {0.0, 1.0}
     return common.collate(rows, tokenizer.pad_token_id, ("rewards",))
 
@@ -228,14 +226,7 @@ def arith_case(tokenizer):
     import random
 
     p = next(q for q in common.arith_problems("train", 100, seed=3) if q["answer"].count(";") == 3)
-    start, *steps = p["answer"].split(";")
-    ops = [(s[0], int(s[1:])) for s in steps]
-    rows = []
-    for slip in (None, 0, 1, 2):
-        text, _ = common.arith_solution(int(start), ops, slip, random.Random(slip))
-        rows.append({"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
-                     "response_ids": common.encode_response(tokenizer, text), "response": text, "answer": p["answer"],
-                     "reward": common.grade(text, p["answer"], "arith")})
+    rows = [arith_rows(tokenizer, [p], (slip,), random.Random(slip))[0] for slip in (None, 0, 1, 2)]
     assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
     assert [common.arith_first_wrong(r) for r in rows] == [None, 0, 1, 2]
     return p, rows
@@ -256,7 +247,7 @@ def fake_generator(tokenizer, gold: str, ps_samples: int, log: list):
             k = len([s for s in prefix.split("\n\n") if s.strip()])
             rest = "\n\n".join(gold_lines[k:]) if counter[0] % ps_samples == ps_samples - 1 else "#### 99999"
             counter[0] += 1
-            ids_out = common.encode_response(tok, rest)
+            ids_out = encode_response(tok, rest)
             out.append({"response_ids": ids_out, "finish": "stop", "response": rest})
         return out
 
@@ -264,7 +255,7 @@ def fake_generator(tokenizer, gold: str, ps_samples: int, log: list):
 
 
 def test_segments_and_process_scores(monkeypatch, tmp_path):
-    tokenizer = common.build_tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(common.TINY_SHIPPED)  # the embedded model's, without loading the model
     p, rows = arith_case(tokenizer)
     # segments: split at blank lines, partitioning the response, each keeping its blank line; the last ends at EOS
     for r in rows:
@@ -273,8 +264,8 @@ def test_segments_and_process_scores(monkeypatch, tmp_path):
         assert pieces == [s + "\n\n" for s in r["response"].split("\n\n")[:-1]] + [r["response"].split("\n\n")[-1]]
         assert ends[-1] == len(r["response_ids"]) and r["response_ids"][-1] == tokenizer.eos_token_id
     ps, log = 3, []
-    monkeypatch.setattr(common, "generate_batch", fake_generator(tokenizer, p["solution"], ps, log))
-    scores = common.score_segments(None, tokenizer, rows, "arith", ps, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+    monkeypatch.setattr(dqo, "generate_batch", fake_generator(tokenizer, p["solution"], ps, log))
+    scores = dqo.score_segments(None, tokenizer, rows, "arith", ps, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
                                 64, 7, seed=0)
     assert [s["correct_segments"] for s in scores] == [4, 0, 1, 2]  # = the first wrong step, for each slip
     # backwards from the longest proper prefix, stopping at the first prefix with a correct completion
@@ -284,39 +275,43 @@ def test_segments_and_process_scores(monkeypatch, tmp_path):
     assert not any(x == "" for x in log)  # never the empty prefix
     # rewards: 1/n on the last token of each correct segment, the outcome on the last token
     ends = scores[2]["segment_ends"]
-    r = common.token_rewards(len(rows[2]["response_ids"]), rows[2]["reward"], scores[2])
+    r = dqo.token_rewards(len(rows[2]["response_ids"]), rows[2]["reward"], scores[2])
     assert r[ends[0] - 1] == 0.25 and sum(r) == 0.25
     assert tokenizer.decode(rows[2]["response_ids"][ends[0] - 2 : ends[0]]) == "\n\n"  # it sits on the blank line
-    r = common.token_rewards(len(rows[0]["response_ids"]), rows[0]["reward"], scores[0])
+    r = dqo.token_rewards(len(rows[0]["response_ids"]), rows[0]["reward"], scores[0])
     assert sum(r) == 2.0 and r[-1] == 1.25 and [r[e - 1] for e in scores[0]["segment_ends"][:-1]] == [0.25] * 3
 
     # cached and resumable: a second build reads the cache; a lost chunk is rebuilt alone
-    monkeypatch.setattr(common, "PS_CHUNK", 2)
-    args = SimpleNamespace(model="x", task="arith", ps_samples=ps, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64,
-                           seed=0, gen_batch_size=7, cache_dir=str(tmp_path))
+    monkeypatch.setattr(dqo, "PS_CHUNK", 2)
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+    def build():
+        return dqo.build_process_scores(None, reference, tokenizer, rows, "arith", ps, sampling, 64, 7, 0, str(tmp_path), "x")
+
     log.clear()
     reference = torch.nn.Linear(1, 1)  # stands in for the model: the fake generator ignores it
-    built = common.build_process_scores(None, reference, tokenizer, rows, args)
+    built = build()
     assert built == scores and log
     root = os.path.join(str(tmp_path), "process_scores", os.listdir(os.path.join(str(tmp_path), "process_scores"))[0])
     os.remove(os.path.join(root, "chunk-00001.json"))
     log.clear()
-    assert common.build_process_scores(None, reference, tokenizer, rows, args) == scores
+    assert build() == scores
     assert len(log) == ps * 5  # only the lost chunk's rows (slips 1 and 2: 3 + 2 prefixes), not all 8 prefixes
-    monkeypatch.setattr(common, "generate_batch", None)  # a complete cache never generates
-    assert common.build_process_scores(None, reference, tokenizer, rows, args) == scores
+    monkeypatch.setattr(dqo, "generate_batch", None)  # a complete cache never generates
+    assert build() == scores
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Smoke runs
 # ---------------------------------------------------------------------------------------------------------------------
-def test_smoke_run_and_value_trace(tiny_cache, tmp_path):
-    """A DQO run with process rewards prints its value trace; eval.py --value_model prints it for the saved model, with
-    its statistics, and writes the HTML page."""
+def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
+    """A DQO run with process rewards saves its value model; eval.py --value_model prints its value trace, with its
+    statistics, and writes the HTML page."""
     out = str(tmp_path / "dqo")
     results, metrics = run_script("dqo.py", tiny_cache, out, "--process_rewards", "--ps_samples", "2", "--lam", "0.95",
                                   "--behavior", "sampler")
-    assert {"reference", "final"} <= set(results) and 0.0 <= results["final"]["greedy"] <= 1.0
+    assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
+    assert_accuracy(results["final"]["greedy"], 32)
     assert metrics and all(math.isfinite(m["losses/policy"]) and math.isfinite(m["losses/value"]) for m in metrics)
     assert os.path.exists(os.path.join(out, "value_model", "value_head.safetensors"))
     assert os.listdir(os.path.join(tiny_cache, "process_scores"))
@@ -355,12 +350,13 @@ def test_value_trace_statistics(tiny_model):
     def fake_rollout(policy, tok, prompts, answers, task, n, **kw):
         return [dict(r, prompt_idx=0) for r in rows]
 
-    args = SimpleNamespace(task="arith", seed=0, max_new_tokens=64, gen_batch_size=3)
-    with mock.patch.object(common, "rollout", fake_rollout):
-        out = common.value_traces(model, Known(1, 1), tokenizer, problems, args, n_problems=1, n_per=4)
+    with mock.patch.object(eval_script, "rollout", fake_rollout):
+        out = eval_script.value_traces(model, Known(1, 1), tokenizer, problems, "arith", seed=0, max_new_tokens=64,
+                                       gen_batch_size=3, n_problems=1, n_per=4)
     stats = out["stats"]
     assert out["n_responses"] == 4
     assert stats["mean dV at WRONG segments"] == pytest.approx(-1.0)  # V drops from 1 to 0 exactly there
     assert stats["mean dV at ok segments"] == pytest.approx(0.0)
     assert stats["AUC of -dV, first wrong vs correct steps"] == pytest.approx(1.0)
-    assert "AUC of -dV" in common.format_value_traces(out)
+    text = eval_script.format_value_traces(out)  # dV signed, the AUC a probability
+    assert "mean dV at WRONG segments -1.000" in text and "AUC of -dV, first wrong vs correct steps 1.000" in text

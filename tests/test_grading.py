@@ -67,7 +67,7 @@ def _assert_helpers_tidy(zombies_before: set[int]) -> None:
 
 def test_time_limit_holds_per_call_under_concurrency(monkeypatch):
     """4 hostile and 4 easy answers from 8 threads at once. With one shared helper they queued behind each other
-    (the issue: 21-23 s at a 5 s limit; at this 3 s limit the easy calls took 3.4, 7, 10 and 14 s and the batch
+    (measured: 21-23 s at a 5 s limit; at this 3 s limit the easy calls took 3.4, 7, 10 and 14 s and the batch
     14 s). Here each call has its own helper and time limit: the batch takes about one limit plus a helper start."""
     monkeypatch.setattr(common, "GRADE_TIMEOUT_S", LIMIT_S)
     with ThreadPoolExecutor(4) as pool:  # idle helpers for some of the calls, as after earlier grading

@@ -1,23 +1,36 @@
-"""The algorithm files stay diffable against rs.py and each other (the README's "Reading and diffing" targets), keep
-the section order of STYLE.md, and share their common blocks line for line."""
-
+"""The algorithm files keep the section order that the README's "Reading and diffing the files" states, share their
+common blocks line for line, and common.py holds only shared plumbing: every top-level definition in it is used by at
+least two of the seven entry points (the six algorithm files and eval.py; benchmarks and tests do not count)."""
 
 import pytest
 
-from benchmarks import diff_lines
+from benchmarks import common_usage, diff_lines
 
 ALGOS = ["rs.py", "dpo.py", "kto.py", "dro.py", "dqo.py", "spo.py"]
 
 
-@pytest.mark.parametrize("pair", list(diff_lines.TARGETS), ids=lambda p: f"{p[0]}-{p[1]}")
-def test_diff_targets(pair):
-    assert diff_lines.changed(*pair) <= diff_lines.TARGETS[pair], diff_lines.table()
+def test_common_holds_only_what_two_entry_points_use():
+    """A definition that one entry point uses belongs in that file (a diff against rs.py then shows it); one that only
+    benchmarks or tests use belongs there. Uses through other definitions of common.py count."""
+    used = common_usage.usage()
+    lonely = {name: [e[:-3] for e in entries] for name, entries in used.items() if len(entries) < 2}
+    assert not lonely, f"used by fewer than two entry points: {lonely}"
+
+
+def test_usage_counts_what_an_entry_point_reaches():
+    """The check above can fail: a name only spo.py imports, and one that nothing uses, are found."""
+    refs, _ = common_usage.definitions()
+    assert "_arith_walk" in refs["grade_arith"]  # a private helper is reached through the definitions that call it
+    used = common_usage.usage()
+    assert used["grade_arith"] == list(common_usage.ENTRY_POINTS)  # every entry point grades
+    assert "ValueModel" in common_usage.imported_names("dqo.py") and "ValueModel" not in common_usage.imported_names("rs.py")
+    assert sorted(used["ValueModel"]) == ["dqo.py", "dro.py", "eval.py"]
 
 
 @pytest.mark.parametrize("name", ALGOS)
 def test_size_and_section_order(name):
     text = "\n".join(diff_lines.lines(name))
-    assert len(diff_lines.lines(name)) <= diff_lines.MAX_LINES.get(name, diff_lines.MAX_LINES["*"])
+    assert len(diff_lines.lines(name)) <= diff_lines.MAX_LINES
     markers = ["\nclass Args:", "\n    # Algorithm-specific arguments", "\n# ALGO LOGIC: loss\ndef ",
                "\ndef main():", "    # setup\n", "    # models\n", "    # data\n", "    # ALGO LOGIC: data\n",
                "    # training loop\n", "                # ALGO LOGIC: loss\n", "    # evaluate and save\n",
@@ -27,7 +40,8 @@ def test_size_and_section_order(name):
 
 
 def test_shared_args_are_identical():
-    """Every shared flag has the same name, type, default and help in every file (the output dir aside)."""
+    """Every shared flag has the same name, type, default and help in every file (the output dir aside; --beta is in
+    every file that uses it, each with its paper's value)."""
     def shared(name):
         lines = diff_lines.lines(name)
         start, end = lines.index("class Args:"), lines.index("    # Algorithm-specific arguments")

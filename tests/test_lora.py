@@ -11,18 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import arith_rows, assert_accuracy, run_script
 from safetensors import safe_open
 
 import common
+import rs
 
 
 def _batch(tokenizer, n=6):
     """Gold arith solutions to `n` training prompts, collated."""
-    rows = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
-             "response_ids": common.encode_response(tokenizer, p["solution"])}
-            for p in common.arith_problems("train", n, seed=3)]
-    return common.collate(rows, tokenizer.pad_token_id)
+    return common.collate(arith_rows(tokenizer, common.arith_problems("train", n, seed=3)), tokenizer.pad_token_id)
 
 
 def _logps(model, batch):
@@ -33,7 +31,7 @@ def _logps(model, batch):
 def _sft_step(model, batch, lr=1e-2):
     """One AdamW step on the NLL of `batch`, over the trainable parameters only."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    loss = -common.masked_mean(common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["mask"])
+    loss = rs.rs_loss(common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["mask"])[0]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -87,7 +85,7 @@ def test_lora_with_gradient_checkpointing_trains_every_adapter(tiny_cache):
     policy, tokenizer = common.load_model_and_tokenizer(args)
     batch = _batch(tokenizer)
     policy.train()
-    loss = -common.masked_mean(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])
+    loss = rs.rs_loss(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])[0]
     loss.backward()
     # B starts at zero, so A's first gradient is zero; every B must get one through the checkpointed layers
     grads = {n: p.grad for n, p in policy.named_parameters() if ".lora_B." in n}
@@ -180,7 +178,7 @@ RUN_ARGS = {"rs": ["--per_device_batch_size", "4"], "dpo": ["--max_steps", "2"],
 
 
 @pytest.mark.parametrize("algo", ["rs", "dpo", "kto", "dro", "dqo", "spo"])
-def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tmp_path):
+def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tiny_dir, tmp_path, reference_greedy):
     from transformers import AutoModel, AutoModelForCausalLM
 
     out = str(tmp_path / algo)
@@ -189,14 +187,15 @@ def test_script_runs_with_lora_and_saves_a_merged_model(algo, tiny_cache, tmp_pa
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["args"]["lora_r"] == 4
     assert len(metrics) >= 2 and all(math.isfinite(m["losses/policy"]) for m in metrics)
-    assert 0.0 <= results["final"]["greedy"] <= 1.0
+    assert results["reference"]["greedy"] == reference_greedy(8)  # adapters off: the base model is the reference
+    assert_accuracy(results["final"]["greedy"], 8)
     if algo in LOGRATIO_METRICS:
         first = [metrics[0][k] for k in LOGRATIO_METRICS[algo] if k in metrics[0]]
         last = [metrics[-1][k] for k in LOGRATIO_METRICS[algo] if k in metrics[-1]]
         assert first and all(x == pytest.approx(0.0, abs=1e-3) for x in first)  # the stored reference: the base model
         assert last and any(abs(x) > 1e-3 for x in last)  # and the adapters moved the policy away from it
 
-    base = common.tiny_dir(tiny_cache)
+    base = tiny_dir
     path = os.path.join(out, "model")
     assert _keys(path) == _keys(base) and not any("lora" in k for k in _keys(path))  # merged: the base's format
     AutoModelForCausalLM.from_pretrained(path)

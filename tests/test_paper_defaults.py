@@ -16,13 +16,13 @@ import spo
 
 
 @needs_data
-def test_dqo_with_a_local_model_runs_the_papers_gsm8k_experiment(tiny_cache, tmp_path):
-    """The issue's acceptance command, cut shorter (4 prompts, 2 test problems, 32 new tokens): no --task, no batch
-    flags. 80 offline rows are fewer than one global batch of 256: the one step takes all of them (10 accumulation
+def test_dqo_with_a_local_model_runs_the_papers_gsm8k_experiment(tiny_cache, tiny_dir, tmp_path):
+    """The paper's GSM8K run on a local model, cut shorter (4 prompts, 2 test problems, 32 new tokens): no --task, no
+    batch flags. 80 offline rows are fewer than one global batch of 256: the one step takes all of them (10 accumulation
     steps of 8), says so, and run.json records it beside the paper's values."""
     out = tmp_path / "run"
     gsm8k = os.path.join(DATA, "gsm8k")
-    cmd = [sys.executable, os.path.join(ROOT, "dqo.py"), "--model", common.tiny_dir(tiny_cache),
+    cmd = [sys.executable, os.path.join(ROOT, "dqo.py"), "--model", tiny_dir,
            "--train_file", os.path.join(gsm8k, "train.jsonl"), "--test_file", os.path.join(gsm8k, "test.jsonl"),
            "--n_train_prompts", "4", "--n_test", "2", "--max_steps", "1", "--max_new_tokens", "32",
            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), "--report_to", ""]

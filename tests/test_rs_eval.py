@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, gradient_step_lowers, needs_data, run_script
+from conftest import ROOT, arith_rows, assert_accuracy, gradient_step_lowers, needs_data, run_script
 
 import common
 import rs
@@ -48,9 +48,7 @@ def test_rs_step_lowers_the_loss(tiny_model):
     policy = type(model)(model.config)
     policy.load_state_dict(model.state_dict())  # a copy: the session fixture stays untouched
     problems = common.load_task("arith", "train", limit=16)
-    rows = [{"prompt_ids": common.encode_prompt(tok, p["question"], "arith"),
-             "response_ids": common.encode_response(tok, p["solution"])} for p in problems]
-    batch = common.collate(rows, tok.pad_token_id)
+    batch = common.collate(arith_rows(tok, problems), tok.pad_token_id)
 
     def loss_now():
         return rs.rs_loss(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])[0]
@@ -58,15 +56,20 @@ def test_rs_step_lowers_the_loss(tiny_model):
     gradient_step_lowers(loss_now, policy.parameters())
 
 
-def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path):
+def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path, reference_greedy):
     """rs.py --data gold on a tiny configuration, then eval.py on the model it saved."""
     out = str(tmp_path / "rs")
     results, metrics = run_script("rs.py", tiny_cache, out, "--data", "gold", "--epochs", "2", "--eval_seeds", "2")
     assert list(results) == ["reference", "epoch1", "final"]  # every epoch's model is evaluated and saved
     for r in results.values():
         assert {"greedy", "sampled", "sampled_std", "n_problems", "truncated", "samples"} <= set(r)
-        assert r["n_problems"] == 32 and 0.0 <= r["greedy"] <= 1.0 and 0.0 <= r["sampled"] <= 1.0
-        assert 0.0 <= r["truncated"] <= 1.0 and len(r["samples"]) == 3 and r["sampled_seeds"] == 2
+        assert r["n_problems"] == 32 and len(r["samples"]) == 3 and r["sampled_seeds"] == 2
+        assert_accuracy(r["greedy"], 32)
+        assert_accuracy(r["sampled"], 32, seeds=2)
+        assert_accuracy(r["truncated"], 32)
+        assert all(s["reward"] == common.grade(s["response"], p["answer"], "arith")
+                   for s, p in zip(r["samples"], common.load_task("arith", "test", limit=3)))
+    assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
     assert [m["step"] for m in metrics] == list(range(1, 13))  # 48 gold solutions / batch 8, two epochs
     assert os.path.exists(os.path.join(out, "model_epoch1", "model.safetensors"))
     for m in metrics:
@@ -98,13 +101,13 @@ def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path):
 @pytest.mark.parametrize("task,train,test", [("gsm8k", "gsm8k/train.jsonl", "gsm8k/test.jsonl"),
                                              ("math", None, "math500/test.jsonl"), ("aime24", None, "aime24/test.jsonl")])
 @needs_data
-def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cache, tmp_path):
+def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cache, tiny_dir, tmp_path):
     """The real-model code path (a save_pretrained dir, the real GSM8K / MATH500 / AIME24 files): rs.py trains one
     step on GSM8K gold solutions, and eval.py evaluates every task. The tiny model cannot solve them; this checks
     loading, prompting, generation and grading end to end."""
     from conftest import DATA
 
-    model_dir = common.tiny_dir(tiny_cache)
+    model_dir = tiny_dir
     test_file = os.path.join(DATA, test)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if train:
@@ -124,4 +127,6 @@ def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cac
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(path) as f:
         ev = json.load(f)
-    assert ev["task"] == task and ev["n_problems"] == 4 and 0.0 <= ev["greedy"] <= 1.0 and "pass@2" in ev
+    assert ev["task"] == task and ev["n_problems"] == 4 and "pass@2" in ev
+    assert_accuracy(ev["greedy"], 4)
+    assert_accuracy(ev["pass@1"], 4, seeds=2)  # pass@1 from 2 samples per problem: c/2 each

@@ -60,11 +60,8 @@ def test_rollout_evaluate_offline_dataset_match_unsharded(version, tmp_path):
 
 
 def _fresh_cache(tiny_cache, path) -> str:
-    """A cache holding only the tiny test reference: the run builds its own offline dataset and reference evaluation."""
-    import shutil
-
-    os.makedirs(os.path.dirname(common.tiny_dir(str(path))))
-    shutil.copytree(common.tiny_dir(tiny_cache), common.tiny_dir(str(path)))
+    """An empty cache: the run builds its own offline dataset and reference evaluation (`--model tiny` is assets/tiny)."""
+    os.makedirs(path)
     return str(path)
 
 
@@ -111,7 +108,7 @@ def test_dqo_under_accelerate_fsdp_matches_one_process(version, dqo_unsharded, t
 
     # the consolidated weights after the steps (within 1e-5, and far closer to each other than to where they started),
     # and the saves load as plain models
-    start = load_file(os.path.join(common.tiny_dir(tiny_cache), "model.safetensors"))
+    start = load_file(os.path.join(common.TINY_SHIPPED, "model.safetensors"))
     for sub, prefix in (("model", ""), ("value_model", "model.")):  # the value backbone is the LM without its head
         a, b = (load_file(os.path.join(d, sub, "model.safetensors")) for d in (one_dir, out))
         assert a.keys() == b.keys()
@@ -201,7 +198,7 @@ def test_shipped_fsdp2_launch_matches_one_process_in_bf16(launch_runs, tiny_cach
     # Weights after 3 Adam steps: Adam moves each weight by about lr per step whatever its gradient's size, so where the
     # two precisions' gradients differ in sign (gradients near 0) the weights differ by up to 2 lr per step; elsewhere
     # they move together. Bound: 3 steps x 2 lr, and the two runs much closer to each other than to the start.
-    start = load_file(os.path.join(common.tiny_dir(tiny_cache), "model.safetensors"))
+    start = load_file(os.path.join(common.TINY_SHIPPED, "model.safetensors"))
     lrs = {"model": 5e-6, "value_model": 1e-4}
     for sub, prefix in (("model", ""), ("value_model", "model.")):
         a, b = (load_file(os.path.join(d, sub, "model.safetensors")) for d in (one, two))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import gradient_step_lowers, run_script
+from conftest import assert_accuracy, encode_response, gradient_step_lowers, run_script
 
 import common
 import spo
@@ -19,7 +19,7 @@ PAPER_BETA = 1 / math.log(100_000)
 
 def loop_spo_loss(policy_logps, ref_logps, mask, q0, rewards, beta, loss_type):
     """Plain Python over sequences and tokens: (loss, d loss / d policy_logps as nested lists), the gradient derived
-    by hand from the per-sequence formulas of the issue."""
+    by hand from the per-sequence formulas in spo.py's docstring."""
     B, T = len(policy_logps), len(policy_logps[0])
     total, grad = 0.0, [[0.0] * T for _ in range(B)]
     for b in range(B):
@@ -150,7 +150,7 @@ def test_bellman_consistency_by_construction(tiny_model):
     beta, q0 = PAPER_BETA, -0.3
     problem = common.load_task("arith", "train", limit=1)[0]
     prompt = common.encode_prompt(tokenizer, problem["question"], "arith")
-    response = common.encode_response(tokenizer, problem["solution"])[:20]  # the theorem holds for any tokens
+    response = encode_response(tokenizer, problem["solution"])[:20]  # the theorem holds for any tokens
     V = policy.config.vocab_size
     assert V == len(tokenizer) and len(response) >= 5
 
@@ -239,7 +239,7 @@ def test_one_step_lowers_loss(tiny_model, loss_type):
     prompts = [common.encode_prompt(tokenizer, p["question"], "arith") for p in problems]
     rows = common.rollout(ref, tokenizer, prompts, [p["answer"] for p in problems], "arith", n=3, temperature=1.0,
                           max_new_tokens=64, seed=0)
-    rows += [{"prompt_idx": i, "prompt_ids": prompts[i], "response_ids": common.encode_response(tokenizer, p["solution"]),
+    rows += [{"prompt_idx": i, "prompt_ids": prompts[i], "response_ids": encode_response(tokenizer, p["solution"]),
               "reward": 1.0} for i, p in enumerate(problems)]  # the gold solutions: correct for sure
     q0 = spo.estimate_q0(rows, 0.5)
     batch = common.collate([dict(r, q0=q0[r["prompt_idx"]]) for r in rows], tokenizer.pad_token_id, (), ("q0", "reward"))
@@ -273,7 +273,7 @@ def test_one_step_lowers_loss(tiny_model, loss_type):
 
 
 @pytest.mark.parametrize("mode", ["offline", "half", "online"])
-def test_smoke(tiny_cache, tmp_path, mode):
+def test_smoke(tiny_cache, tmp_path, mode, reference_greedy):
     """The script in its three modes: the per-step mix is exact, the rollout policy is refreshed on schedule, and
     pass@1 / pass@10 (20 samples at T=0.4) and peak memory are reported."""
     fraction = {"offline": 0.0, "half": 0.5, "online": 1.0}[mode]
@@ -286,5 +286,6 @@ def test_smoke(tiny_cache, tmp_path, mode):
         assert math.isfinite(m["losses/policy"])
     for name in ("reference", "final"):
         assert 0 <= results[name]["pass@1"] <= results[name]["pass@10"] <= 1
-        assert 0 <= results[name]["greedy"] <= 1
+        assert_accuracy(results[name]["greedy"], 32)
+    assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
     assert results["final"]["peak_memory_mb"] > 0
