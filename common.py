@@ -1851,7 +1851,7 @@ class _TiedWeightsNote(logging.Filter):
     in the middle of the progress bar, says nothing a user can act on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Removed shared tensor")
+        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK n] "
 
 
 logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())

@@ -167,7 +167,8 @@ def main():
     # ALGO LOGIC: data
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
     examples, n_dropped = build_pairs(rows, args.max_pairs_per_prompt, args.seed)  # [chosen, rejected] pairs
-    accelerator.print(f"DPO pairs: {len(examples)} from {len(train_problems) - n_dropped} prompts; {n_dropped} prompts "
+    n_prompts = len({r["prompt_idx"] for r in rows})  # the imported file's, which need not be the train split's
+    accelerator.print(f"DPO pairs: {len(examples)} from {n_prompts - n_dropped} prompts; {n_dropped} prompts "
                       "dropped (all responses correct or all incorrect)")
     accelerator.print(f"training on {len(examples)} examples")
     token_fields, seq_fields = ("ref_logps",), ()
