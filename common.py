@@ -1488,7 +1488,8 @@ def _default_note(name: str, default, tiny: dict | None, paper: dict | None) -> 
             return f"tiny: {'unset' if t is None else t}, paper: {'unset' if p is None else p}"
     if default is None or isinstance(default, bool):
         return ""
-    return f"default: {default!r}" if isinstance(default, str) else f"default: {default}"
+    return f"default: {default!r}" if isinstance(default, str) else f"default: {default:.4g}" if isinstance(
+        default, float) else f"default: {default}"
 
 
 class _ArgParser(argparse.ArgumentParser):

@@ -258,3 +258,14 @@ def test_round_trip_export_then_import_trains_to_the_same_losses(tiny_cache, tmp
     for x, y in zip(a, b):
         for k in ("losses/policy", "losses/value", "rewards/return"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x[k], y[k])
+
+
+def test_readme_example_rows_read_and_grade(tmp_path):
+    """The README's three example rows are a valid file, and their rewards are the grader's (the third's is left out)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("## Your own samples", 1)[1]
+    lines = section.split("```json\n", 1)[1].split("```", 1)[0].splitlines()
+    assert len(lines) == 3
+    rows = common.read_offline_data(write_jsonl(tmp_path / "example.jsonl", lines))
+    assert [r["reward"] for r in rows] == [1.0, 0.0, None]
+    assert [common.grade(r["response"], r["answer"], "arith") for r in rows] == [1.0, 0.0, 1.0]
