@@ -1557,8 +1557,8 @@ def describe_run(args, extra: str = "") -> None:
         return
     data = getattr(args, "offline_data", None)
     source = f"imported from {data}" if data else "self-sampled by the reference" if hasattr(args, "n_samples") else None
-    changed = [f"--{k} {v!r}" if isinstance(v, str) else f"--{k} {v}" for k, v in getattr(args, "_changed", {}).items()
-               if k not in ("model", "task")]
+    changed = [f"--{k}" if v is True else f"--{k} {v!r}" if isinstance(v, str) else f"--{k} {v}"
+               for k, v in getattr(args, "_changed", {}).items() if k not in ("model", "task")]
     print(f"run: model {args.model}, task {args.task}" + (f", offline data {source}" if source else "") + extra
           + ("; settings changed from the defaults: " + ", ".join(changed) if changed else "; every other setting at its "
              "default"), flush=True)

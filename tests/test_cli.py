@@ -138,3 +138,16 @@ def test_data_errors_found_during_the_run_are_one_line(script, reward, message, 
                     "--eval_seeds", "0", "--per_device_batch_size", "8"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-1000:]
+
+
+def test_the_run_line_names_model_task_data_and_only_changed_settings(monkeypatch, capsys, tmp_path):
+    """At start: model, task, data source, and the settings that differ from the file's defaults for this model: a flag
+    given at its default value (--lr 5e-5 with tiny) is not a change."""
+    monkeypatch.setattr(sys, "argv", ["dqo.py", "--lr", "5e-5", "--n_samples", "4", "--process_rewards"])
+    args = common.parse_args(dqo.Args, dqo.TINY, dqo.PAPER)
+    common.describe_run(args)
+    assert capsys.readouterr().out == ("run: model tiny, task arith, offline data self-sampled by the reference; settings "
+                                       "changed from the defaults: --n_samples 4, --process_rewards\n")
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--seed", "1"])
+    eval_script.validate(common.parse_args(eval_script.Args))  # ends with the run line, the task resolved
+    assert capsys.readouterr().out == "run: model tiny, task arith; every other setting at its default\n"
