@@ -222,7 +222,7 @@ def main():
                                                pass_problems=args.pass_eval_problems)}
     # ALGO LOGIC: data
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
-    more = replace(args, n_samples=args.q0_samples, seed=args.seed + 1)  # more reference samples for Ŝ_0, cached
+    more = replace(args, n_samples=args.q0_samples, seed=args.seed + 1, save_offline_data=None)  # more samples for Ŝ_0
     q0 = estimate_q0(rows + (build_offline_dataset(accelerator, model, tokenizer, train_problems, more)
                              if args.q0_samples else []), args.beta)  # prompt_idx -> Q̂_0
     examples = [dict(r, q0=q0[r["prompt_idx"]]) for r in rows]
