@@ -269,3 +269,27 @@ def test_readme_example_rows_read_and_grade(tmp_path):
     rows = common.read_offline_data(write_jsonl(tmp_path / "example.jsonl", lines))
     assert [r["reward"] for r in rows] == [1.0, 0.0, None]
     assert [common.grade(r["response"], r["answer"], "arith") for r in rows] == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("family", ["gemma-1.1", "llama-3.1", "qwen2"])
+def test_imported_chat_rows_equal_the_model_s_own_samples(family, tmp_path):
+    """With a chat template whose end of turn is not EOS, an imported response is the tokens the model itself generates
+    for that text: the same prompt ids, the same response ids ending with the end-of-turn token, the same log-probs."""
+    from accelerate import Accelerator
+    from test_chat_tokens import ANSWER, FAMILIES, answering_model
+
+    tok, model = answering_model(family, FAMILIES[family]["end_of_turn"])
+    questions = ["What is 3+4?", "Ann has 3 apples and gets 4 more. How many?"]
+    prompts = [common.encode_prompt(tok, q, "gsm8k") for q in questions]
+    sampled = common.rollout(model, tok, prompts, ["7", "7"], "gsm8k", temperature=0.0, max_new_tokens=12)
+    common.score_rows(model, sampled, tok.pad_token_id)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"question": q, "response": s["response"], "answer": "7"}
+                                                 for q, s in zip(questions, sampled)])
+    args = import_args(str(tmp_path / "cache"), path, model=f"test/{family}", task="gsm8k", max_new_tokens=12)
+    rows = common.import_offline_dataset(Accelerator(), model, tok, [{"question": q} for q in questions], args)
+    eot = tok.convert_tokens_to_ids(FAMILIES[family]["end_of_turn"])
+    for r, s in zip(rows, sampled):
+        assert s["response"] == ANSWER and r["response_ids"][-1] == eot
+        assert (r["prompt_ids"], r["response_ids"], r["reward"], r["truncated"]) == (
+            s["prompt_ids"], s["response_ids"], s["reward"], s["truncated"])
+        assert r["ref_logps"] == pytest.approx(s["logps"], abs=1e-5)
