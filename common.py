@@ -1069,15 +1069,28 @@ def read_offline_data(path: str) -> list[dict]:
         if reward is not None and (isinstance(reward, bool) or reward not in (0, 1)):
             raise DataError(f"{where}: field 'reward' is {reward!r}; it must be 0 or 1, or left out (the task's grader "
                             "then computes it)")
+        ids = {k: row[k] for k in ("prompt_ids", "response_ids") if isinstance(row.get(k), list)
+               and all(isinstance(t, int) and not isinstance(t, bool) for t in row[k])}
         out.append({"question": row["question"], "response": row["response"], "answer": row["answer"],
-                    "reward": None if reward is None else float(reward)})
+                    "reward": None if reward is None else float(reward), **(ids if len(ids) == 2 else {})})
     return out
+
+
+def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int) -> list[int] | None:
+    """An exported row's own response ids, when they are this tokenizer's: its prompt ids are the prompt as encoded
+    now, its response ids decode to its text, and they fit --max_new_tokens. A sampled response's ids need not be the
+    ones its text encodes to (a BPE merge the model did not make), so only these give back the very same tokens."""
+    ids = row.get("response_ids")
+    if not ids or row.get("prompt_ids") != prompt_ids or len(ids) > max_new_tokens:
+        return None
+    return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
 
 
 def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
     """The offline dataset from `args.offline_data` (`read_offline_data`), in the form `build_offline_dataset` gives:
       - prompt_ids: the question in the task's prompt and the model's chat template (`encode_prompt`);
-      - response_ids: the response text with the end-of-turn token (`encode_response`), as a sampled response. A
+      - response_ids: the response text with the end-of-turn token (`encode_response`), as a sampled response (an
+        exported row's own ids instead, when they are this tokenizer's: `_stored_ids`). A
         response over --max_new_tokens is truncated to its first --max_new_tokens tokens (no end-of-turn token),
         `truncated` true and graded on what is left, as a sample cut off at the limit is;
       - reward: the file's, else the task's grader on the response and `answer`;
@@ -1115,16 +1128,19 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
                desc="import offline data", disable=not accelerator.is_local_main_process)
     prompts = {}  # question -> prompt ids
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
+        stops = stop_token_ids(policy, tokenizer)
         for c in todo:
             rows = []
             for i in chunks[c]:
                 r = src[i]
                 if r["question"] not in prompts:
                     prompts[r["question"]] = encode_prompt(tokenizer, r["question"], args.task)
-                ids = encode_response(tokenizer, r["response"])  # text, then the end-of-turn token
-                truncated = len(ids) > args.max_new_tokens
+                ids = _stored_ids(r, prompts[r["question"]], tokenizer, args.max_new_tokens)
+                stored = ids is not None  # an export read back: its own tokens, `truncated` as it was
+                ids = ids if stored else encode_response(tokenizer, r["response"])  # text, then the end-of-turn token
+                truncated = ids[-1] not in stops if stored else len(ids) > args.max_new_tokens
                 response, reward = r["response"], r["reward"]
-                if truncated:  # what generation keeps of a response that reaches the limit: no end-of-turn token
+                if truncated and not stored:  # what generation keeps of a response that reaches the limit: no stop token
                     ids = ids[: args.max_new_tokens]
                     response, reward = tokenizer.decode(ids, skip_special_tokens=True), None
                 rows.append(dict(response_ids=ids, finish="length" if truncated else "stop", response=response,

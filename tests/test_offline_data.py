@@ -293,3 +293,27 @@ def test_imported_chat_rows_equal_the_model_s_own_samples(family, tmp_path):
         assert (r["prompt_ids"], r["response_ids"], r["reward"], r["truncated"]) == (
             s["prompt_ids"], s["response_ids"], s["reward"], s["truncated"])
         assert r["ref_logps"] == pytest.approx(s["logps"], abs=1e-5)
+
+
+def test_an_export_read_back_keeps_its_own_tokens(tmp_path):
+    """A sampled response's ids need not be those its text encodes to. An exported row carries them, and the import
+    keeps them when they are this tokenizer's (same prompt ids, decoding to the text); otherwise the text is encoded."""
+    from accelerate import Accelerator
+    from test_chat_tokens import FAMILIES, answering_model
+
+    tok, model = answering_model("gemma-2", FAMILIES["gemma-2"]["end_of_turn"])
+    eot = common.end_of_turn_id(tok)
+    spelled = tok.convert_tokens_to_ids(["#", "#", "#", "#", " ", "7"]) + [eot]  # "####" is also one token
+    canonical = common.encode_response(tok, "#### 7")
+    assert spelled != canonical and tok.decode(spelled, skip_special_tokens=True) == "#### 7"
+    prompt = common.encode_prompt(tok, "What is 3+4?", "gsm8k")
+    base = {"question": "What is 3+4?", "response": "#### 7", "answer": "7"}
+    path = write_jsonl(tmp_path / "export.jsonl", [
+        dict(base, prompt_ids=prompt, response_ids=spelled),  # this tokenizer's ids: kept
+        dict(base, prompt_ids=prompt[1:], response_ids=spelled),  # another tokenizer's prompt: the text is encoded
+        dict(base, prompt_ids=prompt, response_ids=spelled[:-2] + [eot]),  # ids of another text: the text is encoded
+        dict(base, response="#### ", prompt_ids=prompt, response_ids=spelled[:5])])  # no stop id: truncated, kept
+    args = import_args(str(tmp_path / "cache"), path, model="test/gemma-2", task="gsm8k", max_new_tokens=12)
+    rows = common.import_offline_dataset(Accelerator(), model, tok, [base], args)
+    assert [r["response_ids"] for r in rows] == [spelled, canonical, canonical, spelled[:5]]
+    assert [r["truncated"] for r in rows] == [False, False, False, True]
