@@ -1037,8 +1037,9 @@ EXPORT_FIELDS = ("prompt_idx", "truncated", "prompt_ids", "response_ids", "ref_l
 def read_offline_data(path: str) -> list[dict]:
     """The rows of an --offline_data file (JSONL, or Parquet as `datasets` writes it), checked field by field: a
     non-empty string `question`, `response` and `answer` (arith: the step spec, e.g. "7;+5;*3"; an int is taken as
-    text), `reward` absent, null or 0/1. Other fields (an export's token ids and log-probs) are ignored. Raises DataError
-    naming the file, the row (1-based, as a line number of a JSONL file) and the field."""
+    text), `reward` absent, null or 0/1. An export's `prompt_ids` and `response_ids` are kept (see `_stored_ids`), its
+    other fields ignored. Raises DataError naming the file, the row (1-based, as a line number of a JSONL file) and the
+    field."""
     if path.endswith(".parquet") and os.path.isfile(path):
         import pyarrow.parquet  # what `datasets` reads and writes Parquet with
 
