@@ -5,11 +5,14 @@ Nothing in here is part of an algorithm: losses, targets, pair building and valu
 algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO.
 """
 
+import argparse
 import atexit
 import copy
+import difflib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -18,6 +21,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -408,7 +412,15 @@ def load_task(task: str, split: str, path: str | None = None, limit: int | None 
         import datasets
 
         hub, configs, hub_split = HUB_SOURCES[(task, split)]
-        rows, name = [row for c in configs for row in datasets.load_dataset(hub, c, split=hub_split)], hub
+        try:
+            rows, name = [row for c in configs for row in datasets.load_dataset(hub, c, split=hub_split)], hub
+        except Exception as e:  # no network, an offline hub (HF_HUB_OFFLINE), a gated or moved dataset: all one line
+            local = {("gsm8k", "train"): "gsm8k/train.jsonl", ("gsm8k", "test"): "gsm8k/test.jsonl",
+                     ("math", "test"): "math500/test.jsonl", ("aime24", "test"): "aime24/test.jsonl"}.get((task, split))
+            raise DataError(f"task {task}: the {split} split of {hub} cannot be loaded from the Hugging Face hub "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}); without "
+                            f"network pass --{split}_file with a local copy (JSONL with the hub's fields"
+                            + (f", e.g. ../shared/data/{local}" if local else "") + "; README: Real models)") from None
     problems = [_problem_from_row(task, row, f"{name}: row {i}") for i, row in enumerate(rows, 1)]
     return problems[:limit] if limit else problems
 
@@ -856,7 +868,11 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
 
     Cached under `args.cache_dir/offline/<key>/`, keyed by model, task, split, n, sampling parameters and seed; a
     second script on the same model and task reuses it. Each chunk of prompts is written atomically when done, so
-    an interrupted build resumes without redoing finished prompts. Chunks are shared round-robin across processes."""
+    an interrupted build resumes without redoing finished prompts. Chunks are shared round-robin across processes.
+    With `args.offline_data` the rows come from that file instead (`import_offline_dataset`). Either way the dataset
+    is also written as one file (`export_offline_dataset`)."""
+    if getattr(args, "offline_data", None):
+        return import_offline_dataset(accelerator, model, tokenizer, problems, args)
     key_fields = dict(model=model_key(args), task=args.task, split="train", train_file=data_key(args, "train"),
                       n_prompts=len(problems), n=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=args.gen_batch_size)
@@ -894,7 +910,160 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     acc = np.mean([r["reward"] for r in rows])
     accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompts)} prompts, "
                       f"mean reward {acc:.3f}, truncated {np.mean([r['truncated'] for r in rows]):.3f} ({root})")
+    export_offline_dataset(accelerator, rows, problems, root, args)
     return rows
+
+
+# Importing samples made elsewhere (--offline_data) and exporting the built dataset (offline.jsonl, --save_offline_data)
+OFFLINE_FIELDS = ("question", "response", "answer", "reward")  # the import schema; `reward` may be left out
+EXPORT_FIELDS = ("prompt_idx", "truncated", "prompt_ids", "response_ids", "ref_logps", "sampler_logps")  # export adds
+
+
+def read_offline_data(path: str) -> list[dict]:
+    """The rows of an --offline_data file (JSONL, or Parquet as `datasets` writes it), checked field by field: a
+    non-empty string `question`, `response` and `answer` (arith: the step spec, e.g. "7;+5;*3"; an int is taken as
+    text), `reward` absent, null or 0/1. An export's `prompt_ids` and `response_ids` are kept (see `_stored_ids`), its
+    other fields ignored. Raises DataError naming the file, the row (1-based, as a line number of a JSONL file) and the
+    field."""
+    if path.endswith(".parquet") and os.path.isfile(path):
+        import pyarrow.parquet  # what `datasets` reads and writes Parquet with
+
+        try:
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's errors are many kinds: a damaged file is one line, like a bad JSON row
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    elif path.endswith((".jsonl", ".json")) or not os.path.isfile(path):
+        rows = _read_jsonl(path)
+    else:
+        raise DataError(f"{path}: unknown format; --offline_data takes a .jsonl or .parquet file")
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    out = []
+    for i, row in enumerate(rows, 1):
+        where = f"{path}: row {i}"
+        for name in ("question", "response", "answer"):
+            v = row.get(name)
+            if v is None:
+                raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
+            if name == "answer" and isinstance(v, int) and not isinstance(v, bool):
+                v = row[name] = str(v)
+            if not isinstance(v, str):
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(v).__name__} ({v!r:.60})")
+            if not v.strip():
+                raise DataError(f"{where}: field {name!r} is empty")
+        reward = row.get("reward")
+        if reward is not None and (isinstance(reward, bool) or reward not in (0, 1)):
+            raise DataError(f"{where}: field 'reward' is {reward!r}; it must be 0 or 1, or left out (the task's grader "
+                            "then computes it)")
+        ids = {k: row[k] for k in ("prompt_ids", "response_ids") if isinstance(row.get(k), list)
+               and all(isinstance(t, int) and not isinstance(t, bool) for t in row[k])}
+        out.append({"question": row["question"], "response": row["response"], "answer": row["answer"],
+                    "reward": None if reward is None else float(reward), **(ids if len(ids) == 2 else {})})
+    return out
+
+
+def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int) -> list[int] | None:
+    """An exported row's own response ids, when they are this tokenizer's: its prompt ids are the prompt as encoded
+    now, its response ids decode to its text, and they fit --max_new_tokens. A sampled response's ids need not be the
+    ones its text encodes to (a BPE merge the model did not make), so only these give back the very same tokens."""
+    ids = row.get("response_ids")
+    if not ids or row.get("prompt_ids") != prompt_ids or len(ids) > max_new_tokens:
+        return None
+    return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
+
+
+def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
+    """The offline dataset from `args.offline_data` (`read_offline_data`), in the form `build_offline_dataset` gives:
+      - prompt_ids: the question in the task's prompt and the model's chat template (`encode_prompt`);
+      - response_ids: the response text with the end-of-turn token (`encode_response`), as a sampled response (an
+        exported row's own ids instead, when they are this tokenizer's: `_stored_ids`). A
+        response over --max_new_tokens is truncated to its first --max_new_tokens tokens (no end-of-turn token),
+        `truncated` true and graded on what is left, as a sample cut off at the limit is;
+      - reward: the file's, else the task's grader on the response and `answer`;
+      - ref_logps: the reference's per-token log-probs (one forward pass, as for a sample);
+      - sampler_logps: the reference's log-probs under --temperature/--top_p/--top_k: μ for imported rows is taken to
+        be the reference sampling with these settings, as for self-sampled rows (DQO's --behavior sampler; the
+        default --behavior ref uses ref_logps);
+      - prompt_idx: questions numbered in order of first appearance in the file.
+    Questions not among the task's training prompts (`problems`) are used anyway, with a warning naming the first:
+    a file may well hold other questions. Cached under `cache_dir/offline/<key>/`, the key built from the file's
+    content, the model, the task and the settings above, in chunks (resumable, shared across processes)."""
+    path = args.offline_data
+    src = read_offline_data(path)
+    key_fields = dict(model=model_key(args), task=args.task, offline_data=content_digest(path), n_rows=len(src),
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      max_new_tokens=args.max_new_tokens, chunk=args.gen_batch_size)
+    root = os.path.join(args.cache_dir, "offline", cache_key(key_fields))
+    os.makedirs(root, exist_ok=True)
+    if accelerator.is_main_process:
+        write_json_atomic(os.path.join(root, "key.json"), key_fields)
+    known = {p["question"] for p in problems}
+    prompt_idx = {}
+    for r in src:
+        prompt_idx.setdefault(r["question"], len(prompt_idx))
+    unknown = [i for i, r in enumerate(src, 1) if r["question"] not in known]
+    if unknown:
+        accelerator.print(f"warning: {path}: {len(unknown)} of {len(src)} rows have a question that is not among the "
+                          f"{len(problems)} training prompts of task {args.task} (first: row {unknown[0]}); they are "
+                          "used as they are")
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    chunks = [range(s, min(s + args.gen_batch_size, len(src))) for s in range(0, len(src), args.gen_batch_size)]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    todo = [c for c in range(rank, len(chunks), world) if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
+    bar = tqdm(total=len(range(rank, len(chunks), world)), initial=len(range(rank, len(chunks), world)) - len(todo),
+               desc="import offline data", disable=not accelerator.is_local_main_process)
+    prompts = {}  # question -> prompt ids
+    with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
+        stops = stop_token_ids(policy, tokenizer)
+        for c in todo:
+            rows = []
+            for i in chunks[c]:
+                r = src[i]
+                if r["question"] not in prompts:
+                    prompts[r["question"]] = encode_prompt(tokenizer, r["question"], args.task)
+                ids = _stored_ids(r, prompts[r["question"]], tokenizer, args.max_new_tokens)
+                stored = ids is not None  # an export read back: its own tokens, `truncated` as it was
+                ids = ids if stored else encode_response(tokenizer, r["response"])  # text, then the end-of-turn token
+                truncated = ids[-1] not in stops if stored else len(ids) > args.max_new_tokens
+                response, reward = r["response"], r["reward"]
+                if truncated and not stored:  # what generation keeps of a response that reaches the limit: no stop token
+                    ids = ids[: args.max_new_tokens]
+                    response, reward = tokenizer.decode(ids, skip_special_tokens=True), None
+                rows.append(dict(response_ids=ids, finish="length" if truncated else "stop", response=response,
+                                 prompt_idx=prompt_idx[r["question"]], prompt_ids=prompts[r["question"]],
+                                 answer=r["answer"], truncated=truncated, row=i + 1,
+                                 reward=grade(response, r["answer"], args.task) if reward is None else reward))
+            score_rows(policy, rows, tokenizer.pad_token_id, warp=sampling)
+            for r in rows:
+                r["ref_logps"] = r.pop("logps")
+            _write_jsonl_atomic(os.path.join(root, f"chunk-{c:05d}.jsonl"), rows)
+            bar.update(1)
+    bar.close()
+    accelerator.wait_for_everyone()
+    rows = [r for c in range(len(chunks)) for r in _read_jsonl(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
+    given = [(r, s) for r, s in zip(rows, src) if s["reward"] is not None and not r["truncated"]]
+    disagree = sum(r["reward"] != grade(r["response"], r["answer"], args.task) for r, _ in given)
+    n_trunc = sum(r["truncated"] for r in rows)
+    accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompt_idx)} prompts imported from {path}, mean "
+                      f"reward {np.mean([r['reward'] for r in rows]):.3f}; {len(rows) - len(given)} rewards by the grader"
+                      f"{f', {disagree} of the {len(given)} given rewards differ from it' if disagree else ''}; "
+                      f"{n_trunc} responses over --max_new_tokens {args.max_new_tokens} truncated ({root})")
+    questions = {i: q for q, i in prompt_idx.items()}
+    export_offline_dataset(accelerator, rows, [{"question": questions[i]} for i in range(len(questions))], root, args)
+    return rows
+
+
+def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str, args) -> None:
+    """Write the offline dataset as one JSONL file, `--save_offline_data` or `offline.jsonl` in its cache dir `root`:
+    per response the import schema (question, response, answer, reward), which --offline_data reads back, plus
+    EXPORT_FIELDS (token ids, per-token log-probs, truncated). Main process only; atomic."""
+    path = getattr(args, "save_offline_data", None) or os.path.join(root, "offline.jsonl")
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _write_jsonl_atomic(path, [dict(question=problems[r["prompt_idx"]]["question"], response=r["response"],
+                                        answer=r["answer"], reward=r["reward"], **{k: r[k] for k in EXPORT_FIELDS})
+                                   for r in rows])
+    OUTPUTS.append(("offline dataset", path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1135,6 +1304,109 @@ def resolve_defaults(args, tiny: dict, paper: dict) -> None:
         args.max_new_tokens = TASK_MAX_NEW_TOKENS[args.task]
 
 
+def _default_note(name: str, default, tiny: dict | None, paper: dict | None) -> str:
+    """What --help says a flag defaults to: both values when the model decides (None in Args, filled by
+    `resolve_defaults`), else the one default; nothing for a switch."""
+    if default is None and tiny is not None:
+        t = {**RUN_DEFAULTS["tiny"], **tiny}.get(name)
+        p = {**RUN_DEFAULTS["paper"], **(paper or {})}.get(name)
+        t, p = (f"{v:.4g}" if isinstance(v, float) else v for v in (t, p))
+        if t is not None and t == p:
+            return f"default: {t}"
+        if t is not None or p is not None:
+            return f"tiny: {'unset' if t is None else t}, paper: {'unset' if p is None else p}"
+    if default is None or isinstance(default, bool):
+        return ""
+    return f"default: {default!r}" if isinstance(default, str) else f"default: {default:.4g}" if isinstance(
+        default, float) else f"default: {default}"
+
+
+class _ArgParser(argparse.ArgumentParser):
+    """argparse, with a near miss named in the error: `unrecognized argument --lrr (did you mean --lr?)`, exit 2."""
+
+    def parse_args(self, argv=None, namespace=None):
+        ns, unknown = self.parse_known_args(argv, namespace)
+        if unknown:
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+            near = difflib.get_close_matches(bad.split("=")[0], flags, n=1, cutoff=0.6)
+            self.error(f"unrecognized argument {bad}" + (f" (did you mean {near[0]}?)" if near else ""))
+        return ns
+
+
+def build_parser(Args, tiny: dict | None = None, paper: dict | None = None):
+    """The command line of a dataclass of `arg` fields: booleans are switches (`--resume`, not `--resume True`), and
+    each flag's help ends with its default, or its two defaults (`tiny: ..., paper: ...`) when the model decides."""
+    import typing
+    from dataclasses import fields
+
+    parser = _ArgParser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
+                        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=32, width=120))
+    for f in fields(Args):
+        help_text = f.metadata.get("help", "")
+        note = "" if "default" in help_text else _default_note(f.name, f.default, tiny, paper)  # one note, not two
+        help_text = f"{help_text} ({note})" if note else help_text
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # `int | None` -> int
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text.replace("%", "%%"))
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(),
+                                help=help_text.replace("%", "%%"))
+    return parser
+
+
+def _one_line_errors(kind, value, tb) -> None:
+    """sys.excepthook: bad data found once the run is going (no pairs, too few examples, a hub dataset out of reach)
+    ends as one `error:` line, like a bad flag, not a traceback; any other exception keeps its traceback."""
+    if issubclass(kind, DataError):
+        print(f"error: {value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+def parse_args(Args, tiny: dict | None = None, paper: dict | None = None):
+    """Parse the command line into `Args` and fill the model-dependent defaults (`resolve_defaults`; eval.py passes no
+    `tiny`/`paper`). Remembers which settings differ from the file's defaults, for `describe_run`."""
+    args = Args(**vars(build_parser(Args, tiny, paper).parse_args()))
+    sys.excepthook = _one_line_errors
+    if tiny is not None:
+        base = Args(model=args.model, task=args.task)  # the defaults this model and task get
+        resolve_defaults(args, tiny, paper)
+        resolve_defaults(base, tiny, paper)
+    else:
+        base = Args()
+    args._changed = {k: v for k, v in vars(args).items() if not k.startswith("_") and getattr(base, k, None) != v}
+    return args
+
+
+def describe_run(args, extra: str = "") -> None:
+    """One line, on the first process, of what the run is: model, task, data source, and the settings given that
+    differ from the file's defaults."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    data = getattr(args, "offline_data", None)
+    source = f"imported from {data}" if data else "self-sampled by the reference" if hasattr(args, "n_samples") else None
+    changed = [f"--{k}" if v is True else f"--{k} {v!r}" if isinstance(v, str) else f"--{k} {v}"
+               for k, v in getattr(args, "_changed", {}).items() if k not in ("model", "task")]
+    print(f"run: model {args.model}, task {args.task}" + (f", offline data {source}" if source else "") + extra
+          + ("; settings changed from the defaults: " + ", ".join(changed) if changed else "; every other setting at its "
+             "default"), flush=True)
+
+
+OUTPUTS: list[tuple[str, str]] = []  # (what, path) of outputs written outside --output_dir, for `report_outputs`
+
+
+def report_outputs(accelerator: Accelerator, output_dir: str) -> None:
+    """The run's last lines: where every output went (each entry of --output_dir, and the exported offline dataset)."""
+    if not accelerator.is_main_process:
+        return
+    lines = [f"outputs in {os.path.abspath(output_dir)}:"]
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        lines.append(f"  {name}{'/' if os.path.isdir(os.path.join(output_dir, name)) else ''}")
+    lines += [f"{what}: {os.path.abspath(path)}" for what, path in dict.fromkeys(OUTPUTS)]
+    print("\n".join(lines), flush=True)
+
+
 # Rules for validate_args: flag -> (test of its value, what it must be)
 def at_least(lo, unset_ok: bool = False) -> tuple:
     return (lambda v: (unset_ok and v is None) or (isinstance(v, int | float) and v >= lo),
@@ -1197,8 +1469,11 @@ def validate_args(args, rules: dict | None = None) -> None:
         args.grad_accum = args.global_batch_size // per_step
     check_model_arg(args.model)
     check_task_files(args)
+    check_offline_data(args)
     check_report_to(args.report_to)
+    check_writable_dir("--cache_dir", args.cache_dir)
     check_output_dir(args.output_dir, args.resume)
+    describe_run(args)
 
 
 def check_rules(args, rules: dict) -> None:
@@ -1238,6 +1513,40 @@ def check_task_files(args) -> None:
             raise ArgumentError(f"--{split}_file: {e}") from None
         if not problems:
             raise ArgumentError(f"--{split}_file {path}: no problems in the file")
+
+
+def check_offline_data(args) -> None:
+    """--offline_data is read and checked row by row now (`read_offline_data`); --save_offline_data can be written and
+    is not the file being imported."""
+    path, save = getattr(args, "offline_data", None), getattr(args, "save_offline_data", None)
+    if path:
+        try:
+            read_offline_data(path)
+        except DataError as e:
+            raise ArgumentError(f"--offline_data: {e}") from None
+    if save:
+        if os.path.isdir(save):
+            raise ArgumentError(f"--save_offline_data {save}: a folder; a .jsonl file path is expected")
+        if path and os.path.abspath(save) == os.path.abspath(path):
+            raise ArgumentError(f"--save_offline_data {save}: the file --offline_data reads; choose another path")
+        check_writable_dir("--save_offline_data", os.path.dirname(os.path.abspath(save)))
+
+
+def check_writable_dir(flag: str, path: str) -> None:
+    """`path` is a folder this process can write in, or one it can create: its nearest existing ancestor is a writable
+    folder. Nothing is created here."""
+    if not path:
+        raise ArgumentError(f"{flag} is empty")
+    probe = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ArgumentError(f"{flag} {path}: cannot be created, {probe} is a file")
+    try:  # a real write, removed at once: permission bits say nothing to root, or of a read-only or virtual file system
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-probe-"))
+    except OSError as e:
+        raise ArgumentError(f"{flag} {path}: cannot be {'written' if probe == os.path.abspath(path) else 'created'}: "
+                            f"{probe}: {e.strerror}") from None
 
 
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")  # = their packages
@@ -1409,7 +1718,7 @@ def plan_steps(n_examples: int, args, accelerator: Accelerator) -> tuple[int, in
     per_step = args.per_device_batch_size * accelerator.num_processes  # one micro-batch on every process
     micro = n_examples // per_step
     if micro == 0:
-        raise ValueError(f"{n_examples} training examples do not fill one micro-batch of {args.per_device_batch_size} on "
+        raise DataError(f"{n_examples} training examples do not fill one micro-batch of {args.per_device_batch_size} on "
                          f"each of {accelerator.num_processes} processes; lower --per_device_batch_size")
     if micro < args.grad_accum:
         accelerator.print(f"warning: {n_examples} training examples are less than one global batch of "
@@ -1432,6 +1741,18 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: 
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" at each checkpoint: a tied output
+    projection (the tiny model's, Gemma's) is stored once on purpose and tied again on load, and the warning, printed
+    in the middle of the progress bar, says nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK n] "
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> None:

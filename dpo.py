@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from common import (
+    DataError,
     arg,
     at_least,
     build_offline_dataset,
@@ -43,8 +44,9 @@ from common import (
     load_task,
     log_eval,
     log_metrics,
+    parse_args,
     plan_steps,
-    resolve_defaults,
+    report_outputs,
     save_checkpoint,
     save_model,
     setup_accelerator,
@@ -65,16 +67,18 @@ class Args:
     seed: int = arg(1, "seed for sampling, data order and initialisation")
     output_dir: str = arg("runs/dpo", "where checkpoints, the final model, metrics and results go")
     cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
+    offline_data: str | None = arg(None, "your samples (JSONL/Parquet: question, response, answer[, reward]); no sampling")
+    save_offline_data: str | None = arg(None, "write the offline dataset here, JSONL (default: offline.jsonl in its cache)")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
-    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
+    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
     top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
     top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
-    gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
+    gen_batch_size: int | None = arg(None, "sequences per generate call (paper: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int | None = arg(None, "linear warmup steps, then constant (default 0; SPO paper: 200)")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
@@ -84,12 +88,12 @@ class Args:
     skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
-    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
+    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (0: run all epochs)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
-    beta: float | None = arg(None, "KL coefficient β (paper: 0.1, also the tiny default)")
+    beta: float | None = arg(None, "KL coefficient β")
     # Algorithm-specific arguments
     max_pairs_per_prompt: int = arg(12, "at most this many (correct, incorrect) pairs per prompt, sampled (DQO paper: 12)")
 
@@ -99,7 +103,8 @@ TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-6, per_device_bat
 # generation batch: what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
 PAPER = dict(epochs=1, lr=5e-8, global_batch_size=64, per_device_batch_size=4, gen_batch_size=64, beta=0.1)
 
-CHECKS = dict(max_pairs_per_prompt=at_least(1))
+CHECKS = dict(max_pairs_per_prompt=at_least(1),  # one sample per prompt never makes a pair (imported rows may)
+              n_samples=(lambda n, a: n >= 2 or a.offline_data, "≥ 2: a pair is a correct and an incorrect response"))
 
 
 # ALGO LOGIC: loss
@@ -138,15 +143,14 @@ def build_pairs(rows: list[dict], max_pairs_per_prompt: int, seed: int) -> tuple
         pairs += rng.sample(candidates, max_pairs_per_prompt) if len(candidates) > max_pairs_per_prompt else candidates
     if not pairs:
         n_correct = sum(bool(c) and not w for c, w in by_prompt.values())
-        raise ValueError(f"DPO has no training pairs: none of the {len(by_prompt)} prompts has both a correct and an "
+        raise DataError(f"DPO has no training pairs: none of the {len(by_prompt)} prompts has both a correct and an "
                          f"incorrect response ({n_correct} all correct, {len(by_prompt) - n_correct} all incorrect); "
                          "sample more responses per prompt (--n_samples) or use a task the reference partly solves")
     return pairs, dropped
 
 
 def main():
-    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
-    resolve_defaults(args, TINY, PAPER)
+    args = parse_args(Args, TINY, PAPER)
     validate_args(args, CHECKS)
 
     # setup
@@ -165,7 +169,8 @@ def main():
     # ALGO LOGIC: data
     rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
     examples, n_dropped = build_pairs(rows, args.max_pairs_per_prompt, args.seed)  # [chosen, rejected] pairs
-    accelerator.print(f"DPO pairs: {len(examples)} from {len(train_problems) - n_dropped} prompts; {n_dropped} prompts "
+    n_prompts = len({r["prompt_idx"] for r in rows})  # the imported file's, which need not be the train split's
+    accelerator.print(f"DPO pairs: {len(examples)} from {n_prompts - n_dropped} prompts; {n_dropped} prompts "
                       "dropped (all responses correct or all incorrect)")
     accelerator.print(f"training on {len(examples)} examples")
     token_fields, seq_fields = ("ref_logps",), ()
@@ -226,6 +231,7 @@ def main():
     log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     accelerator.end_training()
+    report_outputs(accelerator, args.output_dir)
 
 
 if __name__ == "__main__":

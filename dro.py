@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from common import (
     ValueModel,
@@ -41,9 +41,10 @@ from common import (
     load_task,
     log_eval,
     log_metrics,
+    parse_args,
     plan_steps,
     positive,
-    resolve_defaults,
+    report_outputs,
     save_checkpoint,
     save_model,
     setup_accelerator,
@@ -64,16 +65,18 @@ class Args:
     seed: int = arg(1, "seed for sampling, data order and initialisation")
     output_dir: str = arg("runs/dro", "where checkpoints, the final model, metrics and results go")
     cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
+    offline_data: str | None = arg(None, "your samples (JSONL/Parquet: question, response, answer[, reward]); no sampling")
+    save_offline_data: str | None = arg(None, "write the offline dataset here, JSONL (default: offline.jsonl in its cache)")
     resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
-    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset (tiny 8, paper 20)")
+    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset")
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
     top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
     top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
     max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
-    gen_batch_size: int | None = arg(None, "sequences per generate call (tiny 256, paper 64: sized for 80 GB GPUs)")
+    gen_batch_size: int | None = arg(None, "sequences per generate call (paper: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int | None = arg(None, "linear warmup steps, then constant (default 0; SPO paper: 200)")
+    warmup_steps: int | None = arg(None, "linear warmup steps, then constant")
     per_device_batch_size: int | None = arg(None, "micro-batch per process")
     global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
     grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
@@ -83,12 +86,12 @@ class Args:
     skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
-    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std (tiny 1, paper 5)")
+    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps (default 0: run all epochs; SPO paper: 100k)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (0: run all epochs)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
-    beta: float | None = arg(None, "KL coefficient β (paper: 0.03)")
+    beta: float | None = arg(None, "KL coefficient β")
     # Algorithm-specific arguments
     value_lr: float | None = arg(None, "value-network learning rate (the DQO paper's DRO baseline: 1e-6)")
 
@@ -120,8 +123,7 @@ def dro_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.
 
 
 def main():
-    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
-    resolve_defaults(args, TINY, PAPER)
+    args = parse_args(Args, TINY, PAPER)
     validate_args(args, CHECKS)
 
     # setup
@@ -211,6 +213,7 @@ def main():
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
     accelerator.end_training()
+    report_outputs(accelerator, args.output_dir)
 
 
 if __name__ == "__main__":

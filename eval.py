@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
 from common import (
     EVAL_SAMPLING,
@@ -37,13 +36,16 @@ from common import (
     check_report_to,
     check_rules,
     check_task_files,
+    check_writable_dir,
     collate,
+    describe_run,
     encode_prompt,
     evaluate,
     format_results,
     load_model_and_tokenizer,
     load_task,
     one_of,
+    parse_args,
     positive,
     rollout,
     segment_ends,
@@ -59,7 +61,7 @@ class Args:
     test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
     n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
     seeds: int = arg(5, "sampled-accuracy seeds (mean ± std; 0: greedy only)")
-    seed: int = arg(0, "first seed")
+    seed: int = arg(1, "first seed, as in the training scripts")
     pass_n: int = arg(16, "samples per problem for pass@k (0: skip)")
     pass_k: str = arg("1,4,16", "comma-separated k for pass@k (each ≤ pass_n)")
     pass_temperature: float = arg(0.7, "pass@k sampling temperature (DQO protocol 0.7; SPO reports 0.4)")
@@ -75,7 +77,6 @@ class Args:
     output: str = arg("", "JSON result path (default: beside the model, or in cache_dir for hub ids)")
     report_to: str = arg("", "accelerate tracker (none by default)")
     output_dir: str = arg("runs/eval", "tracker directory")
-    grad_accum: int = arg(1, "unused; shared plumbing")
     value_model: str | None = arg(None, "a value_model/ folder DRO or DQO saved: show its value trace (the policy: --model, "
                                         "or the model/ folder beside it)")
     trace_problems: int = arg(50, "value trace: responses to the first N test problems (4 each) for its statistics")
@@ -111,6 +112,8 @@ def validate(args) -> tuple:
     check_model_arg(args.model)
     check_task_files(args)
     check_report_to(args.report_to)
+    check_writable_dir("--cache_dir", args.cache_dir)
+    describe_run(args)
     return ks
 
 
@@ -215,7 +218,7 @@ def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
 
 
 def main():
-    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    args = parse_args(Args)
     ks = validate(args)
     accelerator = setup_accelerator(args, "eval")
     model, tokenizer = load_model_and_tokenizer(args, accelerator, trainable=False)

@@ -273,7 +273,8 @@ def test_smoke_run(script, tiny_cache, tmp_path, reference_greedy):
 
 
 def test_dpo_script_without_pairs_says_so(tiny_cache, tmp_path):
-    with pytest.raises(AssertionError, match="DPO has no training pairs"):  # one sample per prompt: never a pair
+    # one sample per prompt never makes a pair: refused before sampling (a run without pairs: tests/test_cli.py)
+    with pytest.raises(AssertionError, match="error: --n_samples 1: must be ≥ 2: a pair is a correct and an incorrect"):
         run_script("dpo.py", tiny_cache, str(tmp_path / "dpo"), "--n_samples", "1")
 
 
