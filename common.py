@@ -468,6 +468,13 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return {*ids, tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
 
 
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response text as response ids (rs.py --data gold, imported samples), closed by the end-of-turn token
+    (`end_of_turn_id`: EOS for a model without a chat template), as the model ends a turn when generating. Encoded on
+    its own so no token straddles the prompt/response boundary."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
+
+
 def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_fields: tuple = ()) -> dict:
     """Right-padded batch. `mask` is 1 exactly on response tokens (the closing stop token included). Each of
     `token_fields` is a per-response-token list on the row, placed at the response positions of a (B, T) tensor

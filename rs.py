@@ -30,7 +30,7 @@ from common import (
     build_offline_dataset,
     collate,
     encode_prompt,
-    end_of_turn_id,
+    encode_response,
     evaluate_reference,
     evaluate_run,
     iterate_batches,
@@ -119,13 +119,6 @@ def global_token_scale(accelerator, mask: torch.Tensor) -> torch.Tensor:
     n_local = mask.sum()
     n_global = accelerator.reduce(n_local.detach().clone(), reduction="sum")
     return n_local * accelerator.num_processes / n_global.clamp(min=1)
-
-
-def encode_response(tokenizer, text: str) -> list[int]:
-    """A dataset solution as response ids (--data gold), closed by the end-of-turn token (common.end_of_turn_id: EOS for
-    a model without a chat template), as the model ends a turn when generating. Encoded on its own so no token
-    straddles the prompt/response boundary."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
 
 
 def main():

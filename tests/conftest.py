@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
-from rs import encode_response  # noqa: E402,F401  (responses from text, as rs.py --data gold encodes them)
+from common import encode_response  # noqa: E402,F401  (responses from text, as rs.py --data gold encodes them)
 
 DATA = os.environ.get("SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")  # GSM8K, MATH500, AIME24
 # Tests on the real data files: they run wherever the project sits beside shared/ (CI does); a clone elsewhere skips
