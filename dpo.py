@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import (
+    ArgumentError,
     DataError,
     arg,
     at_least,
@@ -103,8 +104,13 @@ TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-6, per_device_bat
 # generation batch: what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
 PAPER = dict(epochs=1, lr=5e-8, global_batch_size=64, per_device_batch_size=4, gen_batch_size=64, beta=0.1)
 
-CHECKS = dict(max_pairs_per_prompt=at_least(1),  # one sample per prompt never makes a pair (imported rows may)
-              n_samples=(lambda n, a: n >= 2 or a.offline_data, "≥ 2: a pair is a correct and an incorrect response"))
+CHECKS = dict(max_pairs_per_prompt=at_least(1))
+
+
+def check_flag_pairs(args) -> None:
+    """The rules that relate two flags, after each flag's own (CHECKS)."""
+    if args.n_samples < 2 and not args.offline_data:  # one sample per prompt never makes a pair (imported rows may)
+        raise ArgumentError(f"--n_samples {args.n_samples}: must be ≥ 2: a pair is a correct and an incorrect response")
 
 
 # ALGO LOGIC: loss
@@ -152,6 +158,7 @@ def build_pairs(rows: list[dict], max_pairs_per_prompt: int, seed: int) -> tuple
 def main():
     args = parse_args(Args, TINY, PAPER)
     validate_args(args, CHECKS)
+    check_flag_pairs(args)
 
     # setup
     accelerator = setup_accelerator(args, "dpo")
