@@ -1022,9 +1022,10 @@ def _failed_file(e: BaseException, folder: str) -> str:
 
 
 def free_space(path: str) -> str:
-    """'12.3 GB free on <the nearest existing folder above path>' (shutil.disk_usage)."""
+    """'12.3 GB free on <the nearest existing folder above path>' (shutil.disk_usage); not a temp folder, which a
+    failed write removes."""
     d = os.path.abspath(path)
-    while not os.path.isdir(d) and os.path.dirname(d) != d:
+    while (not os.path.isdir(d) or ".tmp" in os.path.basename(d)) and os.path.dirname(d) != d:
         d = os.path.dirname(d)
     try:
         return f"{shutil.disk_usage(d).free / 1e9:.1f} GB free on {d}"

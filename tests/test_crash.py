@@ -12,29 +12,54 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE_ARGS, run_script
+from conftest import ROOT, SMOKE_ARGS
 
 import common
 
-# rs on gold solutions: no offline dataset to sample, so each run is mostly the interpreter starting
+# rs on gold solutions: no offline dataset to sample, a few steps; each run takes a second or two in a warm child
 ARGS = ["--data", "gold", "--max_steps", "5", "--n_test", "4", "--per_device_batch_size", "4"]
 
 
-def _start(out, cache, *extra, failpoint=None, preexec_fn=None, script="rs.py", args=ARGS):
-    cmd = [sys.executable, os.path.join(ROOT, script), "--cache_dir", cache, "--output_dir", str(out), *SMOKE_ARGS, *args,
-           *extra]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("FAILPOINT", None)
-    if failpoint:
-        env["FAILPOINT"] = failpoint
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=preexec_fn)
+class WarmRunner:
+    """tests/warm_runner.py: runs rs.py commands in forked children of one warm interpreter (see its docstring)."""
+
+    def __init__(self, tmp):
+        self.tmp, self.n = tmp, 0
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm_runner.py")], cwd=ROOT, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline() == "ready\n"
+
+    def __call__(self, out, cache, *extra, **kw) -> tuple[int, str, str]:
+        return self.together((out, cache, extra, kw))[0]
+
+    def together(self, *runs) -> list[tuple[int, str, str]]:
+        """Each run (out, cache, extra flags, dict(failpoint=..., fsize=..., args=...)) in a child of its own, all
+        started at the same moment; (exit status, stdout, stderr) of each."""
+        reqs, logs = [], []
+        for out, cache, extra, kw in runs:
+            self.n += 1
+            logs.append([os.path.join(self.tmp, f"{self.n}.{s}") for s in ("out", "err")])
+            env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+            env.pop("FAILPOINT", None)
+            env.update({"FAILPOINT": kw["failpoint"]} if kw.get("failpoint") else {})
+            argv = [os.path.join(ROOT, "rs.py"), "--cache_dir", cache, "--output_dir", str(out), *SMOKE_ARGS,
+                    *kw.get("args", ARGS), *extra]
+            reqs.append(dict(argv=argv, env=env, stdout=logs[-1][0], stderr=logs[-1][1], fsize=kw.get("fsize")))
+        self.proc.stdin.write(json.dumps(reqs) + "\n")
+        self.proc.stdin.flush()
+        codes = json.loads(self.proc.stdout.readline())
+        return [(code, *(open(p).read() for p in log)) for code, log in zip(codes, logs)]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
-def _run(out, cache, *extra, **kw) -> tuple[int, str, str]:
-    proc = _start(out, cache, *extra, **kw)
-    stdout, stderr = proc.communicate(timeout=300)
-    return proc.returncode, stdout, stderr
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    runner = WarmRunner(str(tmp_path_factory.mktemp("logs")))
+    yield runner
+    runner.close()
 
 
 def _results(out) -> dict:
@@ -57,9 +82,10 @@ def _assert_same_run(out, ref):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_cache, tmp_path_factory):
+def uninterrupted(tiny_cache, tmp_path_factory, run):
     out = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-    run_script("rs.py", tiny_cache, out, *ARGS)
+    code, _, stderr = run(out, tiny_cache)
+    assert code == 0, stderr[-3000:]
     return out
 
 
@@ -78,40 +104,36 @@ CHAIN = [
 ]
 
 
-def test_kill_at_every_failpoint_then_resume_is_bitwise_equal(uninterrupted, tiny_cache, tmp_path):
+def test_kill_at_every_failpoint_then_resume_is_bitwise_equal(uninterrupted, tiny_cache, tmp_path, run):
     out = tmp_path / "run"
     for i, (point, name, step) in enumerate(CHAIN):
-        rc, stdout, stderr = _run(out, tiny_cache, "--save_every", "1", *(["--resume"] if i else []), failpoint=point)
+        rc, stdout, stderr = run(out, tiny_cache, "--save_every", "1", *(["--resume"] if i else []), failpoint=point)
         assert rc == 137, f"{point}: exited {rc}\n{stdout[-2000:]}\n{stderr[-3000:]}"
         assert common.checkpoint_path(str(out)) == str(out / name), point
         with open(out / name / "trainer_state.json") as f:
             assert json.load(f)["step"] == step, point
         assert "final" not in (json.load(open(out / "results.json")) if (out / "results.json").exists() else {}), point
     assert (out / "model").is_dir()  # the last kill's: renamed into place, but results.json does not say final yet
-    rc, stdout, stderr = _run(out, tiny_cache, "--save_every", "1", "--resume")
+    rc, stdout, stderr = run(out, tiny_cache, "--save_every", "1", "--resume")
     assert rc == 0, stderr[-3000:]
     assert "resumed from" in stdout and f"{out / 'checkpoint'} at step 5" in stdout
     _assert_same_run(str(out), uninterrupted)
     assert sorted(os.listdir(out)) == [".lock", "checkpoint", "metrics.jsonl", "model", "results.json", "run.json"]
 
 
-def _file_size_limit(limit):
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # python ignores SIGXFSZ
-
-
-def test_full_disk_at_the_final_save_then_resume_in_place(uninterrupted, tiny_cache, tmp_path):
+def test_full_disk_at_the_final_save_then_resume_in_place(uninterrupted, tiny_cache, tmp_path, run):
     """--save_every 0 and a 1 MB file-size limit: the final model (2 MB of weights) cannot be written. One line says
     which file, the free space, and what is lost; nothing half-written stays. The same command with --resume then
     starts again in place (there is no checkpoint) and ends equal to the uninterrupted run."""
     out = tmp_path / "run"
-    rc, stdout, stderr = _run(out, tiny_cache, preexec_fn=_file_size_limit(2**20))
+    rc, stdout, stderr = run(out, tiny_cache, fsize=2**20)
     last = stderr.strip().splitlines()[-1]
     assert rc == 1 and "Traceback" not in stderr, stderr[-3000:]
-    assert last.startswith(f"error: cannot write {out}/model.tmp-") and "model.safetensors: File too large; " in last
-    assert " GB free on " in last and f"{out / 'model'} was not saved (nothing half-written was kept); there is no " \
+    assert last.startswith(f"error: cannot write {out}/model.tmp-") and "model.safetensors: File too large" in last
+    assert f" GB free on {out}. " in last and f"{out / 'model'} was not saved (nothing half-written was kept); there is no " \
         "checkpoint (--save_every 0, or none saved yet): the training of this run is lost; rerun with --resume" in last
     assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl", "run.json"]  # no model, no results saying final
-    rc, stdout, stderr = _run(out, tiny_cache, "--resume")
+    rc, stdout, stderr = run(out, tiny_cache, "--resume")
     assert rc == 0, stderr[-3000:]
     assert "has no checkpoint yet (the run stopped before its first save): starting fresh in place" in stdout
     _assert_same_run(str(out), uninterrupted)
@@ -133,7 +155,7 @@ def test_checkpoint_write_failure_is_one_line_and_keeps_the_last_checkpoint(tmp_
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(e.value.code).startswith(f"error: cannot write {tmp_path}/checkpoint.tmp/model.safetensors: ")
-    assert "GB free on" in str(e.value.code) and "the previous one, if any, is untouched" in str(e.value.code)
+    assert f"GB free on {tmp_path}. " in str(e.value.code) and "the previous one, if any, is untouched" in str(e.value.code)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
     assert common.load_checkpoint(acc, str(tmp_path))["step"] == 1 and not torch.all(model.weight == 2.0)
 
@@ -241,15 +263,16 @@ def test_a_second_live_launch_is_refused_and_a_stale_lock_taken_over(tmp_path, c
     assert (out / ".lock").read_text() == ""
 
 
-def test_two_launches_into_one_folder_at_the_same_moment(uninterrupted, tiny_cache, tmp_path):
+def test_two_launches_into_one_folder_at_the_same_moment(uninterrupted, tiny_cache, tmp_path, run):
+    """Two processes forked at the same moment into one --output_dir: one runs, the other stops with an error naming
+    the holder (or the run it found there); the run that went on is intact and equals the uninterrupted one."""
     out = tmp_path / "run"
-    procs = [_start(out, tiny_cache) for _ in range(2)]
-    outs = [(p, *p.communicate(timeout=300)) for p in procs]
-    ok = [o for o in outs if o[0].returncode == 0]
-    refused = [o for o in outs if o[0].returncode != 0]
-    assert len(ok) == 1 and len(refused) == 1, [o[2][-2000:] for o in outs]
+    results = run.together((out, tiny_cache, (), {}), (out, tiny_cache, (), {}))
+    ok = [r for r in results if r[0] == 0]
+    refused = [r for r in results if r[0] != 0]
+    assert len(ok) == 1 and len(refused) == 1, [r[2][-2000:] for r in results]
     last = refused[0][2].strip().splitlines()[-1]
-    assert (f"error: --output_dir {out} is in use by another run (pid {ok[0][0].pid} on " in last
+    assert (f"error: --output_dir {out} is in use by another run (pid " in last
             or f"error: --output_dir {out} holds another run (run.json" in last), last
     _assert_same_run(str(out), uninterrupted)
 
@@ -272,7 +295,7 @@ def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
-def test_two_runs_share_a_cold_cache_and_one_is_killed_writing_a_chunk(tiny_cache, tmp_path):
+def test_two_runs_share_a_cold_cache_and_one_is_killed_writing_a_chunk(tiny_cache, tmp_path, run):
     """Two runs start together on an empty cache and split its 12 chunks (a lock per chunk). One is killed after
     writing a chunk but before its check file: the other takes that chunk over and samples it again. Every chunk is
     sampled once by a run that finished it, and every chunk verifies."""
@@ -280,18 +303,19 @@ def test_two_runs_share_a_cold_cache_and_one_is_killed_writing_a_chunk(tiny_cach
     shutil.copytree(common.tiny_dir(tiny_cache), common.tiny_dir(str(cache)))
     shutil.copytree(os.path.join(tiny_cache, "eval"), cache / "eval")  # the reference's evaluation: not what is tested
     args = ["--max_steps", "1", "--n_test", "4", "--per_device_batch_size", "4", "--gen_batch_size", "16"]
-    killed = _start(tmp_path / "a", str(cache), args=args, failpoint="dataset.chunk.before_check@2")
-    other = _start(tmp_path / "b", str(cache), args=args)
-    (a_out, a_err), (b_out, b_err) = killed.communicate(timeout=300), other.communicate(timeout=300)
-    assert other.returncode == 0, b_err[-3000:]
+    (a_code, a_out, a_err), (b_code, b_out, b_err) = run.together(
+        (tmp_path / "a", str(cache), (), dict(args=args, failpoint="dataset.chunk.before_check@2")),
+        (tmp_path / "b", str(cache), (), dict(args=args)))
+    assert b_code == 0, b_err[-3000:]
     (root,) = (cache / "offline").iterdir()
     assert [common.chunk_problem(str(root), c, 16) for c in range(12)] == [None] * 12
+
     def sampled(stdout):
         return [int(line.split()[3]) for line in stdout.splitlines() if line.startswith("offline dataset: sampled ")]
 
-    if killed.returncode == 137:  # it finished one chunk, then died writing its second
+    if a_code == 137:  # it finished one chunk, then died writing its second
         assert sampled(b_out) == [11], b_out[-2000:]
     else:  # it had no second chunk to write: the other run had sampled all the rest
-        assert killed.returncode == 0, a_err[-3000:]
+        assert a_code == 0, a_err[-3000:]
         assert sampled(a_out)[0] + sampled(b_out)[0] == 12, (a_out[-2000:], b_out[-2000:])
     assert "offline dataset: 192 responses to 48 prompts" in b_out
