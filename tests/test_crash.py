@@ -33,7 +33,7 @@ class WarmRunner:
         return self.together((out, cache, extra, kw))[0]
 
     def together(self, *runs) -> list[tuple[int, str, str]]:
-        """Each run (out, cache, extra flags, dict(failpoint=..., fsize=..., args=...)) in a child of its own, all
+        """Each run (out, cache, extra flags, dict(failpoint=..., fsize=..., args=..., script=...)) in a child of its own, all
         started at the same moment; (exit status, stdout, stderr) of each."""
         reqs, logs = [], []
         for out, cache, extra, kw in runs:
@@ -42,7 +42,7 @@ class WarmRunner:
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
             env.pop("FAILPOINT", None)
             env.update({"FAILPOINT": kw["failpoint"]} if kw.get("failpoint") else {})
-            argv = [os.path.join(ROOT, "rs.py"), "--cache_dir", cache, "--output_dir", str(out), *SMOKE_ARGS,
+            argv = [os.path.join(ROOT, kw.get("script", "rs.py")), "--cache_dir", cache, "--output_dir", str(out), *SMOKE_ARGS,
                     *kw.get("args", ARGS), *extra]
             reqs.append(dict(argv=argv, env=env, stdout=logs[-1][0], stderr=logs[-1][1], fsize=kw.get("fsize")))
         self.proc.stdin.write(json.dumps(reqs) + "\n")
@@ -133,6 +133,11 @@ def test_full_disk_at_the_final_save_then_resume_in_place(uninterrupted, tiny_ca
     assert f" GB free on {out}. " in last and f"{out / 'model'} was not saved (nothing half-written was kept); there is no " \
         "checkpoint (--save_every 0, or none saved yet): the training of this run is lost; rerun with --resume" in last
     assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl", "run.json"]  # no model, no results saying final
+    for script, args, differ in (("rs.py", ARGS + ["--lr", "0.5"], "--lr (0.0003 there, 0.5 here) differ"),
+                                 ("dpo.py", ARGS[2:], "the algorithm (rs there, dpo here), ")):
+        rc, _, stderr = run(out, tiny_cache, "--resume", script=script, args=args)  # not this run's folder: refused
+        assert rc == 1 and stderr.strip().splitlines()[-1].startswith(
+            f"error: --resume: {out / 'run.json'} is another run's: ") and differ in stderr, stderr[-2000:]
     rc, stdout, stderr = run(out, tiny_cache, "--resume")
     assert rc == 0, stderr[-3000:]
     assert "has no checkpoint yet (the run stopped before its first save): starting fresh in place" in stdout
