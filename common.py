@@ -1055,7 +1055,7 @@ def writing(path: str, cleanup: str | None = None, consequence: str = ""):
 def write_json_atomic(path: str, obj) -> None:
     """Write to a temp file and rename it into place, so a kill mid-write never leaves a truncated file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with writing(tmp, cleanup=tmp):
+    with writing(path, cleanup=tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f)
         os.replace(tmp, path)
@@ -1063,7 +1063,7 @@ def write_json_atomic(path: str, obj) -> None:
 
 def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with writing(tmp, cleanup=tmp):
+    with writing(path, cleanup=tmp):
         with open(tmp, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -1867,8 +1867,8 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: 
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        with writing(os.path.join(output_dir, "metrics.jsonl")), open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")  # a line cut off by a kill is dropped on resume
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> None:
