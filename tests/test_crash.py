@@ -68,17 +68,19 @@ def _results(out) -> dict:
         return {k: {f: v for f, v in r.items() if f != "peak_memory_mb"} for k, r in json.load(f).items()}
 
 
-def _assert_same_run(out, ref):
-    """The model's files are byte for byte the uninterrupted run's; so are the results; metrics.jsonl logs each step
+def _assert_same_run(out, ref, models=("model",), steps=5):
+    """The models' files are byte for byte the uninterrupted run's; so are the results; metrics.jsonl logs each step
     once, with the same losses."""
-    assert sorted(os.listdir(os.path.join(out, "model"))) == sorted(os.listdir(os.path.join(ref, "model")))
-    for name in os.listdir(os.path.join(ref, "model")):
-        with open(os.path.join(out, "model", name), "rb") as a, open(os.path.join(ref, "model", name), "rb") as b:
-            assert a.read() == b.read(), name
+    for model in models:
+        assert sorted(os.listdir(os.path.join(out, model))) == sorted(os.listdir(os.path.join(ref, model)))
+        for name in os.listdir(os.path.join(ref, model)):
+            with open(os.path.join(out, model, name), "rb") as a, open(os.path.join(ref, model, name), "rb") as b:
+                assert a.read() == b.read(), (model, name)
     assert _results(out) == _results(ref)
     rows = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in (out, ref)]
-    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3, 4, 5]
-    assert [r["losses/policy"] for r in rows[0]] == [r["losses/policy"] for r in rows[1]]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == list(range(1, steps + 1))
+    losses = [[{k: v for k, v in r.items() if k.startswith("losses/")} for r in rs] for rs in rows]
+    assert losses[0] == losses[1] and all(losses[0])
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,23 @@ def test_kill_at_every_failpoint_then_resume_is_bitwise_equal(uninterrupted, tin
     assert "resumed from" in stdout and f"{out / 'checkpoint'} at step 5" in stdout
     _assert_same_run(str(out), uninterrupted)
     assert sorted(os.listdir(out)) == [".lock", "checkpoint", "metrics.jsonl", "model", "results.json", "run.json"]
+
+
+def test_kill_between_the_model_and_the_value_model_then_resume_in_place(tiny_cache, tmp_path, run):
+    """DRO saves model/ then value_model/. Killed between the two (--save_every 0, so no checkpoint): model/ is
+    there, value_model/ is not, and results.json does not say final. The same command with --resume starts again in
+    place and ends with both models byte for byte the uninterrupted run's."""
+    args = ["--max_steps", "3", "--n_test", "4", "--per_device_batch_size", "8"]
+    full, out = tmp_path / "full", tmp_path / "run"
+    code, _, stderr = run(full, tiny_cache, script="dro.py", args=args)
+    assert code == 0, stderr[-3000:]
+    code, _, stderr = run(out, tiny_cache, script="dro.py", args=args, failpoint="model.save.after_rename@1")
+    assert code == 137, stderr[-3000:]
+    assert (out / "model").is_dir() and not (out / "value_model").exists() and not (out / "results.json").exists()
+    code, stdout, stderr = run(out, tiny_cache, "--resume", script="dro.py", args=args)
+    assert code == 0, stderr[-3000:]
+    assert "starting fresh in place" in stdout
+    _assert_same_run(str(out), str(full), models=("model", "value_model"), steps=3)
 
 
 def test_full_disk_at_the_final_save_then_resume_in_place(uninterrupted, tiny_cache, tmp_path, run):
