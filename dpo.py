@@ -222,7 +222,7 @@ def main():
     # evaluate and save
     results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
-    log_eval(accelerator, results, step, args.output_dir)  # results.json says "final" once the model is on disk
+    log_eval(accelerator, results, step, args.output_dir)  # results.json says "final" once the models are on disk
     accelerator.end_training()
 
 
