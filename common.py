@@ -1175,6 +1175,8 @@ def claim_chunks(root: str, todo: list[int], n_rows: dict) -> Iterator[int]:
                 except BlockingIOError:
                     waiting.append(c)
                     continue
+                except OSError:  # a filesystem without locks: no sharing with other runs, the chunk is still verified
+                    pass
                 if chunk_problem(root, c, n_rows[c]) is None:
                     continue
                 for name in os.listdir(root):  # a killed writer's temp files: nobody else writes this chunk now
@@ -1745,6 +1747,9 @@ def claim_output_dir(output_dir: str) -> None:
         os.close(fd)
         raise ArgumentError(f"--output_dir {output_dir} is in use by another run ({holder or 'starting'}, see "
                             f"{path}): wait until it ends, or choose a new --output_dir") from None
+    except OSError as e:  # a filesystem without locks (some NFS mounts): go on, unprotected, and say so
+        print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second launch into {output_dir}",
+              file=sys.stderr)
     if holder:  # the lock was free but not emptied: its holder died without its exit handler
         print(f"{output_dir}: the run that held it ({holder}) is gone; taking it over")
     os.ftruncate(fd, 0)
