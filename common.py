@@ -7,8 +7,10 @@ algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO
 
 import argparse
 import atexit
+import contextlib
 import copy
 import difflib
+import fcntl
 import functools
 import hashlib
 import json
@@ -19,12 +21,14 @@ import random
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, field
@@ -853,20 +857,257 @@ def cache_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def failpoint(name: str) -> None:
+    """Crash tests: with the environment variable FAILPOINT=<name> (or <name>@<n>: the n-th time the point is reached)
+    the process dies here at once, as a SIGKILL would leave it: exit status 137, no cleanup, no atexit, no flush. A
+    no-op otherwise. The points sit between the steps of every save that must survive a kill."""
+    want = os.environ.get("FAILPOINT")
+    if not want or want.partition("@")[0] != name:
+        return
+    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+    if _FAILPOINT_HITS[name] == int(want.partition("@")[2] or 1):
+        os._exit(137)
+
+
+_FAILPOINT_HITS: dict[str, int] = {}
+
+
+def file_hash(path: str) -> str:
+    """CRC-32 of a file's bytes, streamed (16 MiB reads), as 8 hex digits: what checkpoint manifests, offline-dataset
+    chunks and evaluation caches record to tell a damaged file. CRC-32 rather than a cryptographic hash: it guards
+    against accidents (flipped bits, truncation, a half-copied file), not against an attacker, it catches every burst of
+    up to 32 flipped bits and any other damage but one in 4 billion, and it is the fastest streaming hash in the
+    standard library (zlib: 1.4 GB/s on this machine against 0.8 for sha256 and 0.4 for blake2b), which matters when a
+    7B checkpoint with its optimizer states (about 100 GB) is hashed at every save and every resume."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def file_hashes(paths: list[str]) -> list[str]:
+    """`file_hash` of each path, several files at once: zlib releases the GIL while it hashes, so a sharded checkpoint
+    is hashed at the disk's speed rather than one core's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(file_hash, paths))
+
+
+class WriteError(SystemExit):
+    """A write that failed (disk full, file-size limit, permissions), as one line naming the file and the free space
+    left there, instead of a traceback from deep inside safetensors or torch."""
+
+    def __init__(self, path: str, e: BaseException, consequence: str = ""):
+        code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # safetensors and torch wrap the OSError in their own
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else os.strerror(int(code.group(1) or code.group(2)))
+                  if code else (str(e).strip().splitlines() or [""])[0] or type(e).__name__)
+        if not isinstance(e, OSError) and (limit := _file_size_limit()):
+            reason += f" (this process may write files of at most {limit} bytes: ulimit -f)"
+        tail = f". {consequence}" if consequence else ""
+        super().__init__(f"error: cannot write {path}: {reason}; {free_space(path)}{tail}")
+
+
+def _file_size_limit() -> int | None:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _failed_file(e: BaseException, folder: str) -> str:
+    """The file under `folder` that was being written when `e` was raised: the innermost frame of its traceback that
+    holds such a path (safetensors and torch remove a file they failed to write, and their errors do not name it),
+    else the newest file there, else `folder`."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        for v in tb.tb_frame.f_locals.values():
+            if isinstance(v, str | os.PathLike) and str(v).startswith(folder + os.sep):
+                found = str(v)
+        tb = tb.tb_next
+    if found:
+        return found
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+    return max(files, key=os.path.getmtime) if files else folder
+
+
+def free_space(path: str) -> str:
+    """'12.3 GB free on <the nearest existing folder above path>' (shutil.disk_usage); not a temp folder, which a
+    failed write removes."""
+    d = os.path.abspath(path)
+    while (not os.path.isdir(d) or ".tmp" in os.path.basename(d)) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    try:
+        return f"{shutil.disk_usage(d).free / 1e9:.1f} GB free on {d}"
+    except OSError:
+        return f"free space on {d} unknown"
+
+
+@contextmanager
+def writing(path: str, cleanup: str | None = None, consequence: str = ""):
+    """Turn any failure inside the block into a WriteError naming `path` (for a folder: its newest file, the one
+    being written), after removing `cleanup` (a temp file or folder), so nothing half-written stays to be trusted."""
+    try:
+        yield
+    except (WriteError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if os.path.isdir(path):
+            path = _failed_file(e, path)
+        err = WriteError(path, e, consequence)  # before the cleanup: the file it names may be inside it
+        if cleanup and os.path.isdir(cleanup):
+            shutil.rmtree(cleanup, ignore_errors=True)
+        elif cleanup and os.path.exists(cleanup):
+            os.remove(cleanup)
+        raise err from None
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write to a temp file and rename it into place, so a kill mid-write never leaves a truncated file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    with writing(path, cleanup=tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
 
 
 def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    with writing(path, cleanup=tmp):
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+
+
+def write_json_checked(path: str, obj) -> None:
+    """`write_json_atomic` of {"crc32": ..., "data": obj}, the CRC-32 over obj's canonical JSON: a cache file that
+    `read_json_checked` can verify."""
+    data = json.dumps(obj, sort_keys=True)
+    write_json_atomic(path, {"crc32": f"{zlib.crc32(data.encode()):08x}", "data": obj})
+
+
+def read_json_checked(path: str) -> object | None:
+    """What `write_json_checked` wrote to `path`; None if there is no such file, or if it is damaged (not JSON, or its
+    CRC-32 does not match): then it is named, removed and must be computed again."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            out = json.load(f)
+        if zlib.crc32(json.dumps(out["data"], sort_keys=True).encode()) == int(out["crc32"], 16):
+            return out["data"]
+        problem = "its content does not match its CRC-32"
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    print(f"warning: {path} is damaged ({problem}): computing it again", file=sys.stderr)
+    with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
+        os.remove(path)
+    return None
+
+
+def clean_orphans(folder: str, min_age_s: float = 0.0) -> list[str]:
+    """Remove the `*.tmp-PID` files and folders (temp files of atomic writes) in `folder` whose process is not this
+    one and no longer runs here, and that are at least `min_age_s` old (a cache shared across machines: a PID alive on
+    another host is not visible here). Returns what it removed."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.search(r"\.tmp-(\d+)$", name)
+        path = os.path.join(folder, name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            if time.time() - os.path.getmtime(path) < min_age_s:
+                continue
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def chunk_problem(root: str, c: int, n_rows: int) -> str | None:
+    """Why offline-dataset chunk `c` in `root` cannot be used (not written yet, or damaged: its row count or CRC-32
+    differs from its check file), or None if it verifies. A chunk counts only with its check file
+    (check-NNNNN.json, written after the chunk): a chunk without one was cut off and is never trained on."""
+    path, check = os.path.join(root, f"chunk-{c:05d}.jsonl"), os.path.join(root, f"check-{c:05d}.json")
+    if not os.path.exists(check):
+        return "missing" if not os.path.exists(path) else f"{path} has no check file (its write was cut off)"
+    try:
+        with open(check) as f:
+            want = json.load(f)
+        with open(path, "rb") as f:
+            rows = sum(1 for _ in f)
+        if rows != want["rows"] or rows != n_rows:
+            return f"{path} has {rows} rows, {want['rows']} when it was written ({n_rows} expected)"
+        if file_hash(path) != want["crc32"]:
+            return f"{path}: its bytes do not match the CRC-32 written with it"
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{check} is damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def chunks_to_build(root: str, mine: range, n_rows: dict) -> list[int]:
+    """The chunks of `mine` that are not in `root` yet or do not verify (`chunk_problem`); each damaged one is named."""
+    todo = []
+    for c in mine:
+        problem = chunk_problem(root, c, n_rows[c])
+        if problem and problem != "missing":
+            print(f"warning: offline dataset: {problem}: sampling it again", file=sys.stderr)
+        todo += [c] if problem else []
+    return todo
+
+
+def claim_chunks(root: str, todo: list[int], n_rows: dict) -> Iterator[int]:
+    """The chunks of `todo` this process must sample, each held under an exclusive lock (flock on lock-NNNNN) while the
+    caller builds it, so that two runs building the same dataset split the work: a chunk another process holds is left
+    for later, then waited for, and taken over only if that process died before finishing it (the kernel drops the
+    lock of a dead process). A chunk that verifies once its lock is held was finished by someone else: skipped."""
+    waiting, built = [], 0
+    for blocking in (False, True):
+        for c in todo if not blocking else waiting:
+            fd = os.open(os.path.join(root, f"lock-{c:05d}"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    waiting.append(c)
+                    continue
+                except OSError:  # a filesystem without locks: no sharing with other runs, the chunk is still verified
+                    pass
+                if chunk_problem(root, c, n_rows[c]) is None:
+                    continue
+                for name in os.listdir(root):  # a killed writer's temp files: nobody else writes this chunk now
+                    if name.startswith((f"chunk-{c:05d}.jsonl.tmp-", f"check-{c:05d}.json.tmp-")):
+                        os.remove(os.path.join(root, name))
+                yield c
+                built += 1
+            finally:
+                os.close(fd)  # releases the lock
+    if todo:
+        print(f"offline dataset: sampled {built} of the {len(todo)} missing chunks here, {len(todo) - built} by another run "
+              f"({root})")
+
+
+def write_chunk(root: str, c: int, rows: list[dict]) -> None:
+    """Offline-dataset chunk `c` (atomic), then its check file: row count and CRC-32 (`chunk_problem` reads them)."""
+    path = os.path.join(root, f"chunk-{c:05d}.jsonl")
+    _write_jsonl_atomic(path, rows)
+    failpoint("dataset.chunk.before_check")
+    write_json_atomic(os.path.join(root, f"check-{c:05d}.json"), {"rows": len(rows), "crc32": file_hash(path)})
 
 
 def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
@@ -892,24 +1133,27 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     plan = _chunk_plan(len(prompts), args.n_samples, args.gen_batch_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    todo = [c for c in range(rank, len(plan), world) if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
+    n_rows = {c: len(chunk) * args.n_samples for c, chunk in enumerate(plan)}
+    todo = chunks_to_build(root, range(rank, len(plan), world), n_rows)
     done_before = len(range(rank, len(plan), world)) - len(todo)
     bar = tqdm(total=len(range(rank, len(plan), world)), initial=done_before, desc="offline dataset",
                disable=not accelerator.is_local_main_process)
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
-        for c in todo:
+        for c in claim_chunks(root, todo, n_rows):  # another run building this dataset may take some of them
             rows = rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
                                  args.max_new_tokens, args.seed * 1_000_003 + c)
             score_rows(policy, rows, tokenizer.pad_token_id, warp=sampling)
             for r in rows:
                 r["ref_logps"] = r.pop("logps")
-            _write_jsonl_atomic(os.path.join(root, f"chunk-{c:05d}.jsonl"), rows)
+            write_chunk(root, c, rows)
             bar.update(1)
     bar.close()
     accelerator.wait_for_everyone()
     rows = []
     for c in range(len(plan)):  # a cache edited by hand or damaged must not train on a reward that is not 0 or 1
         path = os.path.join(root, f"chunk-{c:05d}.jsonl")
+        if problem := chunk_problem(root, c, n_rows[c]):  # damaged since it was built or verified: never trained on
+            raise DataError(f"offline dataset: {problem}; run again to sample it again")
         for i, r in enumerate(_read_jsonl(path), 1):
             if r.get("reward") not in (0, 1) or isinstance(r.get("reward"), bool):
                 raise DataError(f"{path}: row {i}: reward {r.get('reward')!r} is not 0 or 1; delete {root} to rebuild it")
@@ -1571,22 +1815,105 @@ def check_report_to(report_to: str) -> None:
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoint", "checkpoint.old", "model")
+CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")  # the current one, the one before, the one being saved
+RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "eval_every", "report_to", "dist_timeout",
+                     "skip_memory_check")  # how long and how often, not what: a resumed run may change these flags
 
 
 def check_output_dir(output_dir: str, resume: bool) -> None:
-    """A fresh run needs an output dir with no run in it; --resume needs a complete checkpoint there."""
+    """A fresh run needs an output dir with no run in it. --resume needs a checkpoint there (its files' sizes are
+    checked here, their CRC-32 in `load_checkpoint`), or, if the run stopped before its first checkpoint, the run's
+    run.json (the run then starts again in place; setup_accelerator checks that run.json is this command's). Then the
+    first process claims the folder (`claim_output_dir`), checks again under the claim, and removes temp files
+    that killed runs left there."""
     if not output_dir:
         raise ArgumentError("--output_dir is empty")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ArgumentError(f"--output_dir {output_dir}: a file, not a folder")
-    if resume:
-        if checkpoint_path(output_dir) is None:
-            raise ArgumentError(f"--resume: no complete checkpoint in {output_dir} (expected "
-                                f"{os.path.join(output_dir, 'checkpoint', 'trainer_state.json')}); drop --resume for a "
-                                "fresh run in a new --output_dir")
-    elif os.path.isdir(output_dir) and (found := [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]):
-        raise ArgumentError(f"--output_dir {output_dir} holds another run ({', '.join(found)}): pass --resume to go on "
-                            "with it, or choose a new --output_dir")
+    main = os.environ.get("RANK", "0") == "0"  # accelerate launch and torchrun set it; only the first process claims
+    for claimed in (False, True) if main else (False,):
+        if claimed:
+            claim_output_dir(output_dir)
+        if resume:
+            if checkpoint_path(output_dir, hashes=False, quiet=claimed or not main) is None:
+                run = _read_run_json(output_dir)
+                if not (isinstance(run, dict) and "algo" in run and "args" in run):
+                    raise ArgumentError(f"--resume: no complete checkpoint in {output_dir} (expected "
+                                        f"{os.path.join(output_dir, 'checkpoint', 'trainer_state.json')}) and no run.json "
+                                        "of a run to start again in place; drop --resume for a fresh run in a new "
+                                        "--output_dir")
+                if os.path.exists(os.path.join(output_dir, "model")) and "final" in (_read_run_json(
+                        output_dir, "results.json") or {}):
+                    raise ArgumentError(f"--resume: the run in {output_dir} has finished (model/ and the final results "
+                                        "are there) and kept no checkpoint; choose a new --output_dir")
+        elif os.path.isdir(output_dir) and (found := [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]):
+            raise ArgumentError(f"--output_dir {output_dir} holds another run ({', '.join(found)}): pass --resume to go on "
+                                "with it, or choose a new --output_dir")
+    if main:
+        for path in clean_orphans(output_dir):
+            print(f"removed {path}, left by a killed run")
+
+
+def _read_run_json(output_dir: str, name: str = "run.json"):
+    try:
+        with open(os.path.join(output_dir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+_CLAIMS: dict[str, int] = {}  # output dir -> the open file descriptor holding its lock
+
+
+def claim_output_dir(output_dir: str) -> None:
+    """Make this process the only writer of `output_dir`: an exclusive flock on `output_dir/.lock`, which holds the
+    holder's identity (pid, host, start, command). A second launch finds the lock held and stops with an error naming
+    the holder. The kernel drops the lock when its process ends, even on SIGKILL or a machine reboot, so a lock file
+    left by a dead run is stale by construction: taken over, with a note. Released (and emptied) at exit."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(output_dir, ".lock"))
+    if path in _CLAIMS:  # this process claimed it already (e.g. two runs in one test process, one after the other)
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ArgumentError(f"--output_dir {output_dir} is in use by another run ({holder or 'starting'}, see "
+                            f"{path}): wait until it ends, or choose a new --output_dir") from None
+    except OSError as e:  # a filesystem without locks (some NFS mounts): go on, unprotected, and say so
+        print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second launch into {output_dir}",
+              file=sys.stderr)
+    if holder:  # the lock was free but not emptied: its holder died without its exit handler
+        print(f"{output_dir}: the run that held it ({holder}) is gone; taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"{' '.join(sys.argv)}\n".encode(), 0)
+    _CLAIMS[path] = fd
+    atexit.register(_release_output_dir, path)
+
+
+def _release_output_dir(path: str) -> None:
+    fd = _CLAIMS.pop(path, None)
+    if fd is not None:
+        os.ftruncate(fd, 0)  # empty: the next run takes it without a note
+        os.close(fd)  # releases the lock
+
+
+def check_same_run(output_dir: str, algo: str, config: dict) -> None:
+    """--resume goes on with the run in `output_dir` only if its run.json records this algorithm and these flags
+    (except RESUME_MAY_CHANGE); otherwise an error names every field that differs."""
+    run = _read_run_json(output_dir)
+    if run is None:
+        return
+    diff = [f"the algorithm ({run.get('algo')} there, {algo} here)"] if run.get("algo") != algo else []
+    old = run.get("args", {})
+    diff += [f"--{k} ({old.get(k, 'unset')!r} there, {config.get(k, 'unset')!r} here)" for k in sorted(set(old) | set(config))
+             if k not in RESUME_MAY_CHANGE and old.get(k) != config.get(k)]
+    if diff:
+        raise ArgumentError(f"--resume: {os.path.join(output_dir, 'run.json')} is another run's: {', '.join(diff)} "
+                            "differ; resume with that run's flags, or choose a new --output_dir")
 
 
 PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16"}  # accelerate's mixed_precision names -> ours
@@ -1695,6 +2022,8 @@ def setup_accelerator(args, algo: str) -> Accelerator:
                   grad_accum=getattr(args, "grad_accum", None), global_batch_size=getattr(args, "global_batch_size", None))
     accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}, "
                       + ", ".join(f"{k} {v}" for k, v in launch.items() if k != "world_size" and v is not None))
+    if args.resume:  # before run.json is written again: only the run that wrote it goes on
+        check_same_run(args.output_dir, algo, config)
     if accelerator.is_main_process:  # what ran: tests read the world size from here
         os.makedirs(args.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": algo, **launch, "args": config})
@@ -1746,8 +2075,8 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: 
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        with writing(os.path.join(output_dir, "metrics.jsonl")), open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")  # a line cut off by a kill is dropped on resume
 
 
 class _TiedWeightsNote(logging.Filter):
@@ -1763,63 +2092,168 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> None:
-    """Atomic: accelerate's full state (models, optimizers, registered schedulers, RNG) plus `state` goes to a temp
-    dir that is renamed into place only when complete, so a kill during the save leaves the last good one intact.
-    trainer_state.json, written last, lists every file with its size, so --resume can tell a damaged checkpoint."""
-    final, tmp, old = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    """Atomic: accelerate's full state (models, optimizers, registered schedulers, RNG) plus `state` goes to
+    checkpoint.tmp, which becomes checkpoint/ only when complete, so a kill at any moment leaves a checkpoint that
+    verifies. trainer_state.json, written last, lists every file with its size and CRC-32 (`file_hash`): a folder
+    without it was cut off and is never loaded. At most one checkpoint is kept, plus the one being written: the
+    rotation (`_rotate_checkpoints`) tolerates whatever a killed save or rotation left. The first save prints the
+    checkpoint's size."""
+    tmp = os.path.join(output_dir, "checkpoint.tmp")
+    lost = "The checkpoint was not written; the previous one, if any, is untouched"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)  # before any process writes into it: under FSDP every process saves its own shards
+        if os.path.isfile(os.path.join(tmp, "trainer_state.json")):  # a complete save whose rotation was cut off:
+            with writing(output_dir, consequence="The checkpoint rotation failed"):  # the newest, so it is kept
+                _rotate_checkpoints(output_dir)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save cut off before its manifest: never trusted, so never kept
+        with writing(tmp, consequence=lost):
+            os.makedirs(tmp)  # before any process writes into it: under FSDP every process saves its own shards
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    with writing(tmp, cleanup=tmp, consequence=lost):
+        accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every process has written its part (shards, its own RNG state) before the rename
     if accelerator.is_main_process:
-        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
-                 for d, _, names in os.walk(tmp) for f in names}
+        failpoint("checkpoint.save.before_manifest")
+        paths = sorted(os.path.join(d, f) for d, _, names in os.walk(tmp) for f in names)
+        files = {os.path.relpath(p, tmp): {"bytes": os.path.getsize(p), "crc32": h} for p, h in zip(paths, file_hashes(paths))}
         write_json_atomic(os.path.join(tmp, "trainer_state.json"), dict(state, files=files))
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        failpoint("checkpoint.save.after_manifest")
+        with writing(output_dir, consequence="The checkpoint rotation failed; --resume picks the newest one that verifies"):
+            _rotate_checkpoints(output_dir)
+        if output_dir not in _SIZES_PRINTED:
+            _SIZES_PRINTED.add(output_dir)
+            size = sum(f["bytes"] for f in files.values())
+            print(f"checkpoint: {size / 1e9:.2f} GB" if size >= 1e9 else f"checkpoint: {size / 1e6:.1f} MB",
+                  f"in {os.path.join(output_dir, 'checkpoint')} (one is kept, plus the one being written)")
     accelerator.wait_for_everyone()
 
 
-def checkpoint_path(output_dir: str) -> str | None:
-    """The last complete checkpoint in `output_dir`: checkpoint/, or checkpoint.old/ if a save was cut off between its
-    two renames; None if there is none. Raises ArgumentError if one is damaged: a file it listed is missing or has
-    another size."""
-    for name in ("checkpoint", "checkpoint.old"):
+_SIZES_PRINTED: set[str] = set()
+
+
+def _rotate_checkpoints(output_dir: str) -> None:
+    """checkpoint.tmp (complete) becomes checkpoint/, the old checkpoint/ goes to checkpoint.old and is removed. Every
+    state a kill can leave holds a checkpoint that verifies: checkpoint/; or checkpoint.old/ and the complete
+    checkpoint.tmp/; or the complete checkpoint.tmp/ alone. A leftover checkpoint.old (complete or partly removed) is
+    older than checkpoint.tmp and is removed first: renaming onto a folder that is not empty fails."""
+    final, tmp, old = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(final):
+        os.replace(final, old)
+    failpoint("checkpoint.rotate.between_renames")
+    os.replace(tmp, final)
+    failpoint("checkpoint.rotate.after_rename")
+    if os.path.exists(old):
+        first = min((os.path.join(d, f) for d, _, names in os.walk(old) for f in names), default=None)
+        if first:  # removing a folder is not atomic: rmtree removes file by file
+            os.remove(first)
+        failpoint("checkpoint.rotate.removing_old")
+        shutil.rmtree(old)
+
+
+def _checkpoint_problem(path: str, files: dict, hashes: bool) -> str | None:
+    """Why the checkpoint at `path` cannot be loaded (a file it lists is missing, or has another size or CRC-32), or
+    None if it verifies. `hashes=False` checks sizes only (quick: at argument validation)."""
+    for rel, want in files.items():
+        file = os.path.join(path, rel)
+        size = want if isinstance(want, int) else want["bytes"]
+        if not os.path.isfile(file):
+            return f"the checkpoint is incomplete: {file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} has {os.path.getsize(file)} bytes, {size} when it was saved: the checkpoint is damaged"
+    crcs = {os.path.join(path, rel): want["crc32"] for rel, want in files.items() if hashes and isinstance(want, dict)}
+    for file, crc, found in zip(crcs, crcs.values(), file_hashes(list(crcs))):
+        if found != crc:
+            return f"{file} does not match the CRC-32 saved with it: the checkpoint is damaged"
+    return None
+
+
+def checkpoint_path(output_dir: str, hashes: bool = True, quiet: bool = False) -> str | None:
+    """The newest checkpoint in `output_dir` that verifies (`_checkpoint_problem`): checkpoint/, or, if a save or
+    rotation was cut off, checkpoint.tmp/ (complete) or checkpoint.old/. None if there is none (a folder without its
+    trainer_state.json was cut off while written or removed, and does not count). If the newest is damaged, says so
+    and falls back to an older one that verifies; raises ArgumentError naming the damaged file if none does."""
+    found = []
+    for name in CHECKPOINTS:
         path = os.path.join(output_dir, name)
         if not os.path.isfile(os.path.join(path, "trainer_state.json")):
             continue
         try:
             with open(os.path.join(path, "trainer_state.json")) as f:
-                files = json.load(f).get("files", {})
+                state = json.load(f)
+            found.append((state.get("step", 0), path, state.get("files", {}), None))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArgumentError(f"--resume: {os.path.join(path, 'trainer_state.json')} is damaged ({e})") from None
-        for rel, size in files.items():
-            file = os.path.join(path, rel)
-            if not os.path.isfile(file):
-                raise ArgumentError(f"--resume: the checkpoint is incomplete: {file} is missing")
-            if os.path.getsize(file) != size:
-                raise ArgumentError(f"--resume: {file} has {os.path.getsize(file)} bytes, {size} when it was saved: "
-                                    "the checkpoint is damaged")
-        return path
+            found.append((-1, path, {}, f"{os.path.join(path, 'trainer_state.json')} is damaged ({e})"))
+    problems = []
+    for step, path, files, problem in sorted(found, key=lambda f: -f[0]):  # stable: checkpoint/ first among equals
+        problem = problem or _checkpoint_problem(path, files, hashes)
+        if problem is None:
+            if problems and not quiet:
+                print(f"--resume: {problems[0]}; falling back to {path} (step {step}), which verifies", file=sys.stderr)
+            return path
+        problems.append(problem)
+    if problems:
+        raise ArgumentError(f"--resume: {'; '.join(problems)}")
     return None
 
 
-def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict:
-    """Restore the last complete checkpoint (`checkpoint_path`; validate_args made sure there is one). Returns the
-    trainer state saved with it (step, epoch, batch, results)."""
-    path = checkpoint_path(output_dir)
-    try:
-        accelerator.load_state(path)
-    except Exception as e:
-        raise RuntimeError(f"--resume: the checkpoint in {path} cannot be loaded: {type(e).__name__}: {e}") from e
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    accelerator.print(f"resumed from {path} at step {state['step']}")
+def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
+    """Restore the newest checkpoint that verifies (`checkpoint_path`, CRC-32 of every file, checked by the main
+    process). Returns the trainer state saved with it (step, epoch, batch, results), or None if the run stopped
+    before its first checkpoint (check_output_dir allowed that only with this command's run.json): it then starts again
+    in place. Either way metrics.jsonl is cut back to the checkpoint's step, so every step is logged once."""
+    from accelerate.utils import broadcast_object_list
+
+    found = [None, None]  # (path, error): decided once, on the main process, so every process loads the same one
+    if accelerator.is_main_process:
+        try:
+            found[0] = checkpoint_path(output_dir)
+        except ArgumentError as e:
+            found[1] = str(e.code)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    path, error = found
+    if error:
+        raise ArgumentError(error.removeprefix("error: "))
+    state = None
+    if path is None:
+        accelerator.print(f"--resume: {output_dir} has no checkpoint yet (the run stopped before its first save): "
+                          "starting fresh in place")
+    else:
+        try:
+            accelerator.load_state(path)
+        except Exception as e:
+            raise RuntimeError(f"--resume: the checkpoint in {path} cannot be loaded: {type(e).__name__}: {e}") from e
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        accelerator.print(f"resumed from {path} at step {state['step']}")
+    if accelerator.is_main_process and path == os.path.join(output_dir, "checkpoint"):  # the others are older or partial
+        for name in ("checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if accelerator.is_main_process:
+        _truncate_metrics(os.path.join(output_dir, "metrics.jsonl"), state["step"] if state else 0)
+        if os.path.exists(results := os.path.join(output_dir, "results.json")):  # results after the checkpoint: gone
+            write_json_atomic(results, state["results"]) if state else os.remove(results)
+    accelerator.wait_for_everyone()
     return state
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step` (a killed run logged the steps after its checkpoint, which the
+    resumed run logs again), and drop a line cut off by the kill."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with writing(path, cleanup=tmp):
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict:
@@ -1848,21 +2282,71 @@ def plain_name(name: str) -> str:
 
 
 def save_model(accelerator: Accelerator, model, tokenizer, path: str, final: bool = True) -> None:
-    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe). The final save of a
-    LoRA model merges it first (in place, see `merge_lora`), so it is the same format with or without --lora_r; a save
-    during training (`final=False`, e.g. model_epoch1/) of a LoRA model writes its adapters (peft's format, which
+    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe), in the model's load
+    dtype (`load_dtype`: bf16 for a bf16 hub model even when training held fp32 master weights). Atomic: written to
+    `path`.tmp-PID and renamed into place when complete, so `path` is either the whole model or absent. The final save
+    of a LoRA model merges it first (in place, see `merge_lora`), so it is the same format with or without --lora_r; a
+    save during training (`final=False`, e.g. model_epoch1/) of a LoRA model writes its adapters (peft's format, which
     from_pretrained loads onto the base when peft is installed) and leaves the model as it is."""
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
+    dtype = load_dtype(unwrapped)
     merged = merge_lora(unwrapped) if final else None  # on every process, so that all keep the same model after the save
     if merged is not None:  # LoRA: save the merged model, loadable without peft (the state dict has adapter keys)
         unwrapped, state_dict = merged, None
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        state_dict = unwrapped.state_dict() if state_dict is None else state_dict
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing(tmp, cleanup=tmp, consequence=_what_is_lost(path)):
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if dtype is not None:  # save_pretrained records the parameters' dtype (fp32 masters), not the tensors'
+                _set_config_dtype(unwrapped, tmp, dtype)
+            failpoint("model.save.partial")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            failpoint("model.save.before_rename")
+            if os.path.exists(path):  # a model left by an interrupted final save of this run: replaced
+                os.replace(path, f"{path}.old.tmp-{os.getpid()}")
+            os.replace(tmp, path)
+            shutil.rmtree(f"{path}.old.tmp-{os.getpid()}", ignore_errors=True)
+        failpoint("model.save.after_rename")
     accelerator.wait_for_everyone()
+
+
+def load_dtype(model) -> torch.dtype | None:
+    """The dtype a model was loaded in: its config's (for a value model, its backbone's), which stays when training
+    upcasts the weights to fp32; None if the config does not say."""
+    config = getattr(getattr(model, "backbone", model), "config", None)
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _set_config_dtype(model, path: str, dtype: torch.dtype) -> None:
+    """Record `dtype` in the saved config.json and in the live config (save_pretrained set both to the weights' dtype)."""
+    getattr(model, "backbone", model).config.dtype = dtype
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:  # in the temp folder: atomic with it
+        json.dump(dict(config, dtype=str(dtype).removeprefix("torch.")), f, indent=2, sort_keys=True)
+
+
+def _what_is_lost(path: str) -> str:
+    """For a failed save of `path`: what is lost, and what a rerun can resume from."""
+    output_dir = os.path.dirname(os.path.abspath(path))
+    steps = []
+    for name in CHECKPOINTS:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(os.path.join(output_dir, name, "trainer_state.json")) as f:
+                steps.append((json.load(f)["step"], os.path.join(output_dir, name)))
+    kept = (f"the checkpoint at step {max(steps)[0]} ({max(steps)[1]}) is intact: free some space and rerun with --resume "
+            "to go on from there" if steps else "there is no checkpoint (--save_every 0, or none saved yet): the training "
+            "of this run is lost; rerun with --resume to train again in place")
+    return f"{path} was not saved (nothing half-written was kept); {kept}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1930,16 +2414,16 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
     into the cache key."""
     key = cache_key(dict(model=model_key(args), task=args.task, test_file=data_key(args, "test"), n=len(problems),
                          max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
-                         chunk=args.gen_batch_size, v=2, **eval_kwargs))
+                         chunk=args.gen_batch_size, v=3, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    if (cached := read_json_checked(path)) is not None:  # a damaged file is named and evaluated again
+        return cached
     with reference_mode(accelerator.unwrap_model(model)):
         out = evaluate_run(model, tokenizer, problems, args, accelerator, **eval_kwargs)
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json_atomic(path, out)
+        clean_orphans(os.path.dirname(path), min_age_s=3600)
+        write_json_checked(path, out)
     return out
 
 

@@ -33,7 +33,6 @@ Deviations from the paper:
       than the 7B run (PAPER); the README's results table gives what it reaches.
 """
 
-import json
 import math
 import os
 import time
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import (
+    DataError,
     ValueModel,
     arg,
     arith_first_wrong,
@@ -67,6 +67,7 @@ from common import (
     parse_args,
     plan_steps,
     positive,
+    read_json_checked,
     reference_mode,
     report_outputs,
     save_checkpoint,
@@ -77,7 +78,7 @@ from common import (
     token_logprobs,
     unsharded,
     validate_args,
-    write_json_atomic,
+    write_json_checked,
 )
 
 
@@ -247,27 +248,29 @@ def build_process_scores(accelerator, model, tokenizer, rows: list[dict], task: 
     key = dict(model=reference, task=task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
                ps_samples=ps_samples, temperature=sampling["temperature"], top_p=sampling["top_p"],
                top_k=sampling["top_k"], max_new_tokens=max_new_tokens, seed=seed, chunk=PS_CHUNK,
-               gen_batch_size=gen_batch_size)
+               gen_batch_size=gen_batch_size, v=2)
     root = os.path.join(cache_dir, "process_scores", cache_key(key))
     os.makedirs(root, exist_ok=True)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     chunks = [range(s, min(s + PS_CHUNK, len(rows))) for s in range(0, len(rows), PS_CHUNK)]
     mine = range(rank, len(chunks), world)
-    todo = [c for c in mine if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.json"))]
+    todo = [c for c in mine if read_json_checked(os.path.join(root, f"chunk-{c:05d}.json")) is None]  # damaged: again
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="process scores", disable=rank != 0)
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
         for c in todo:
             scores = score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], task, ps_samples, sampling,
                                     max_new_tokens, gen_batch_size, seed * 1_000_003 + c)
-            write_json_atomic(os.path.join(root, f"chunk-{c:05d}.json"), scores)
+            write_json_checked(os.path.join(root, f"chunk-{c:05d}.json"), scores)
             bar.update(1)
     bar.close()
     if accelerator:
         accelerator.wait_for_everyone()
     scores = []
     for c in range(len(chunks)):
-        with open(os.path.join(root, f"chunk-{c:05d}.json")) as f:
-            scores += json.load(f)
+        if (chunk := read_json_checked(os.path.join(root, f"chunk-{c:05d}.json"))) is None:
+            raise DataError(f"process scores: {os.path.join(root, f'chunk-{c:05d}.json')} is missing or damaged; "
+                            "run again to score it again")
+        scores += chunk
     failed = [(r, s) for r, s in zip(rows, scores) if r["reward"] != 1.0]
     n_ok, n_seg = sum(s["correct_segments"] for _, s in failed), sum(len(s["segment_ends"]) for _, s in failed)
     msg = (f"process scores: {sum(s['correct_segments'] > 0 for _, s in failed)}/{len(failed)} failed responses have a "
@@ -375,9 +378,9 @@ def main():
 
     # evaluate and save
     results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
-    log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
+    log_eval(accelerator, results, step, args.output_dir)  # results.json says "final" once the models are on disk
     accelerator.print(f"value trace: python eval.py --value_model {os.path.join(args.output_dir, 'value_model')}")
     accelerator.end_training()
     report_outputs(accelerator, args.output_dir)

@@ -209,9 +209,9 @@ def main():
 
     # evaluate and save
     results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
-    log_eval(accelerator, results, step, args.output_dir)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
+    log_eval(accelerator, results, step, args.output_dir)  # results.json says "final" once the models are on disk
     accelerator.end_training()
     report_outputs(accelerator, args.output_dir)
 

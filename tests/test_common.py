@@ -477,7 +477,7 @@ def test_cache_keys_follow_the_contents_not_the_path(tiny_model, tmp_path, monke
 # ---------------------------------------------------------------------------------------------------------------------
 # The offline dataset: caching and resume
 # ---------------------------------------------------------------------------------------------------------------------
-def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch):
+def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch, capsys):
     from accelerate import Accelerator
 
     model, tok = tiny_model
@@ -522,14 +522,27 @@ def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch):
     assert common.build_offline_dataset(accelerator, model, tok, problems, args) == rows
     assert calls == [[4, 5, 6, 7]]
 
-    with open(os.path.join(root, "chunk-00002.jsonl")) as f:  # a damaged cache: a reward that is not 0 or 1
+    chunk = os.path.join(root, "chunk-00002.jsonl")
+    with open(chunk) as f:
         lines = f.readlines()
-    lines[1] = json.dumps(dict(json.loads(lines[1]), reward=float("nan"))) + "\n"
-    with open(os.path.join(root, "chunk-00002.jsonl"), "w") as f:
-        f.writelines(lines)
-    with pytest.raises(common.DataError, match=r"chunk-00002\.jsonl: row 2: reward nan is not 0 or 1"):
-        common.build_offline_dataset(accelerator, model, tok, problems, args)
-    os.remove(os.path.join(root, "chunk-00002.jsonl"))
+    # a damaged cache is named and sampled again, never trained on: a reward edited by hand (same row count), a chunk cut
+    # at a line boundary, a chunk whose check file (row count and CRC-32, written after it) is missing
+    edited = lines[:1] + [json.dumps(dict(json.loads(lines[1]), reward=float("nan"))) + "\n"] + lines[2:]
+    for damage, message in ((edited, "chunk-00002.jsonl: its bytes do not match the CRC-32"),
+                            (lines[:5], "chunk-00002.jsonl has 5 rows, 8 when it was written (8 expected)"),
+                            (None, "chunk-00002.jsonl has no check file")):
+        if damage is None:
+            os.remove(os.path.join(root, "check-00002.json"))
+        else:
+            with open(chunk, "w") as f:
+                f.writelines(damage)
+        calls.clear()
+        capsys.readouterr()
+        assert common.build_offline_dataset(accelerator, model, tok, problems, args) == rows
+        assert calls == [[8, 9, 10, 11]] and message in capsys.readouterr().err
+        with open(chunk) as f:
+            assert f.readlines() == lines
+    os.remove(chunk)
 
     calls.clear()  # a different sampling parameter is a different dataset
     args.temperature = 0.7
