@@ -244,7 +244,7 @@ def test_models_are_saved_in_their_load_dtype(tiny_cache, tmp_path):
 
     acc = Accelerator(cpu=True)
     for load, saved in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
-        lm = AutoModelForCausalLM.from_pretrained(common.tiny_dir(tiny_cache), dtype=load).float()  # fp32 masters
+        lm = AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED, dtype=load).float()  # fp32 masters
         value = common.ValueModel(lm).float()
         for name, model in (("model", lm), ("value_model", value)):
             path = tmp_path / saved / name
@@ -324,7 +324,7 @@ def test_two_runs_share_a_cold_cache_and_one_is_killed_writing_a_chunk(tiny_cach
     writing a chunk but before its check file: the other takes that chunk over and samples it again. Every chunk is
     sampled once by a run that finished it, and every chunk verifies."""
     cache = tmp_path / "cache"
-    shutil.copytree(common.tiny_dir(tiny_cache), common.tiny_dir(str(cache)))
+    cache.mkdir()  # empty: `--model tiny` is assets/tiny
     if os.path.isdir(os.path.join(tiny_cache, "eval")):  # the reference's evaluation, if done: not what is tested here
         shutil.copytree(os.path.join(tiny_cache, "eval"), cache / "eval")
     args = ["--max_steps", "1", "--n_test", "4", "--per_device_batch_size", "4", "--gen_batch_size", "16"]
