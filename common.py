@@ -1166,7 +1166,6 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
 
 
 # Importing samples made elsewhere (--offline_data) and exporting the built dataset (offline.jsonl, --save_offline_data)
-OFFLINE_FIELDS = ("question", "response", "answer", "reward")  # the import schema; `reward` may be left out
 EXPORT_FIELDS = ("prompt_idx", "truncated", "prompt_ids", "response_ids", "ref_logps", "sampler_logps")  # export adds
 
 

@@ -17,6 +17,8 @@ import common
 
 TRAIN = common.arith_problems("train", 6)
 
+OFFLINE_FIELDS = ("question", "response", "answer", "reward")  # the import schema the README gives
+
 
 def _wrong(p: dict) -> str:
     """The gold solution with its final answer off by one: graded 0."""
@@ -115,7 +117,7 @@ def test_imported_rows_are_tokenized_graded_and_scored_as_samples(tiny_model, tm
 
     export = read_jsonl(os.path.join(cache, "offline", sorted(os.listdir(os.path.join(cache, "offline")))[0],
                                      "offline.jsonl"))
-    assert len(export) == 24 and set(export[0]) == {*common.OFFLINE_FIELDS, *common.EXPORT_FIELDS}
+    assert len(export) == 24 and set(export[0]) == {*OFFLINE_FIELDS, *common.EXPORT_FIELDS}
     path = os.path.join(cache, "offline", sorted(os.listdir(os.path.join(cache, "offline")))[0], "offline.jsonl")
     ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 24 and ds[0]["question"] == src[0]["question"]
@@ -247,7 +249,7 @@ def test_round_trip_export_then_import_trains_to_the_same_losses(tiny_cache, tmp
                again)
     assert f"offline data imported from {export}" in proc.stdout
     rows, back = read_jsonl(export), read_jsonl(again)
-    assert len(rows) == 32 and set(rows[0]) == {*common.OFFLINE_FIELDS, *common.EXPORT_FIELDS}
+    assert len(rows) == 32 and set(rows[0]) == {*OFFLINE_FIELDS, *common.EXPORT_FIELDS}
     # the import rebuilt the exported tokens, rewards and truncation exactly, and the reference log-probs
     exact = ("question", "response", "answer", "reward", "prompt_idx", "truncated", "prompt_ids", "response_ids")
     assert [{k: r[k] for k in exact} for r in back] == [{k: r[k] for k in exact} for r in rows]
