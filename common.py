@@ -1943,8 +1943,8 @@ def memory_preflight(algo: str, model_config: dict, world: int, sharding: str | 
     fixes = []
     if sharding is None and world > 1:
         fixes.append("shard the models: `accelerate launch --config_file configs/fsdp.yaml`")
-    fixes += ["a smaller --per_device_batch_size (the global batch stays)" if step != "generate" else "a smaller --gen_batch_size",
-              "a smaller --gen_batch_size" if step != "generate" else "a smaller --per_device_batch_size"]
+    batch, gen = "a smaller --per_device_batch_size (the global batch stays)", "a smaller --gen_batch_size"
+    fixes += [gen, batch] if step == "generate" else [batch, gen]
     if not lora_r:
         fixes.append("--lora_r 16")
     message = (f"{algo}: the {step} step needs {worst / 1e9:.1f} GB per GPU, {avail / 1e9:.1f} GB available "

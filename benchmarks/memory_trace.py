@@ -258,10 +258,11 @@ def decode(model, rows: int, prompt_tokens: int, max_new_tokens: int, sampling: 
             if DECODE_STEPS <= t < max_new_tokens - 1 - DECODE_STEPS:
                 if t == DECODE_STEPS:  # the cache grows by one token a step, up to the last DECODE_STEPS steps
                     n = max_new_tokens - 1 - 2 * DECODE_STEPS
-                    for layer in cache.layers:
-                        layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(*layer.keys.shape[:2], n, layer.keys.shape[-1])], 2)
-                        layer.values = torch.cat([layer.values, layer.values.new_zeros(*layer.values.shape[:2], n,
-                                                                                         layer.values.shape[-1])], 2)
+                    for layer in cache.layers:  # (B, heads, tokens, head_dim) each
+                        k, v = layer.keys, layer.values
+                        layer.keys = torch.cat([k, k.new_zeros(*k.shape[:2], n, k.shape[-1])], 2)
+                        layer.values = torch.cat([v, v.new_zeros(*v.shape[:2], n, v.shape[-1])], 2)
+                        del k, v
                     attn = torch.cat([attn, attn.new_ones(rows, n)], 1)
                 continue
             logits = out.logits[:, -1].float()  # (B, V), as generate's logits processors take them
@@ -334,7 +335,7 @@ def paper_settings(algo: str, world: int = WORLD) -> dict:
     args.max_new_tokens = common.TASK_MAX_NEW_TOKENS[d["task"]]
     per = d["per_device_batch_size"]
     grad_accum = d["global_batch_size"] // (per * world)
-    assert grad_accum * per * world == d["global_batch_size"], (algo, "the global batch is not a whole number of micro-batches")
+    assert grad_accum * per * world == d["global_batch_size"], (algo, "the global batch is not whole micro-batches")
     online = len(module.online_slots(per, args.online_fraction)) if algo == "spo" else 0
     return dict(module=module, args=args, per_device_batch_size=per, gen_batch_size=d["gen_batch_size"], grad_accum=grad_accum,
                 n_samples=d["n_samples"], max_new_tokens=args.max_new_tokens, online_rows=online)
