@@ -44,7 +44,7 @@ import importlib
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -158,15 +158,21 @@ class LocalAdamW:
 def _worst_case_reads_mode():
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    def all_indices(x):
+        grids = torch.meshgrid(*[torch.arange(n, device=x.device) for n in x.shape], indexing="ij")
+        return [g.reshape(-1) for g in grids]  # per dimension, the index of every element
+
     class WorstCaseReads(TorchDispatchMode):
         """Answers what fake tensors cannot: `nonzero` as if every element were nonzero (every token of every row real),
         a scalar read as 1, `allclose` as true."""
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten.nonzero.default:
-                x = args[0]
-                grids = torch.meshgrid(*[torch.arange(n, device=x.device) for n in x.shape], indexing="ij")
-                return torch.stack([g.reshape(-1) for g in grids], dim=1)  # (numel, ndim), as nonzero gives
+                return torch.stack(all_indices(args[0]), dim=1)  # (numel, ndim), as nonzero gives
+            if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+                # a boolean mask selects through nonzero inside the op: every element selected
+                idx = [j for i in args[1] for j in ((i,) if i is None or i.dtype != torch.bool else all_indices(i))]
+                return func(args[0], idx)
             if func is torch.ops.aten.allclose.default:  # token_logprobs' check of its head against the model's logits
                 return True
             if func is torch.ops.aten._local_scalar_dense.default:
@@ -344,13 +350,15 @@ def paper_settings(algo: str, world: int = WORLD) -> dict:
 def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_batch_size: int | None = None,
           gen_batch_size: int | None = None, grad_accum: int | None = None, prompt_tokens: int = PROMPT_TOKENS,
           max_new_tokens: int | None = None, steps: tuple = ("train", "generate", "score", "rollout", "refresh", "save"),
-          acc=None, traced_micro_batches: int = TRACED_MICRO_BATCHES) -> dict:
+          acc=None, traced_micro_batches: int = TRACED_MICRO_BATCHES, fake: bool = True) -> dict:
     """Peak bytes on rank 0 of each step of `algo`'s run (by default its paper settings) with the sharding of
     configs/fsdp.yaml: {step: {"peak": bytes, "breakdown": {category: bytes}, "added": {term: bytes}}}. Steps:
     "train" (grad_accum micro-batches and the optimizer steps), "generate" (a generate call of gen_batch_size rows),
     "score" (score_rows on one offline chunk), "save" (formula), and SPO's "rollout" (its frozen rollout policy
     generating a micro-batch's fresh rollouts, scored by the frozen reference) and "refresh" (the rollout policy copied
-    from the gathered policy). Training state (optimizer moments) is resident in every step after "train"."""
+    from the gathered policy). Training state (optimizer moments) is resident in every step after "train".
+    `fake` False: real tensors on the process group already started (tests/memory_trace_driver.py), as a check that
+    the fake trace follows the same code."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -364,7 +372,7 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
     cfg = AutoConfig.for_model(**config)
     vocab = config["vocab_size"]
     out = {}
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         # Under fake tensors a module can be built but not deep-copied or moved (torch refuses to swap a parameter the
         # fake mode's memo holds a weak reference to), so each copy the scripts make from the loaded model is built as
         # that copy ends up: frozen_copy's (bf16, eval, no gradients) and ValueModel's (the backbone and a zero head, as
@@ -399,7 +407,7 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
                 return
             t0 = time.time()
             begin_step(tracker)
-            with fake_reads():
+            with fake_reads() if fake else nullcontext():
                 fn()
             peak = snapshot(tracker)
             out[name] = {"peak": peak["Total"], "breakdown": peak, "added": {}, "seconds": time.time() - t0}
@@ -468,6 +476,26 @@ def report(result: dict) -> list[str]:
     return lines
 
 
+TABLE_STEPS = ("train", "generate", "score", "rollout", "refresh", "save")
+
+
+def table(results: dict) -> str:
+    """The README's table: per algorithm, its paper batch sizes and the traced peak GB per GPU of each step."""
+    lines = ["| algorithm | micro-batch per GPU x accumulation | generate batch | " + " | ".join(
+                 ("SPO " + s if s in ("rollout", "refresh") else s) for s in TABLE_STEPS) + " | peak of 80 GB |",
+             "| --- " * (4 + len(TABLE_STEPS)) + "|"]
+    for algo in ALGOS:
+        if algo not in results:
+            continue
+        r = results[algo]
+        gb = {s: st["peak"] / GB for s, st in r["steps"].items()}
+        unit = " pairs" if algo == "dpo" else ""
+        cells = [f"{gb[s]:.1f} GB" if s in gb else "-" for s in TABLE_STEPS]
+        lines.append(f"| {algo.upper()} | {r['per_device_batch_size']}{unit} x {r['grad_accum']} | {r['gen_batch_size']} | "
+                     + " | ".join(cells) + f" | {max(gb.values()) / GPU_GB:.0%} |")
+    return "\n".join(lines)
+
+
 def main(algos=ALGOS, traced_micro_batches: int = TRACED_MICRO_BATCHES):
     t0 = time.time()
     acc = launch(WORLD)
@@ -481,6 +509,7 @@ def main(algos=ALGOS, traced_micro_batches: int = TRACED_MICRO_BATCHES):
         common.write_json_atomic(RESULTS, {"model": "google/gemma-1.1-7b-it", "config": GEMMA_7B, "world": WORLD,
                                            "gpu_gb": GPU_GB, "margin_gb": MARGIN_GB, "results": results,
                                            "seconds": time.time() - t0})
+    print(table(results))
     print(f"traced in {time.time() - t0:.0f} s")
     print(f"fits {GPU_GB} GB: {'yes' if fits else 'no'}")
 
