@@ -1842,19 +1842,22 @@ def kv_bytes_per_token(config: dict, bytes_per_value: int = 2) -> int:
 
 def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int, gen_batch_size: int,
                 prompt_tokens: int, max_new_tokens: int, online_rows: int = 0, sharded: bool = True,
-                precision: str = "bf16", lora_r: int = 0) -> dict[str, dict[str, float]]:
+                precision: str = "bf16", lora_r: int = 0, n_samples: int = 20) -> dict[str, dict[str, float]]:
     """Peak bytes on one GPU in each step of `algo` under configs/fsdp.yaml (FSDP2 full shard over `world` GPUs, bf16
-    mixed precision with fp32 master weights, activation checkpointing), by component. `config`: the model's
+    parameters with fp32 master weights and reduction, activation checkpointing, a reduce-scatter every micro-batch),
+    by component. Each component is one the fake-tensor trace (benchmarks/memory_trace.py) measures, sized as the trace
+    found it on Gemma-1.1-7B; tests/test_memory_plan.py holds every step within 10% of the trace. `config`: the model's
     vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
     tie_word_embeddings. Sequences are `prompt_tokens + max_new_tokens` long; `online_rows`: SPO's fresh rollouts per
-    micro-batch (0: no frozen reference and rollout copies).
-    Steps: "generate" (the offline dataset, evaluations, DQO's process scores and value traces: the policy gathered in
-    bf16 plus the KV cache), "score" (reference log-probs of the offline dataset: SCORE_MAX_TOKENS tokens per forward,
-    the sampler's warp on LOGPROB_CHUNK_LOGITS logits), "train" (one micro-batch forward and backward) and, for SPO,
-    "rollout" (the frozen rollout copy generating `online_rows` sequences). Every step counts the whole training
-    state, allocated or not yet. Not counted: the CUDA context and allocator fragmentation (keep a few GB free).
+    micro-batch (0: no frozen reference and rollout copies); `n_samples`: samples per prompt of the offline dataset.
+    Steps: "train" (a micro-batch's forward and backward with the gradients of earlier micro-batches, the moments
+    resident), "generate" (an evaluation or offline-dataset generate call: the policy gathered, the KV cache),
+    "score" (score_rows on an offline chunk: SCORE_MAX_TOKENS tokens per forward), "save" (one parameter gathered in
+    fp32) and, for SPO, "rollout" (the frozen rollout copy generating `online_rows` sequences, the frozen reference
+    scoring them) and "refresh" (the rollout copy refreshed from the gathered policy). Not counted: the CUDA context,
+    NCCL buffers, allocator fragmentation, kernels' workspaces (MEMORY_MARGIN_BYTES is left for them).
     `sharded` False: plain data parallel (or one process): every GPU holds whole models, and DDP's fp32 gradient
-    buckets beside the gradients when `world` > 1. `precision` "fp32": weights, copies and activations in fp32.
+    buckets beside the gradients when `world` > 1. `precision` "fp32": parameters, copies and activations in fp32.
     `lora_r`: the base weights frozen (in the compute dtype) and only LoRA adapters on every linear layer trained."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
@@ -1862,41 +1865,46 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
     head = 0 if config.get("tie_word_embeddings", True) else V * H
     value_params = params - head + H + 1  # the backbone and a scalar head
     trained = [params] + ([value_params] if algo in ("dro", "dqo") else [])
-    T, N = prompt_tokens + max_new_tokens, per_device_batch_size * (prompt_tokens + max_new_tokens)
-    N *= 2 if algo == "dpo" else 1  # a micro-batch of pairs: chosen and rejected
-    token_act = 2 * (5 * H + 2 * q + 2 * kv + 3 * F)  # bf16 tensors one layer keeps per token for its backward
-    w = 2 if precision == "bf16" else 4  # bytes per weight and activation value in the compute dtype
+    w = 2 if precision == "bf16" else 4  # bytes per parameter and activation in the compute dtype
     shards = world if sharded else 1
+    T = prompt_tokens + max_new_tokens
+    N = per_device_batch_size * T * (2 if algo == "dpo" else 1)  # a DPO micro-batch is pairs: chosen and rejected
     adapters = lora_r * L * (2 * (H + q) + 2 * (H + kv) + 3 * (H + F))  # A and B of q, o, k, v, gate, up, down
     if lora_r:  # the frozen base of each network (the value network's own copy of the backbone) and fp32 adapters
         state = {"frozen base weights": sum(w * p / shards for p in trained),
-                 "LoRA adapters, grads, Adam (fp32)": 16 * adapters * len(trained) / shards}
+                 "LoRA adapters and Adam moments (fp32)": 12 * adapters * len(trained) / shards}
+        grads = {"LoRA gradients (fp32)": 4 * adapters * len(trained) / shards}
     else:
-        state = {("sharded " if sharded else "") + "weights, grads, Adam (fp32)": sum(16 * p / shards for p in trained)}
+        state = {"weights (fp32" + (", sharded)" if sharded else ")"): sum(4 * p / shards for p in trained),
+                 "Adam moments (fp32)": sum(8 * p / shards for p in trained)}
+        grads = {"gradients (fp32)": sum(4 * p / shards for p in trained)}
         if not sharded and world > 1:
-            state["DDP gradient buckets (fp32)"] = sum(4 * p for p in trained)
+            grads["DDP gradient buckets (fp32)"] = sum(4 * p for p in trained)
     if (algo == "kto" or (algo == "spo" and online_rows)) and not lora_r:
         state["frozen reference"] = w * params
     if algo == "spo" and online_rows:
         state["frozen rollout policy"] = w * params + (4 * adapters if lora_r else 0)
-    token_act = token_act * w // 2
-    kv_cache = kv_bytes_per_token(config, w)
     gathered = {"policy gathered": w * params} if sharded else {}  # unsharded: the weights are already whole
-    gen = lambda n, gather: {  # noqa: E731
-        **state, **(gathered if gather else {}),
-        "KV cache": n * T * kv_cache, "prefill activations": n * prompt_tokens * token_act,
-        "sampling logits (bf16 + fp32 warps)": n * V * 10}
-    sharded_train = {"gathered layers + their grads (2 prefetched)": 2 * layer * (w + 4),
-                     "embedding/head unit + its grad": V * H * (w + 4) * len(trained)} if sharded else {}
-    plan = {"generate": gen(gen_batch_size, True),
-            "score": {**state, **gathered, "layer activations": SCORE_MAX_TOKENS * token_act,
-                      "log-prob chunk with the sampler's warp (fp32 + sort)": LOGPROB_CHUNK_LOGITS * 22},
-            "train": {**state, **sharded_train,
-                      "checkpointed layer inputs": len(trained) * L * N * H * w,
-                      "one layer recomputed, forward + backward": 2 * N * token_act,
-                      "log-prob chunk, forward + backward (fp32)": LOGPROB_CHUNK_LOGITS * 10}}
+    kv_bytes = kv_bytes_per_token(config, w)
+
+    def generate(n: int) -> dict:  # the KV cache, growing one layer's K or V at a time, and the sampler's logits
+        return {"KV cache": n * T * kv_bytes * (1 + 1 / (2 * L)), "sampling logits and warps": n * V * 8}
+
+    def score(rows: int) -> dict:  # one forward of up to SCORE_MAX_TOKENS tokens: the MLP's three (tokens, F) tensors
+        tokens = min(rows, max(1, SCORE_MAX_TOKENS // T)) * T
+        return {"forward activations (no grad)": tokens * (3 * F + 4 * H) * w}
+
+    train = {**state, **grads, "checkpointed layer inputs and outputs": len(trained) * (L + 6) * N * H * w}
+    if sharded:  # accelerate's embedding/head/norm unit stays gathered through forward; its gradient reduced in fp32
+        train.update({"embedding/head unit gathered": V * H * w, "its gradient and fp32 reduce-scatter": V * H * (w + 4)})
+    rows_per_chunk = max(1, gen_batch_size // n_samples) * n_samples  # an offline-dataset chunk: whole prompts
+    plan = {"train": train,
+            "generate": {**state, **gathered, **generate(gen_batch_size)},
+            "score": {**state, **gathered, **score(rows_per_chunk)},
+            "save": {**state, "one parameter gathered (fp32)": 4 * max(V * H, layer // L if L else 0)}}
     if algo == "spo" and online_rows:
-        plan["rollout"] = gen(online_rows, False)
+        plan["rollout"] = {**state, **generate(online_rows), **score(online_rows)}
+        plan["refresh"] = {**state, **gathered}
     return plan
 
 
@@ -1920,16 +1928,17 @@ def read_model_config(model: str) -> dict:
 
 def memory_preflight(algo: str, model_config: dict, world: int, sharding: str | None, precision: str,
                      per_device_batch_size: int, gen_batch_size: int, max_new_tokens: int, lora_r: int,
-                     device_bytes: int | None, skip: bool, online_rows: int = 0,
+                     device_bytes: int | None, skip: bool, online_rows: int = 0, n_samples: int = 20,
                      prompt_tokens: int = PREFLIGHT_PROMPT_TOKENS) -> str:
     """This launch's memory plan, before any weights load: the peak GB per GPU of each step (`memory_plan`) for
     `world` processes under `sharding` ("FSDP" or "DEEPSPEED": ZeRO-3-like full sharding; None: plain data parallel,
     or one process), `precision` ("fp32"/"bf16") and the batch sizes. Returns the text to print. `device_bytes`: the
     GPU's memory (torch.cuda.mem_get_info's total); None (no GPU) checks nothing and says so. Raises ArgumentError
     naming the step, the GB it needs and the GB available (the GPU less MEMORY_MARGIN_BYTES, or 10% of a GPU under
-    80 GB), and the fixes, when a step does not fit and `skip` is False."""
+    80 GB), and the fixes, when a step does not fit and `skip` is False. `online_rows`: SPO's fresh rollouts per
+    micro-batch; `n_samples`: samples per prompt of the offline dataset."""
     plan = memory_plan(model_config, algo, world, per_device_batch_size, gen_batch_size, prompt_tokens, max_new_tokens,
-                       online_rows, sharded=sharding is not None, precision=precision, lora_r=lora_r)
+                       online_rows, sharded=sharding is not None, precision=precision, lora_r=lora_r, n_samples=n_samples)
     need = {step: sum(parts.values()) for step, parts in plan.items()}
     how = f"{world} process(es), {sharding or 'no sharding'}, {precision}" + (f", LoRA r={lora_r}" if lora_r else "")
     steps = ", ".join(f"{step} {b / 1e9:.1f}" for step, b in need.items())

@@ -1,6 +1,6 @@
 """Peak GPU memory of every step of each algorithm's paper run, traced at full size on CPU with fake tensors.
 
-    python benchmarks/memory_trace.py                # all six algorithms, about 5 minutes on 2 cores
+    python benchmarks/memory_trace.py                # all six algorithms, about 15 minutes on 2 busy cores
     python benchmarks/memory_trace.py dqo spo        # some of them
     python benchmarks/memory_trace.py --all_micro_batches   # every micro-batch of each optimizer step (slower)
 
@@ -28,7 +28,10 @@ gradient clipping. What is replaced, and why:
     moments);
   - the gradient accumulation loop is written out: backward each micro-batch (1/grad_accum of the loss), which under
     FSDP2 reduce-scatters every micro-batch (accelerate's sync_each_batch, as the scripts set it), then one clip and
-    optimizer step;
+    optimizer step; TRACED_MICRO_BATCHES of them (see there), the optimizer's moments made before the trace;
+  - the frozen copies and the value network are built as the scripts' copies end up (frozen_copy: bf16, eval, no
+    gradients; ValueModel from a backbone, as ValueModel.from_pretrained assembles it): fake modules cannot be
+    deep-copied or moved;
   - not traced, added from a formula (named in the output): saving, which gathers one parameter at a time in fp32
     before copying it to host memory (`SAVE`: the largest parameter over the resident state).
 
