@@ -1894,9 +1894,15 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
         tokens = min(rows, max(1, SCORE_MAX_TOKENS // T)) * T
         return {"forward activations (no grad)": tokens * (3 * F + 4 * H) * w}
 
-    train = {**state, **grads, "checkpointed layer inputs and outputs": len(trained) * (L + 6) * N * H * w}
-    if sharded:  # accelerate's embedding/head/norm unit stays gathered through forward; its gradient reduced in fp32
-        train.update({"embedding/head unit gathered": V * H * w, "its gradient and fp32 reduce-scatter": V * H * (w + 4)})
+    # the peak is at the backward of a network's embedding: its checkpointed layer inputs, accelerate's embedding/head/norm
+    # unit of every network gathered (it stays gathered through forward), that unit's gradient with the fp32 copy the
+    # reduce-scatter takes and, with two networks, the other one's embedding gradient and a layer's reduce-scatter
+    train = {**state, **grads, "checkpointed layer inputs and outputs": (1 if sharded else len(trained)) * (L + 6) * N * H * w}
+    if sharded:
+        train.update({"embedding/head units gathered": len(trained) * V * H * w,
+                      "embedding gradient and its fp32 reduce-scatter": V * H * (w + 4)})
+        if len(trained) > 1:
+            train["the other network's embedding gradient, a layer's reduce-scatter"] = V * H * w + 4 * layer
     rows_per_chunk = max(1, gen_batch_size // n_samples) * n_samples  # an offline-dataset chunk: whole prompts
     plan = {"train": train,
             "generate": {**state, **gathered, **generate(gen_batch_size)},
