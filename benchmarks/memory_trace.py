@@ -1,6 +1,6 @@
 """Peak GPU memory of every step of each algorithm's paper run, traced at full size on CPU with fake tensors.
 
-    python benchmarks/memory_trace.py                # all six algorithms, about 15 minutes on 2 busy cores
+    python benchmarks/memory_trace.py                # all six algorithms: 550 s on 2 shared cores
     python benchmarks/memory_trace.py dqo spo        # some of them
     python benchmarks/memory_trace.py --all_micro_batches   # every micro-batch of each optimizer step (slower)
 
