@@ -2468,44 +2468,129 @@ def kv_bytes_per_token(config: dict, bytes_per_value: int = 2) -> int:
 
 
 def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int, gen_batch_size: int,
-                prompt_tokens: int, max_new_tokens: int, online_rows: int = 0) -> dict[str, dict[str, float]]:
+                prompt_tokens: int, max_new_tokens: int, online_rows: int = 0, sharded: bool = True,
+                precision: str = "bf16", lora_r: int = 0, n_samples: int = 20) -> dict[str, dict[str, float]]:
     """Peak bytes on one GPU in each step of `algo` under configs/fsdp.yaml (FSDP2 full shard over `world` GPUs, bf16
-    mixed precision with fp32 master weights, activation checkpointing), by component. `config`: the model's
+    parameters with fp32 master weights and reduction, activation checkpointing, a reduce-scatter every micro-batch),
+    by component. Each component is one the fake-tensor trace (benchmarks/memory_trace.py) measures, sized as the trace
+    found it on Gemma-1.1-7B; tests/test_memory_plan.py holds every step within 10% of the trace. `config`: the model's
     vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
     tie_word_embeddings. Sequences are `prompt_tokens + max_new_tokens` long; `online_rows`: SPO's fresh rollouts per
-    micro-batch (0: no frozen reference and rollout copies).
-    Steps: "generate" (the offline dataset, evaluations, DQO's process scores and value traces: the policy gathered in
-    bf16 plus the KV cache), "score" (reference log-probs of the offline dataset: SCORE_MAX_TOKENS tokens per forward,
-    the sampler's warp on LOGPROB_CHUNK_LOGITS logits), "train" (one micro-batch forward and backward) and, for SPO,
-    "rollout" (the frozen rollout copy generating `online_rows` sequences). Every step counts the whole training
-    state, allocated or not yet. Not counted: the CUDA context and allocator fragmentation (keep a few GB free)."""
+    micro-batch (0: no frozen reference and rollout copies); `n_samples`: samples per prompt of the offline dataset.
+    Steps: "train" (a micro-batch's forward and backward with the gradients of earlier micro-batches, the moments
+    resident), "generate" (an evaluation or offline-dataset generate call: the policy gathered, the KV cache),
+    "score" (score_rows on an offline chunk: SCORE_MAX_TOKENS tokens per forward), "save" (one parameter gathered in
+    fp32) and, for SPO, "rollout" (the frozen rollout copy generating `online_rows` sequences, the frozen reference
+    scoring them) and "refresh" (the rollout copy refreshed from the gathered policy). Not counted: the CUDA context,
+    NCCL buffers, allocator fragmentation, kernels' workspaces (MEMORY_MARGIN_BYTES is left for them).
+    `sharded` False: plain data parallel (or one process): every GPU holds whole models, and DDP's fp32 gradient
+    buckets beside the gradients when `world` > 1. `precision` "fp32": parameters, copies and activations in fp32.
+    `lora_r`: the base weights frozen (in the compute dtype) and only LoRA adapters on every linear layer trained."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
     params, layer = param_count(config)
     head = 0 if config.get("tie_word_embeddings", True) else V * H
     value_params = params - head + H + 1  # the backbone and a scalar head
     trained = [params] + ([value_params] if algo in ("dro", "dqo") else [])
-    T, N = prompt_tokens + max_new_tokens, per_device_batch_size * (prompt_tokens + max_new_tokens)
-    N *= 2 if algo == "dpo" else 1  # a micro-batch of pairs: chosen and rejected
-    token_act = 2 * (5 * H + 2 * q + 2 * kv + 3 * F)  # bf16 tensors one layer keeps per token for its backward
-    state = {"sharded weights, grads, Adam (fp32)": sum(16 * p / world for p in trained)}
-    if algo == "kto" or (algo == "spo" and online_rows):
-        state["frozen reference (bf16)"] = 2 * params
+    w = 2 if precision == "bf16" else 4  # bytes per parameter and activation in the compute dtype
+    shards = world if sharded else 1
+    T = prompt_tokens + max_new_tokens
+    N = per_device_batch_size * T * (2 if algo == "dpo" else 1)  # a DPO micro-batch is pairs: chosen and rejected
+    adapters = lora_r * L * (2 * (H + q) + 2 * (H + kv) + 3 * (H + F))  # A and B of q, o, k, v, gate, up, down
+    if lora_r:  # the frozen base of each network (the value network's own copy of the backbone) and fp32 adapters
+        state = {"frozen base weights": sum(w * p / shards for p in trained),
+                 "LoRA adapters and Adam moments (fp32)": 12 * adapters * len(trained) / shards}
+        grads = {"LoRA gradients (fp32)": 4 * adapters * len(trained) / shards}
+    else:
+        state = {"weights (fp32" + (", sharded)" if sharded else ")"): sum(4 * p / shards for p in trained),
+                 "Adam moments (fp32)": sum(8 * p / shards for p in trained)}
+        grads = {"gradients (fp32)": sum(4 * p / shards for p in trained)}
+        if not sharded and world > 1:
+            grads["DDP gradient buckets (fp32)"] = sum(4 * p for p in trained)
+    if (algo == "kto" or (algo == "spo" and online_rows)) and not lora_r:
+        state["frozen reference"] = w * params
     if algo == "spo" and online_rows:
-        state["frozen rollout policy (bf16)"] = 2 * params
-    kv_cache = kv_bytes_per_token(config)
-    gen = lambda n, gathered: {  # noqa: E731
-        **state, **({"policy gathered (bf16)": 2 * params} if gathered else {}),
-        "KV cache": n * T * kv_cache, "prefill activations": n * prompt_tokens * token_act,
-        "sampling logits (bf16 + fp32 warps)": n * V * 10}
-    plan = {"generate": gen(gen_batch_size, True),
-            "score": {**state, "policy gathered (bf16)": 2 * params, "layer activations": SCORE_MAX_TOKENS * token_act,
-                      "log-prob chunk with the sampler's warp (fp32 + sort)": LOGPROB_CHUNK_LOGITS * 22},
-            "train": {**state, "gathered layers + their grads (2 prefetched)": 2 * layer * (2 + 4),
-                      "embedding/head unit + its grad": V * H * (2 + 4) * len(trained),
-                      "checkpointed layer inputs": len(trained) * L * N * H * 2,
-                      "one layer recomputed, forward + backward": 2 * N * token_act,
-                      "log-prob chunk, forward + backward (fp32)": LOGPROB_CHUNK_LOGITS * 10}}
+        state["frozen rollout policy"] = w * params + (4 * adapters if lora_r else 0)
+    gathered = {"policy gathered": w * params} if sharded else {}  # unsharded: the weights are already whole
+    kv_bytes = kv_bytes_per_token(config, w)
+
+    def generate(n: int) -> dict:  # the KV cache, growing one layer's K or V at a time, and the sampler's logits
+        return {"KV cache": n * T * kv_bytes * (1 + 1 / (2 * L)), "sampling logits and warps": n * V * 8}
+
+    def score(rows: int) -> dict:  # one forward of up to SCORE_MAX_TOKENS tokens: the MLP's three (tokens, F) tensors
+        tokens = min(rows, max(1, SCORE_MAX_TOKENS // T)) * T
+        return {"forward activations (no grad)": tokens * (3 * F + 4 * H) * w}
+
+    # the peak is at the backward of a network's embedding: its checkpointed layer inputs, accelerate's embedding/head/norm
+    # unit of every network gathered (it stays gathered through forward), that unit's gradient with the fp32 copy the
+    # reduce-scatter takes and, with two networks, the other one's embedding gradient and a layer's reduce-scatter
+    train = {**state, **grads, "checkpointed layer inputs and outputs": (1 if sharded else len(trained)) * (L + 6) * N * H * w}
+    if sharded:
+        train.update({"embedding/head units gathered": len(trained) * V * H * w,
+                      "embedding gradient and its fp32 reduce-scatter": V * H * (w + 4)})
+        if len(trained) > 1:
+            train["the other network's embedding gradient, a layer's reduce-scatter"] = V * H * w + 4 * layer
+    rows_per_chunk = max(1, gen_batch_size // n_samples) * n_samples  # an offline-dataset chunk: whole prompts
+    plan = {"train": train,
+            "generate": {**state, **gathered, **generate(gen_batch_size)},
+            "score": {**state, **gathered, **score(rows_per_chunk)},
+            "save": {**state, "one parameter gathered (fp32)": 4 * max(V * H, layer // L if L else 0)}}
     if algo == "spo" and online_rows:
-        plan["rollout"] = gen(online_rows, False)
+        plan["rollout"] = {**state, **generate(online_rows), **score(online_rows)}
+        plan["refresh"] = {**state, **gathered}
     return plan
+
+
+MEMORY_MARGIN_BYTES = 8e9  # left free on each GPU for what no plan sees: CUDA context, NCCL, fragmentation, workspaces
+PREFLIGHT_PROMPT_TOKENS = 320  # the longest GSM8K prompt (template and chat markup included); MATH's are shorter
+
+
+def read_model_config(model: str) -> dict:
+    """The numbers `memory_plan` reads from a model's config, without loading its weights: `tiny` is assets/tiny;
+    anything else goes to transformers' AutoConfig (a local directory, or a hub id: its config.json only)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(TINY_SHIPPED if model == "tiny" else model).get_text_config()
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    out = {k: getattr(cfg, k) for k in keys}
+    out["num_key_value_heads"] = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    out["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out["tie_word_embeddings"] = bool(getattr(cfg, "tie_word_embeddings", True))
+    return out
+
+
+def memory_preflight(algo: str, model_config: dict, world: int, sharding: str | None, precision: str,
+                     per_device_batch_size: int, gen_batch_size: int, max_new_tokens: int, lora_r: int,
+                     device_bytes: int | None, skip: bool, online_rows: int = 0, n_samples: int = 20,
+                     prompt_tokens: int = PREFLIGHT_PROMPT_TOKENS) -> str:
+    """This launch's memory plan, before any weights load: the peak GB per GPU of each step (`memory_plan`) for
+    `world` processes under `sharding` ("FSDP" or "DEEPSPEED": ZeRO-3-like full sharding; None: plain data parallel,
+    or one process), `precision` ("fp32"/"bf16") and the batch sizes. Returns the text to print. `device_bytes`: the
+    GPU's memory (torch.cuda.mem_get_info's total); None (no GPU) checks nothing and says so. Raises ArgumentError
+    naming the step, the GB it needs and the GB available (the GPU less MEMORY_MARGIN_BYTES, or 10% of a GPU under
+    80 GB), and the fixes, when a step does not fit and `skip` is False. `online_rows`: SPO's fresh rollouts per
+    micro-batch; `n_samples`: samples per prompt of the offline dataset."""
+    plan = memory_plan(model_config, algo, world, per_device_batch_size, gen_batch_size, prompt_tokens, max_new_tokens,
+                       online_rows, sharded=sharding is not None, precision=precision, lora_r=lora_r, n_samples=n_samples)
+    need = {step: sum(parts.values()) for step, parts in plan.items()}
+    how = f"{world} process(es), {sharding or 'no sharding'}, {precision}" + (f", LoRA r={lora_r}" if lora_r else "")
+    steps = ", ".join(f"{step} {b / 1e9:.1f}" for step, b in need.items())
+    if device_bytes is None:
+        return f"memory plan ({how}), GB per device: {steps}; no GPU: nothing checked"
+    avail = device_bytes - min(MEMORY_MARGIN_BYTES, 0.1 * device_bytes)
+    text = f"memory plan ({how}), GB per GPU of {device_bytes / 1e9:.0f}: {steps}"
+    step, worst = max(need.items(), key=lambda kv: kv[1])
+    if worst <= avail:
+        return text + f"; fits (at most {avail / 1e9:.1f} GB)"
+    fixes = []
+    if sharding is None and world > 1:
+        fixes.append("shard the models: `accelerate launch --config_file configs/fsdp.yaml`")
+    batch, gen = "a smaller --per_device_batch_size (the global batch stays)", "a smaller --gen_batch_size"
+    fixes += [gen, batch] if step == "generate" else [batch, gen]
+    if not lora_r:
+        fixes.append("--lora_r 16")
+    message = (f"{algo}: the {step} step needs {worst / 1e9:.1f} GB per GPU, {avail / 1e9:.1f} GB available "
+               f"({how}; {steps}). Fixes: " + "; ".join(fixes) + ". --skip_memory_check runs it anyway")
+    if skip:
+        return text + f"; warning (--skip_memory_check): {message}"
+    raise ArgumentError(message)

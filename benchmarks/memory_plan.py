@@ -1,13 +1,14 @@
-"""GPU memory per step of every algorithm's paper run on 8 x 80 GB with configs/fsdp.yaml, by arithmetic.
+"""`common.memory_plan` (the arithmetic the launch preflight uses) at every algorithm's paper defaults, against the
+fake-tensor trace (benchmarks/memory_trace.py, its results in benchmarks/results/memory_trace.json).
 
-    python benchmarks/memory_plan.py            # the README's memory table (markdown), then DQO's and SPO's breakdown
+    python benchmarks/memory_plan.py            # per algorithm and step: the plan's GB, the trace's GB, their ratio
 
 Each algorithm file's PAPER defaults (micro-batch, generation batch) and the shared ones (common.RUN_DEFAULTS), on
-google/gemma-1.1-7b-it's config (numbers below, from its config.json), GSM8K prompts of at most PROMPT_TOKENS tokens
-and the task's 512 new tokens, through `common.memory_plan`. Derived, not measured: no GPU has run it.
+google/gemma-1.1-7b-it's config, GSM8K prompts of at most PROMPT_TOKENS tokens and the task's 512 new tokens.
 """
 
 import importlib
+import json
 import os
 import sys
 
@@ -15,53 +16,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
-
-GEMMA_7B = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
-                num_key_value_heads=16, head_dim=256, tie_word_embeddings=True)  # google/gemma-1.1-7b-it config.json
-GPU_BYTES = 80e9
-BUDGET = 0.92  # of the GPU: the CUDA context (~0.5 GB) and the caching allocator's fragmentation need the rest
-WORLD = 8  # configs/fsdp.yaml's num_processes
-PROMPT_TOKENS = 320  # the longest GSM8K question (985 characters, 183 words) with the prompt template and chat markup
-ALGOS = ("rs", "dpo", "kto", "dro", "dqo", "spo")
-STEPS = ("generate", "score", "train", "rollout")
+from benchmarks.memory_trace import ALGOS, GEMMA_7B, GPU_GB, MARGIN_GB, PROMPT_TOKENS, RESULTS, WORLD  # noqa: E402, F401
 
 
 def paper_plan(algo: str, config: dict = GEMMA_7B, world: int = WORLD) -> dict[str, dict[str, float]]:
     """`common.memory_plan` at the algorithm's paper defaults."""
     module = importlib.import_module(algo)
     d = {**common.RUN_DEFAULTS["paper"], **module.PAPER}
-    online = d["per_device_batch_size"] * module.Args.online_fraction if algo == "spo" else 0
+    online = len(module.online_slots(d["per_device_batch_size"], module.Args.online_fraction)) if algo == "spo" else 0
     return common.memory_plan(config, algo, world, d["per_device_batch_size"], d["gen_batch_size"], PROMPT_TOKENS,
-                              common.TASK_MAX_NEW_TOKENS[d["task"]], int(online))
+                              common.TASK_MAX_NEW_TOKENS[d["task"]], online, n_samples=d["n_samples"])
 
 
-def table() -> str:
-    """The README's table: each algorithm's micro-batch, generation batch and the peak GB per GPU of each step."""
-    lines = ["| algorithm | micro-batch per GPU | generate batch | generate | score | train | SPO rollout | peak of 80 GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def trace_results(path: str = RESULTS) -> dict:
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+def comparison(results: dict) -> list[tuple[str, str, float, float]]:
+    """(algo, step, plan bytes, traced bytes) for every traced step."""
+    out = []
     for algo in ALGOS:
-        module = importlib.import_module(algo)
-        d = {**common.RUN_DEFAULTS["paper"], **module.PAPER}
         plan = paper_plan(algo)
-        gb = {s: sum(plan[s].values()) / 1e9 for s in plan}
-        cells = [f"{gb[s]:.1f} GB" if s in gb else "-" for s in STEPS]
-        unit = " pairs" if algo == "dpo" else ""
-        lines.append(f"| {algo.upper()} | {d['per_device_batch_size']}{unit} | {d['gen_batch_size']} | " + " | ".join(cells)
-                     + f" | {max(gb.values()) / (GPU_BYTES / 1e9):.0%} |")
-    return "\n".join(lines)
-
-
-def breakdown(algo: str) -> str:
-    plan = paper_plan(algo)
-    out = [f"{algo.upper()}, GB per GPU:"]
-    for step, parts in plan.items():
-        out.append(f"  {step}: {sum(parts.values()) / 1e9:.1f}")
-        out += [f"    {v / 1e9:6.2f}  {k}" for k, v in parts.items()]
-    return "\n".join(out)
+        for step, st in results[algo]["steps"].items():
+            out.append((algo, step, sum(plan[step].values()), st["peak"]))
+    return out
 
 
 if __name__ == "__main__":
-    print(table())
+    print(f"{'algo':5} {'step':9} {'plan GB':>8} {'trace GB':>9} {'plan/trace':>10}")
+    for algo, step, plan, traced in comparison(trace_results()):
+        print(f"{algo:5} {step:9} {plan / 1e9:8.2f} {traced / 1e9:9.2f} {plan / traced:10.3f}")
+    print()
     for algo in ("dqo", "spo"):
-        print()
-        print(breakdown(algo))
+        print(f"{algo.upper()}, GB per GPU (plan):")
+        for step, parts in paper_plan(algo).items():
+            print(f"  {step}: {sum(parts.values()) / 1e9:.1f}")
+            print("\n".join(f"    {v / 1e9:6.2f}  {k}" for k, v in parts.items()))
