@@ -1959,6 +1959,25 @@ def check_versions(sharding: str | None, fsdp_version: int, versions: dict | Non
                                 "with configs/deepspeed_zero3.yaml")
 
 
+ALGOS = ("rs", "dpo", "kto", "dro", "dqo", "spo")
+
+
+def preflight(args, algo: str, accelerator: Accelerator, sharding: str | None) -> str:
+    """This launch's memory plan on its GPUs (`memory_preflight`) and host RAM (`host_ram_preflight`), from the
+    model's config alone; stops the run if either will not fit, unless --skip_memory_check."""
+    config = read_model_config(args.model)
+    device = accelerator.device
+    device_bytes = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+    online = round(args.per_device_batch_size * args.online_fraction) if algo == "spo" else 0
+    gpu = memory_preflight(algo, config, accelerator.num_processes, sharding, args.precision, args.per_device_batch_size,
+                           args.gen_batch_size, args.max_new_tokens, args.lora_r, device_bytes, args.skip_memory_check,
+                           online_rows=online, n_samples=args.n_samples)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    host = host_ram_preflight(algo, config, local, sharding, args.precision, args.lora_r,
+                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), args.skip_memory_check)
+    return f"{gpu}\n{host}"
+
+
 def setup_accelerator(args, algo: str) -> Accelerator:
     """The Accelerator this launch asked for, checked, with TensorBoard tracking under `output_dir` and seeding as one
     block (per-rank offset). Sets `args.precision` (`resolve_precision`). What it decides, and why:
@@ -1970,7 +1989,8 @@ def setup_accelerator(args, algo: str) -> Accelerator:
       - the process-group timeout is --dist_timeout (the offline dataset, sampled by each process on its own, has no
         collective for hours at paper size; NCCL's default of 10 minutes would kill a run whose processes finish
         their shares at different times);
-      - the effective precision, world, sharding and batch sizes are printed and written to run.json."""
+      - the effective precision, world, sharding and batch sizes are printed and written to run.json;
+      - the memory preflight (`preflight`) runs before any weights load."""
     from datetime import timedelta
 
     from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
@@ -2023,6 +2043,8 @@ def setup_accelerator(args, algo: str) -> Accelerator:
                       + ", ".join(f"{k} {v}" for k, v in launch.items() if k != "world_size" and v is not None))
     if args.resume:  # before run.json is written again: only the run that wrote it goes on
         check_same_run(args.output_dir, algo, config)
+    if algo in ALGOS:  # before any weights load: a launch that cannot fit stops here, not hours later
+        accelerator.print(preflight(args, algo, accelerator, sharding))
     if accelerator.is_main_process:  # what ran: tests read the world size from here
         os.makedirs(args.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": algo, **launch, "args": config})
@@ -2594,3 +2616,24 @@ def memory_preflight(algo: str, model_config: dict, world: int, sharding: str | 
     if skip:
         return text + f"; warning (--skip_memory_check): {message}"
     raise ArgumentError(message)
+
+
+def host_ram_preflight(algo: str, model_config: dict, local_world: int, sharding: str | None, precision: str,
+                       lora_r: int, host_bytes: int, skip: bool) -> str:
+    """Host RAM of one node while the models load, derived from the dtypes (no 7B load has been measured): every
+    process loads the model itself (fsdp_cpu_ram_efficient_loading stays off, see configs/fsdp.yaml). Per process:
+    the trained weights in fp32 (FSDP2's `prepare` upcasts them on the host before sharding them to the GPU; one
+    process keeps fp32 master weights), plus DRO's and DQO's value-network copy (in the load dtype under FSDP, fp32
+    otherwise); with LoRA, the frozen base and the value copy in the load dtype. Raises ArgumentError when the node's
+    processes need more than 90% of its RAM, unless `skip`."""
+    params, _ = param_count(model_config)
+    w = 2 if precision == "bf16" else 4
+    value = algo in ("dro", "dqo")
+    per_process = (w * params * (2 if value else 1) if lora_r else
+                   4 * params + (params * (w if sharding else 4) if value else 0))
+    need, text = local_world * per_process, f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB"
+    text += f" = {local_world * per_process / 1e9:.1f} GB of {host_bytes / 1e9:.0f} GB"
+    if need <= 0.9 * host_bytes or skip:
+        return text + ("" if need <= 0.9 * host_bytes else " (over 90%: --skip_memory_check)")
+    raise ArgumentError(f"{algo}: {text}: every process loads the model itself. Fixes: fewer processes per node, "
+                        "--lora_r 16; --skip_memory_check runs it anyway")

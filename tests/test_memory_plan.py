@@ -65,3 +65,14 @@ def test_readme_table_is_the_traces_output():
     with open(os.path.join(ROOT, "README.md")) as f:
         assert memory_trace.table(plan.trace_results()) in f.read(), \
             "README's memory table is stale: paste the table `python benchmarks/memory_trace.py` prints"
+
+
+def test_host_ram_preflight_at_7b():
+    """Every process loads the model itself: 8 DQO processes need 8 x (34.1 GB fp32 policy in `prepare` + 17.1 GB bf16
+    value copy) = 410 GB of host RAM while loading; a node with 1 TB starts, one with 256 GB stops with the fixes."""
+    text = common.host_ram_preflight("dqo", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(1e12), skip=False)
+    assert "8 x 51.2 GB = 409.8 GB of 1000 GB" in text
+    assert "8 x 34.2 GB" in common.host_ram_preflight("rs", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(1e12), skip=False)
+    with pytest.raises(common.ArgumentError, match=r"host RAM while loading: 8 x 51.2 GB = 409.8 GB of 256 GB.*--lora_r"):
+        common.host_ram_preflight("dqo", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(256e9), skip=False)
+    assert "over 90%" in common.host_ram_preflight("dqo", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(256e9), skip=True)
