@@ -1,13 +1,18 @@
-"""Sharding on CPU: torch FSDP1 and FSDP2 over two gloo processes give the unsharded results.
+"""Sharding on CPU: torch FSDP1 and FSDP2 over two gloo processes give the unsharded results, and the headline launch
+runs its own configuration.
 
 - `fsdp_rollout_driver.py` (torchrun, the model wrapped directly with torch FSDP1/FSDP2): `common.rollout`, `evaluate`
   and `build_offline_dataset` give the unsharded tokens and log-probs.
-- dqo.py under accelerate's own FSDP path (`accelerate launch --config_file ...` and `accelerator.prepare`, through
-  tests/fsdp_cpu_shim.py): the reference evaluation, the offline dataset, the per-step losses of policy and value model,
-  the consolidated weights after training and the final evaluation equal one unsharded process; the saved models load
-  with plain `from_pretrained`.
+- dqo.py under accelerate's own FSDP1 path in fp32 (`accelerate launch --config_file ...` and `accelerator.prepare`,
+  through tests/fsdp_cpu_shim.py): the reference evaluation, the offline dataset, the per-step losses of policy and
+  value model, the consolidated weights after training and the final evaluation equal one unsharded process; the saved
+  models load with plain `from_pretrained`.
+- dqo.py through configs/fsdp.yaml as shipped (FSDP2, its bf16 mixed precision) with grad_accum 2 and a sharded
+  checkpoint every step: losses and weights match one process at the same precision and grad_accum; each rank holds
+  only sharded gradients during accumulation (torch's FSDPMemTracker); a kill after a sharded checkpoint resumes to the
+  same weights, bit for bit.
   What accelerate cannot do on CPU and the shim stands in for: setting distributed_type FSDP on a gloo CPU state, and
-  FSDP1's device_id. Not covered: NCCL, bf16 mixed precision, fsdp_sync_module_states and
+  FSDP1's device_id. Not covered: NCCL, CUDA kernels and allocator, fsdp_sync_module_states and
   fsdp_cpu_ram_efficient_loading (accelerate's FSDP1 plugin needs a GPU for both).
 - Without the shim, an FSDP config on this CPU machine is a clear error, never a silent data-parallel run.
 """
