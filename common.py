@@ -1830,7 +1830,8 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
     Steps: "generate" (the offline dataset, evaluations, DQO's process scores and value traces: the policy gathered in
     bf16 plus the KV cache), "score" (reference log-probs of the offline dataset: SCORE_MAX_TOKENS tokens per forward,
     the sampler's warp on LOGPROB_CHUNK_LOGITS logits), "train" (one micro-batch forward and backward) and, for SPO,
-    "rollout" (the frozen rollout copy generating `online_rows` sequences). Every step counts the whole training
+    "rollout" (the frozen rollout copy generating a call of `gen_batch_size` sequences: spo.py generates a refresh
+    window's rollouts in calls of that size). Every step counts the whole training
     state, allocated or not yet. Not counted: the CUDA context and allocator fragmentation (keep a few GB free)."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
@@ -1860,5 +1861,5 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
                       "one layer recomputed, forward + backward": 2 * N * token_act,
                       "log-prob chunk, forward + backward (fp32)": LOGPROB_CHUNK_LOGITS * 10}}
     if algo == "spo" and online_rows:
-        plan["rollout"] = gen(online_rows, False)
+        plan["rollout"] = gen(gen_batch_size, False)
     return plan

@@ -156,8 +156,9 @@ def count(algo: str, d: dict, data: dict, shape: dict, world: int) -> dict:
         roll = gen_work(spo_rollout_calls(steps, d, world), P, R, mnt, shape)
         roll.update(scored=roll["sequences"] * (P + R), score_flops=fwd_flops(P + R, roll["sequences"], shape["n"], shape))
         out["SPO rollouts"] = roll  # with the reference's log-probs of each rollout
-        out["SPO rollouts, one call per micro-batch (before)"] = gen_work(spo_rollout_calls(steps, d, world, False), P, R,
-                                                                          mnt, shape)
+        before = gen_work(spo_rollout_calls(steps, d, world, False), P, R, mnt, shape)
+        before.update(scored=roll["scored"], score_flops=roll["score_flops"])
+        out["SPO rollouts, one call per micro-batch (before)"] = before
     seqs = steps * d["per_device_batch_size"] * world * d["grad_accum"] * (2 if algo == "dpo" else 1)  # DPO: pairs
     S = P + R
     train = dict(sequences=seqs, trained={"policy": seqs * S}, scored=0.0, gen_flops=0.0, score_flops=0.0,
