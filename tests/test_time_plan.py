@@ -66,3 +66,8 @@ def test_paper_counts_by_hand():
     assert (dqo["offline dataset"]["sequences"], dqo["offline dataset"]["calls"]) == (7473 * 20, 7473)  # 32 // 20 = 1 prompt
     assert "process scores" not in dqo and dqo["totals"]["steps"] == 149_460 // 256 * 5
     assert dqo["training"]["trained"]["value"] == dqo["training"]["trained"]["policy"]
+
+
+def test_readme_carries_the_table():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert time_plan.paper_table() in f.read(), "README's time plan is stale: paste `python benchmarks/time_plan.py`"
