@@ -303,6 +303,7 @@ def main():
     n_online = len(slots)
     ref_model = frozen_copy(model, accelerator) if n_online and not args.lora_r else None
     rollout_policy = RolloutPolicy(model, args.model_update_interval, accelerator) if n_online else None
+    pending = {}  # (epoch, b) -> this process's fresh rows for micro-batch b's online slots, from the last refresh
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -329,7 +330,6 @@ def main():
     step, start_epoch, start_batch = (state["step"], state["epoch"], state["batch"]) if state else (0, 0, 0)
     results = state["results"] if state else results
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    pending = {}  # (epoch, b) -> this process's fresh rows for micro-batch b's online slots, from the last refresh
     model.train()
     for epoch in range(start_epoch, args.epochs):
         t0, tokens = time.time(), 0.0
