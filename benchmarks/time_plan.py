@@ -24,7 +24,7 @@ Assumptions (ESTIMATES: no GPU has run any of this):
   - SUCCESS: a prompt's number of correct samples out of n is uniform on 0..n (the per-prompt success rate uniform on
     [0, 1]): mean 0.5, a guess.
   - PS_ROUNDS = 2 prefix lengths tried per failed response in DQO's process scores, completions of RESPONSE_TOKENS / 2
-    (guesses; the tiny run's figures are printed by --measure dqo).
+    (guesses; `--measure dqo -- --process_rewards` counts a tiny run's own rounds).
   - DECODE_STEPS: every generate call decodes max_new_tokens steps: one sample that does not stop keeps the whole call
     going. An upper bound and a guess; --measure prints the tiny run's ratio.
   - DECODE_STEPS_PER_S (HF generate, 7B in bf16, one H100, KV cache), by sequences per call: 1: 30, 8: 28, 32: 25,
