@@ -38,6 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 TASKS = ("arith", "gsm8k", "math", "aime24")
 PROMPT_TEMPLATES = {  # the DQO paper's templates (Appendix A)
@@ -717,20 +718,37 @@ def unsharded(model):
         yield extract_model_from_parallel(model)
 
 
-def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: float, top_p: float, top_k: int,
+class RowTemperature(LogitsProcessor):
+    """Divides each row's next-token logits by that row's temperature, as generate's temperature warper does with one."""
+
+    def __init__(self, temperatures: list[float]):
+        self.temperatures = torch.tensor(temperatures)  # (B,)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperatures.to(scores)[:, None]  # (B, V)
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: float | list[float], top_p: float, top_k: int,
                    max_new_tokens: int) -> list[dict]:
     """One batched `generate` call on a module with full parameters (see `unsharded`), stopping at any of
-    `stop_token_ids`. Returns, per prompt, the response ids (up to and including the first stop id, so scoring and
-    training see how the response ended), the finish reason ("stop" iff a stop id was generated, else "length") and the
-    decoded text, without the stop id."""
+    `stop_token_ids`. `temperature`: one for all rows (0: greedy), or a list of one per row (all > 0). Returns, per
+    prompt, the response ids (up to and including the first stop id, so scoring and training see how the response
+    ended), the finish reason ("stop" iff a stop id was generated, else "length") and the decoded text, without the
+    stop id."""
     pad = tokenizer.pad_token_id
     stop = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sample = temperature > 0
-    kwargs = dict(temperature=temperature, top_p=top_p, top_k=top_k) if sample else {}
+    per_row = isinstance(temperature, list | tuple)
+    if per_row and (len(temperature) != len(prompts) or min(temperature) <= 0):
+        raise ValueError(f"per-row temperatures: expected {len(prompts)} values > 0, got {temperature}")
+    sample = per_row or temperature > 0
+    # one temperature per row: divided in before top-k/top-p, where generate's own temperature warper would be (1.0: none)
+    kwargs = dict(temperature=1.0 if per_row else temperature, top_p=top_p, top_k=top_k) if sample else {}
+    if per_row:
+        kwargs["logits_processor"] = LogitsProcessorList([RowTemperature(temperature)])
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -809,44 +827,6 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
                                           max_new_tokens, seed * 1_000_003 + c)))
     chunks = gather_object(mine) if world > 1 else mine
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
-
-
-class RolloutPolicy:
-    """A frozen copy of the policy (`frozen_copy`: on this process, unsharded) that generates online rollouts, refreshed
-    from the trained policy every `interval` optimizer steps (`version`: the step it was copied at). Has
-    state_dict/load_state_dict, so checkpoints resume it exactly."""
-
-    def __init__(self, model, interval: int, accelerator):
-        self.model, self.interval, self.version = frozen_copy(model, accelerator), interval, 0
-
-    def maybe_refresh(self, model, step: int) -> None:
-        """`model`: the prepared policy. Under sharding every process refreshes at the same step (a collective)."""
-        if step % self.interval == 0:
-            with torch.no_grad(), unsharded(model) as policy:
-                mine = dict(self.model.named_parameters())
-                for name, p in policy.named_parameters():
-                    mine[plain_name(name)].copy_(p)
-            self.version = step
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "version": self.version}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.version = state["version"]
-
-
-def online_rollouts(rollout_model, ref_model, tokenizer, rows: list[dict], task: str, sampling: dict,
-                    max_new_tokens: int, seed: int) -> list[dict]:
-    """One fresh rollout of `rollout_model` (full parameters on this process, e.g. a RolloutPolicy's) for each row's
-    prompt (`rows`: prompt_ids, answer, prompt_idx), graded, with the reference's per-token log-probs of the response
-    (`ref_logps`, from `ref_model`: a frozen copy, or a LoRA policy whose adapters reference_mode turns off) and
-    `online` set. Seeded: the same seed gives the same rollouts."""
-    fresh = rollout_chunk(rollout_model, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows], task,
-                          range(len(rows)), 1, sampling, max_new_tokens, seed)
-    with reference_mode(ref_model):
-        score_rows(ref_model, fresh, tokenizer.pad_token_id)
-    return [dict(f, ref_logps=f.pop("logps"), prompt_idx=r["prompt_idx"], online=True) for f, r in zip(fresh, rows)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2502,8 +2482,9 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
     Steps: "train" (a micro-batch's forward and backward with the gradients of earlier micro-batches, the moments
     resident), "generate" (an evaluation or offline-dataset generate call: the policy gathered, the KV cache),
     "score" (score_rows on an offline chunk: SCORE_MAX_TOKENS tokens per forward), "save" (one parameter gathered in
-    fp32) and, for SPO, "rollout" (the frozen rollout copy generating `online_rows` sequences, the frozen reference
-    scoring them) and "refresh" (the rollout copy refreshed from the gathered policy). Not counted: the CUDA context,
+    fp32) and, for SPO, "rollout" (the frozen rollout copy generating a call of `gen_batch_size` sequences: spo.py
+    generates a refresh window's rollouts in calls of that size; the frozen reference scoring a micro-batch's
+    `online_rows`) and "refresh" (the rollout copy refreshed from the gathered policy). Not counted: the CUDA context,
     NCCL buffers, allocator fragmentation, kernels' workspaces (MEMORY_MARGIN_BYTES is left for them).
     `sharded` False: plain data parallel (or one process): every GPU holds whole models, and DDP's fp32 gradient
     buckets beside the gradients when `world` > 1. `precision` "fp32": parameters, copies and activations in fp32.
@@ -2558,7 +2539,7 @@ def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int,
             "score": {**state, **gathered, **score(rows_per_chunk)},
             "save": {**state, "one parameter gathered (fp32)": 4 * max(V * H, layer // L if L else 0)}}
     if algo == "spo" and online_rows:
-        plan["rollout"] = {**state, **generate(online_rows), **score(online_rows)}
+        plan["rollout"] = {**state, **generate(gen_batch_size), **score(online_rows)}
         plan["refresh"] = {**state, **gathered}
     return plan
 

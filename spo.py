@@ -20,7 +20,14 @@ Deviations from the paper:
       the offline sampler rather than π_0 at temperature 1, so Q̂_0 is that of the sampler.
     - An online rollout takes the prompt of the offline row it replaces, in fixed slots of each micro-batch
       (`online_slots`): the mix is exact at every step and the same for any number of processes.
-    - The rollout temperature ~ U(0.1, 0.8) is drawn per generate call (per process and micro-batch), not per sequence.
+    - Rollouts run synchronously on the training processes, not on asynchronous rollout workers (the paper's setup).
+      At each refresh of the rollout policy (every --model_update_interval steps) every process generates the
+      rollouts of all online slots of the next interval's micro-batches at once, in generate calls of --gen_batch_size
+      sequences, and the steps consume them slot by slot (`pending_rollouts`). Per slot the prompt, the policy version
+      and the temperature draw are those of a generate call per micro-batch; what changes is the random stream: a call
+      holds several micro-batches' sequences and is seeded by (seed, policy version, call, process), so the sampled
+      tokens differ. A window is always a whole interval: up to interval − 1 steps of rollouts past --max_steps go unused.
+    - The rollout temperature ~ U(0.1, 0.8) is drawn per process and micro-batch, not per sequence.
       The frozen reference and rollout policy are bf16 copies beside the policy (none with --online_fraction 0).
     - The loss is a mean over sequences; the paper does not say how it reduces the batch.
     - The tiny default (TINY) is tuned for the embedded task and its 538k-parameter model, with a far larger lr (and β)
@@ -39,7 +46,6 @@ from transformers import get_scheduler
 
 from common import (
     ArgumentError,
-    RolloutPolicy,
     arg,
     at_least,
     between,
@@ -55,16 +61,20 @@ from common import (
     log_eval,
     log_metrics,
     one_of,
-    online_rollouts,
     parse_args,
+    plain_name,
     plan_steps,
     positive,
+    reference_mode,
     report_outputs,
+    rollout_chunk,
     save_checkpoint,
     save_model,
+    score_rows,
     setup_accelerator,
     throughput,
     token_logprobs,
+    unsharded,
     validate_args,
 )
 
@@ -210,6 +220,89 @@ def online_slots(batch_size: int, fraction: float) -> list[int]:
     return [j for j in range(batch_size) if math.floor((j + 1) * fraction + 1e-9) > math.floor(j * fraction + 1e-9)]
 
 
+class RolloutPolicy:
+    """A frozen copy of the policy (`frozen_copy`: on this process, unsharded) that generates online rollouts, refreshed
+    from the trained policy every `interval` optimizer steps (`version`: the step it was copied at). Has
+    state_dict/load_state_dict, so checkpoints resume it exactly."""
+
+    def __init__(self, model, interval: int, accelerator):
+        self.model, self.interval, self.version = frozen_copy(model, accelerator), interval, 0
+
+    def maybe_refresh(self, model, step: int) -> None:
+        """`model`: the prepared policy. Under sharding every process refreshes at the same step (a collective)."""
+        if step % self.interval == 0:
+            with torch.no_grad(), unsharded(model) as policy:
+                mine = dict(self.model.named_parameters())
+                for name, p in policy.named_parameters():
+                    mine[plain_name(name)].copy_(p)
+            self.version = step
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.version = state["version"]
+
+
+def online_rollouts(rollout_model, ref_model, tokenizer, rows: list[dict], task: str, sampling: dict,
+                    max_new_tokens: int, seed: int) -> list[dict]:
+    """One fresh rollout of `rollout_model` (full parameters on this process, e.g. a RolloutPolicy's) for each row's
+    prompt (`rows`: prompt_ids, answer, prompt_idx) in one generate call, graded, with the reference's per-token
+    log-probs of the response (`ref_logps`, from `ref_model`: a frozen copy, or a LoRA policy whose adapters
+    reference_mode turns off) and `online` set. `sampling["temperature"]` may be a list, one per row. Seeded: the same
+    seed gives the same rollouts."""
+    fresh = rollout_chunk(rollout_model, tokenizer, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows], task,
+                          range(len(rows)), 1, sampling, max_new_tokens, seed)
+    with reference_mode(ref_model):
+        score_rows(ref_model, fresh, tokenizer.pad_token_id)
+    return [dict(f, ref_logps=f.pop("logps"), prompt_idx=r["prompt_idx"], online=True) for f, r in zip(fresh, rows)]
+
+
+def window_batches(examples: list, args, accelerator, steps_per_epoch: int, first: int, last: int) -> list[tuple]:
+    """This process's micro-batches of optimizer steps [first, last), as (epoch, index, rows): exactly those that
+    `iterate_batches` yields for them (the data order depends only on seed and epoch), across epoch ends."""
+    per_epoch = steps_per_epoch * args.grad_accum  # micro-batches per epoch
+    lo, hi = first * args.grad_accum, last * args.grad_accum
+    out = []
+    for epoch in range(lo // per_epoch, (hi - 1) // per_epoch + 1):
+        for b, rows in iterate_batches(examples, args.per_device_batch_size, args.grad_accum, args.seed, epoch,
+                                       accelerator, start=max(lo - epoch * per_epoch, 0)):
+            if epoch * per_epoch + b >= hi:
+                break
+            out.append((epoch, b, rows))
+    return out
+
+
+def rollout_temperature(args, epoch: int, b: int, accelerator) -> float:
+    """The rollout temperature of one process's micro-batch b of `epoch`: ~ U(min, max), drawn from its own seed."""
+    seed = args.seed * 1_000_003 + (epoch * 100_003 + b) * accelerator.num_processes + accelerator.process_index
+    return random.Random(seed).uniform(args.rollout_min_temperature, args.rollout_max_temperature)
+
+
+def pending_rollouts(rollout_policy: RolloutPolicy, ref_model, tokenizer, batches: list[tuple], slots: list[int], args,
+                     accelerator) -> dict[tuple, list[dict]]:
+    """Fresh rollouts, from the rollout policy as it is now, for the online slots of every micro-batch in `batches`
+    ((epoch, b, rows) from `window_batches`): all of them in generate calls of --gen_batch_size sequences, each
+    sequence at its micro-batch's temperature. Returns {(epoch, b): the rows for its slots, in slot order}. Each call
+    is seeded by (seed, policy version, call, process): a resumed run that regenerates the window gets the same rows."""
+    todo = [(epoch, b, rows[j], rollout_temperature(args, epoch, b, accelerator)) for epoch, b, rows in batches for j in slots]
+    pending: dict[tuple, list[dict]] = {}
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # generation reseeds torch: leave the training stream (dropout) alone
+        for c, s in enumerate(range(0, len(todo), args.gen_batch_size)):
+            part = todo[s : s + args.gen_batch_size]
+            sampling = dict(temperature=[t for *_, t in part], top_p=args.rollout_top_p, top_k=0)
+            seed = args.seed * 1_000_003 + (rollout_policy.version * 100_003 + c) * accelerator.num_processes \
+                + accelerator.process_index
+            fresh = online_rollouts(rollout_policy.model, ref_model, tokenizer, [row for _, _, row, _ in part], args.task,
+                                    sampling, args.max_new_tokens, seed)
+            for (epoch, b, row, t), f in zip(part, fresh):
+                pending.setdefault((epoch, b), []).append(dict(f, q0=row["q0"], temperature=t,
+                                                               policy_version=rollout_policy.version))
+    return pending
+
+
 def main():
     args = parse_args(Args, TINY, PAPER)
     validate_args(args, CHECKS)
@@ -225,6 +318,7 @@ def main():
     n_online = len(slots)
     ref_model = frozen_copy(model, accelerator) if n_online and not args.lora_r else None
     rollout_policy = RolloutPolicy(model, args.model_update_interval, accelerator) if n_online else None
+    pending = {}  # (epoch, b) -> this process's fresh rows for micro-batch b's online slots, from the last refresh
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -259,12 +353,13 @@ def main():
             if step >= total_steps:
                 break
             if n_online:  # ALGO LOGIC: the rows in the online slots become fresh rollouts of their prompts
-                seed = args.seed * 1_000_003 + (epoch * 100_003 + b) * accelerator.num_processes + accelerator.process_index
-                t = random.Random(seed).uniform(args.rollout_min_temperature, args.rollout_max_temperature)  # per call
-                sampling = dict(temperature=t, top_p=args.rollout_top_p, top_k=0)
-                fresh = online_rollouts(rollout_policy.model, ref_model or accelerator.unwrap_model(model), tokenizer,
-                                        [batch_rows[j] for j in slots], args.task, sampling, args.max_new_tokens, seed)
-                fresh = iter(dict(f, q0=batch_rows[j]["q0"], temperature=t) for f, j in zip(fresh, slots))
+                if (epoch, b) not in pending:  # first micro-batch after a refresh or a resume: the window's rollouts
+                    first = rollout_policy.version  # the window is [refresh, next refresh), whatever --max_steps says
+                    window = window_batches(examples, args, accelerator, steps_per_epoch, first,
+                                            first + args.model_update_interval)
+                    pending = pending_rollouts(rollout_policy, ref_model or accelerator.unwrap_model(model), tokenizer,
+                                               window, slots, args, accelerator)
+                fresh = iter(pending.pop((epoch, b)))
                 batch_rows = [next(fresh) if j in slots else row for j, row in enumerate(batch_rows)]
             batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, token_fields,
                                                             seq_fields).items()}
@@ -275,7 +370,8 @@ def main():
                                          args.beta, args.loss_type)  # r_spo = reward - 1 in {0, -1}; mean over sequences
                 online = torch.tensor([bool(r.get("online")) for r in batch_rows], device=device)  # (B,)
                 metrics.update({"charts/online_fraction": online.float().mean().item(), "rewards/online": batch["reward"][
-                    online].mean().nan_to_num().item(), "charts/rollout_policy_step": n_online and rollout_policy.version})
+                    online].mean().nan_to_num().item(), "charts/rollout_policy_step": min(
+                    (r["policy_version"] for r in batch_rows if r.get("online")), default=0)})
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()

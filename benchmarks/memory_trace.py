@@ -14,7 +14,7 @@ FSDPMemTracker counts every byte allocated on the device, by category, and repor
 
 The project's own code runs wherever it can under fake tensors: `common.token_logprobs` / `token_logprob_variants`,
 `common.ValueModel`, `common.collate`, `common.score_rows` (its token budget), `common.unsharded`, `common.frozen_copy`,
-`common.RolloutPolicy.maybe_refresh`, `kto.mismatched_pairs`, and each file's loss function, then backward and
+`spo.RolloutPolicy.maybe_refresh`, `kto.mismatched_pairs`, and each file's loss function, then backward and
 gradient clipping. What is replaced, and why:
   - generation: `model.generate` stops when every row has finished, which reads the sampled tokens. `decode` below is
     its prefill plus decode steps with the model's own KV cache (transformers' DynamicCache), every row running all
@@ -389,7 +389,7 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
         if algo == "kto" or (algo == "spo" and s["online_rows"]):
             nets["ref"] = frozen_copy()
         if algo == "spo" and s["online_rows"]:
-            rollout_policy = common.RolloutPolicy.__new__(common.RolloutPolicy)
+            rollout_policy = module.RolloutPolicy.__new__(module.RolloutPolicy)
             rollout_policy.model, rollout_policy.interval, rollout_policy.version = frozen_copy(), 1, 0
         if algo in ("dro", "dqo"):
             backbone = AutoModel.from_config(cfg, dtype=torch.bfloat16)
@@ -437,10 +437,11 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
             with common.unsharded(model) as policy, common.reference_mode(policy):
                 common.score_rows(policy, chunk, 0, warp=sampling)
 
-        def rollout():  # online_rollouts: the frozen rollout policy generates, the frozen reference scores
+        def rollout():  # spo.pending_rollouts: the frozen rollout policy generates a call of gen_batch_size rows (a
+            # refresh window's rollouts, in such calls); the frozen reference scores a micro-batch's online rows
             fresh = rows_of(s["online_rows"], prompt_tokens, new, vocab)
-            decode(rollout_policy.model, s["online_rows"], prompt_tokens, new, dict(temperature=args.rollout_max_temperature,
-                                                                                    top_p=args.rollout_top_p, top_k=0), vocab)
+            decode(rollout_policy.model, gen, prompt_tokens, new, dict(temperature=args.rollout_max_temperature,
+                                                                       top_p=args.rollout_top_p, top_k=0), vocab)
             with common.reference_mode(nets["ref"]):
                 common.score_rows(nets["ref"], fresh, 0)
 

@@ -4,6 +4,7 @@ path consistency (paper Theorems 2.2 and 2.3), Q̂_0, online batch assembly, one
 import copy
 import inspect
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -191,7 +192,7 @@ def test_rollout_policy_refresh_schedule(tiny_model):
     """The rollout copy is frozen between refreshes and equals the trained policy at the last multiple of the interval."""
     model = copy.deepcopy(tiny_model[0])
     cpu = SimpleNamespace(mixed_precision="no", device=torch.device("cpu"))  # what frozen_copy reads of an accelerator
-    rollout_policy = common.RolloutPolicy(model, interval=3, accelerator=cpu)
+    rollout_policy = spo.RolloutPolicy(model, interval=3, accelerator=cpu)
     assert all(not p.requires_grad for p in rollout_policy.model.parameters())
     snapshots = {0: copy.deepcopy(model.state_dict())}
     for step in range(1, 8):
@@ -204,7 +205,7 @@ def test_rollout_policy_refresh_schedule(tiny_model):
         assert rollout_policy.version == want
         for k, v in rollout_policy.model.state_dict().items():
             assert torch.equal(v, snapshots[want][k]), (step, k)
-    restored = common.RolloutPolicy(tiny_model[0], interval=3, accelerator=cpu)
+    restored = spo.RolloutPolicy(tiny_model[0], interval=3, accelerator=cpu)
     restored.load_state_dict(rollout_policy.state_dict())
     assert restored.version == 6 and torch.equal(restored.model.lm_head.weight, snapshots[6]["lm_head.weight"])
 
@@ -217,7 +218,7 @@ def test_online_rollouts(tiny_model):
     rows = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "answer": p["answer"],
              "prompt_idx": 10 + i, "q0": -0.1 * i} for i, p in enumerate(problems)]
     sampling = dict(temperature=0.7, top_p=0.95, top_k=0)
-    fresh = common.online_rollouts(model, model, tokenizer, rows, "arith", sampling, 64, seed=3)
+    fresh = spo.online_rollouts(model, model, tokenizer, rows, "arith", sampling, 64, seed=3)
     assert len(fresh) == 3
     for f, r, p in zip(fresh, rows, problems):
         assert f["online"] and f["prompt_ids"] == r["prompt_ids"] and f["prompt_idx"] == r["prompt_idx"]
@@ -227,8 +228,108 @@ def test_online_rollouts(tiny_model):
             lp = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])[0, len(f["prompt_ids"]) :]
         assert len(f["ref_logps"]) == len(f["response_ids"])
         torch.testing.assert_close(torch.tensor(f["ref_logps"]), lp, atol=1e-5, rtol=1e-5)
-    again = common.online_rollouts(model, model, tokenizer, rows, "arith", sampling, 64, seed=3)
+    again = spo.online_rollouts(model, model, tokenizer, rows, "arith", sampling, 64, seed=3)
     assert [f["response_ids"] for f in again] == [f["response_ids"] for f in fresh]  # seeded
+
+
+def test_per_row_temperature(tiny_model):
+    """generate_batch with one temperature per row: a list of equal values samples exactly what the scalar does (the
+    same seed), and each row is sampled at its own (a near-zero temperature decodes greedily beside a hot row)."""
+    model, tokenizer = tiny_model
+    problems = common.load_task("arith", "train", limit=4)
+    prompts = [common.encode_prompt(tokenizer, p["question"], "arith") for p in problems]
+    outs = {}
+    for name, t in (("scalar", 0.6), ("rows", [0.6] * 4)):
+        torch.manual_seed(5)
+        outs[name] = [o["response_ids"] for o in common.generate_batch(model, tokenizer, prompts, t, 0.95, 0, 32)]
+    assert outs["scalar"] == outs["rows"]
+    greedy = [o["response_ids"] for o in common.generate_batch(model, tokenizer, prompts, 0, 1.0, 0, 32)]
+    hot_differs = False
+    for seed in range(4):
+        torch.manual_seed(seed)
+        mixed = common.generate_batch(model, tokenizer, prompts, [1e-3, 3.0, 1e-3, 3.0], 1.0, 0, 32)
+        mixed = [o["response_ids"] for o in mixed]
+        assert mixed[0] == greedy[0] and mixed[2] == greedy[2]
+        hot_differs |= mixed[1] != greedy[1] or mixed[3] != greedy[3]
+    assert hot_differs
+    with pytest.raises(ValueError, match="per-row temperatures"):
+        common.generate_batch(model, tokenizer, prompts, [0.5, 0.0, 0.5, 0.5], 1.0, 0, 8)
+
+
+def _window_setup(grad_accum=2, world=1, rank=0):
+    examples = [{"prompt_idx": i, "n": i} for i in range(44)]  # 44 // 4 = 11 micro-batches, 10 used: 5 steps an epoch
+    args = SimpleNamespace(per_device_batch_size=4 // world, grad_accum=grad_accum, seed=3, rollout_min_temperature=0.1,
+                           rollout_max_temperature=0.8)
+    acc = SimpleNamespace(num_processes=world, process_index=rank)
+    return examples, args, acc
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_window_batches_are_the_training_order(world):
+    """The micro-batches of steps [first, last) are, in order, those the training loop gets from iterate_batches over
+    the epochs, across an epoch end, and on every process its own slice."""
+    for rank in range(world):
+        examples, args, acc = _window_setup(world=world, rank=rank)
+        loop = [(e, b, rows) for e in range(3) for b, rows in common.iterate_batches(examples, args.per_device_batch_size,
+                                                                                      2, args.seed, e, acc)]
+        assert len(loop) == 30  # 5 steps x 2 micro-batches per epoch
+        for first, last in ((0, 5), (3, 8), (4, 5), (5, 15), (7, 9)):
+            assert spo.window_batches(examples, args, acc, 5, first, last) == loop[first * 2 : last * 2], (first, last)
+
+
+def test_pending_rollouts_keep_prompt_version_and_temperature(tiny_model, monkeypatch):
+    """Refresh-time rollouts: every micro-batch of the window gets, slot by slot, a rollout of the prompt in that slot,
+    from the current policy version, at the micro-batch's own temperature draw, in generate calls of at most
+    --gen_batch_size; the same version regenerates the same rows (resume)."""
+    model, tokenizer = tiny_model
+    problems = common.load_task("arith", "train", limit=44)
+    examples = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"), "answer": p["answer"],
+                 "prompt_idx": i, "q0": -0.01 * i} for i, p in enumerate(problems)]
+    _, args, acc = _window_setup()
+    args = SimpleNamespace(**vars(args), gen_batch_size=5, rollout_top_p=0.95, task="arith", max_new_tokens=24)
+    acc = SimpleNamespace(**vars(acc), device=torch.device("cpu"), mixed_precision="no")
+    policy = spo.RolloutPolicy(model, interval=3, accelerator=acc)
+    policy.version = 3
+    calls = []
+    generate = common.generate_batch
+    monkeypatch.setattr(common, "generate_batch", lambda m, t, prompts, **kw: calls.append(len(prompts)) or
+                        generate(m, t, prompts, **kw))
+    slots = spo.online_slots(4, 0.5)
+    window = spo.window_batches(examples, args, acc, 5, 3, 6)  # steps 3-5: crosses into epoch 1
+    pending = spo.pending_rollouts(policy, model, tokenizer, window, slots, args, acc)
+    assert calls == [5, 5, 2] and sorted(pending) == sorted((e, b) for e, b, _ in window)
+    for epoch, b, rows in window:
+        t = spo.rollout_temperature(args, epoch, b, acc)
+        assert t == random.Random(args.seed * 1_000_003 + epoch * 100_003 + b).uniform(0.1, 0.8)
+        fresh = pending[(epoch, b)]
+        assert [f["prompt_idx"] for f in fresh] == [rows[j]["prompt_idx"] for j in slots]
+        assert [f["prompt_ids"] for f in fresh] == [rows[j]["prompt_ids"] for j in slots]
+        assert [f["q0"] for f in fresh] == [rows[j]["q0"] for j in slots]
+        assert all(f["online"] and f["policy_version"] == 3 and f["temperature"] == t for f in fresh)
+    assert len({f["temperature"] for rows in pending.values() for f in rows}) == 6  # one draw per micro-batch
+    again = spo.pending_rollouts(policy, model, tokenizer, window, slots, args, acc)
+    assert {k: [f["response_ids"] for f in v] for k, v in again.items()} == \
+        {k: [f["response_ids"] for f in v] for k, v in pending.items()}
+
+
+def test_resume_mid_window_continues_exactly(tiny_cache, tmp_path):
+    """A run stopped at a checkpoint in the middle of a rollout window (step 7, last refresh at step 5) and resumed
+    regenerates the window's rollouts: the same losses as the uninterrupted run at every later step, and the same
+    final weights, bit for bit."""
+    args = ["--online_fraction", "0.5", "--model_update_interval", "5", "--lr", "1e-3", "--n_train_prompts", "24",
+            "--n_test", "4", "--pass_eval_problems", "2", "--max_new_tokens", "32", "--save_every", "7"]
+    _, full = run_script("spo.py", tiny_cache, str(tmp_path / "full"), *args)
+    out = str(tmp_path / "split")
+    run_script("spo.py", tiny_cache, out, *args, "--max_steps", "7")
+    _, resumed = run_script("spo.py", tiny_cache, out, *args, "--resume")
+    assert len(full) == 12 and [m["step"] for m in resumed] == list(range(1, 13))
+    for a, b in zip(full, resumed):
+        assert a["losses/policy"] == b["losses/policy"] and a["rewards/online"] == b["rewards/online"], a["step"]
+        assert a["charts/rollout_policy_step"] == b["charts/rollout_policy_step"] == (a["step"] - 1) // 5 * 5
+    from safetensors.torch import load_file
+
+    w_full, w_resumed = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("full", "split"))
+    assert w_full.keys() == w_resumed.keys() and all(torch.equal(w_full[k], w_resumed[k]) for k in w_full)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
