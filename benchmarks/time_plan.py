@@ -54,6 +54,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import dqo  # noqa: E402  (its process scores: PS_CHUNK rows per cached chunk)
 from memory_plan import GEMMA_7B  # noqa: E402
 
 ALGOS = ("rs", "dpo", "kto", "dro", "dqo", "spo")
@@ -105,7 +106,7 @@ def eval_calls(n_test: int, d: dict, pass_n: int = 0, pass_problems: int | None 
 
 
 def process_score_calls(rounds: list[list[int]], ps_samples: int, gen_batch_size: int) -> list[int]:
-    """`common.score_segments` over PS_CHUNK-row chunks: `rounds[c]` lists, for each failed row of chunk c, how many
+    """`dqo.score_segments` over PS_CHUNK-row chunks: `rounds[c]` lists, for each failed row of chunk c, how many
     prefix lengths it tried. Each round takes the chunk's still-pending rows × ps_samples in calls of gen_batch_size."""
     calls = []
     for chunk in rounds:
@@ -200,9 +201,9 @@ def paper_data(algo: str, d: dict) -> dict:
     """The assumed GSM8K data (header): success per prompt uniform on 0..n correct samples."""
     n, rows = d["n_samples"], GSM8K["n_train"] * d["n_samples"]
     pairs = sum(min(d.get("max_pairs_per_prompt") or 0, c * (n - c)) for c in range(n + 1)) / (n + 1) * GSM8K["n_train"]
-    chunks = math.ceil(rows / common.PS_CHUNK)
+    chunks = math.ceil(rows / dqo.PS_CHUNK)
     return dict(GSM8K, prompt=PROMPT_TOKENS, response=RESPONSE_TOKENS, ps_prompt=PROMPT_TOKENS + RESPONSE_TOKENS / 2,
-                ps_response=RESPONSE_TOKENS / 2, ps_rounds=[[PS_ROUNDS] * (common.PS_CHUNK // 2)] * chunks,
+                ps_response=RESPONSE_TOKENS / 2, ps_rounds=[[PS_ROUNDS] * (dqo.PS_CHUNK // 2)] * chunks,
                 train_rows={"rs": rows // 2, "dpo": int(pairs)}.get(algo, rows))
 
 
@@ -332,8 +333,8 @@ def measure(algo: str, argv: list[str]) -> dict:
         rounds = [(len(s["segment_ends"]) - s["correct_segments"]) if s["correct_segments"] else len(s["segment_ends"]) - 1
                   for r, s in zip(rows, state["captured"]["build_process_scores"]) if r["reward"] != 1.0]
         failed = [i for i, r in enumerate(rows) if r["reward"] != 1.0]
-        data["ps_rounds"] = [[k for i, k in zip(failed, rounds) if i // common.PS_CHUNK == c]
-                             for c in range(math.ceil(len(rows) / common.PS_CHUNK))]
+        data["ps_rounds"] = [[k for i, k in zip(failed, rounds) if i // dqo.PS_CHUNK == c]
+                             for c in range(math.ceil(len(rows) / dqo.PS_CHUNK))]
         ps = rec["process scores"]
         data.update(ps_prompt=ps["prompt"] / max(1, ps["sequences"]), ps_response=ps["generated"] / max(1, ps["sequences"]))
     d = {k: getattr(plan["args"], k) for k in plan["args"].__dataclass_fields__}
@@ -344,7 +345,7 @@ def measure(algo: str, argv: list[str]) -> dict:
 def _tiny_shape(d: dict) -> dict:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(common.tiny_path(d["cache_dir"])).to_dict()
+    config = AutoConfig.from_pretrained(common.TINY_SHIPPED).to_dict()
     config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     return model_shape(config)
 
