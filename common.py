@@ -1,8 +1,18 @@
-"""Shared plumbing for the algorithm files: tasks, prompts, grading, tokenization, log-probs, rollouts,
-the offline dataset, the embedded default (task `arith`, model `tiny`), checkpoints and evaluation.
+"""Shared plumbing for the algorithm files, in the order data flows through a run:
 
-Nothing in here is part of an algorithm: losses, targets, pair building and value heads live in the
-algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO.
+    task and prompt        the embedded task `arith`; loading GSM8K, MATH, AIME24 from the hub or a local JSONL file
+    grading                grade(response, answer, task) -> 0 or 1 (math-verify for MATH and AIME in a helper process)
+    tokenization           prompt and response encoded separately; collate into (B, T) batches with exact masks
+    log-probs              token_logprobs: per-token log-probs without the (B, T, V) logits
+    generation, sharding   generate_batch, rollout; `unsharded` (FSDP1/2, ZeRO-3) and consolidated state dicts
+    offline dataset        n reference samples per prompt, graded, with reference log-probs; import and export
+    models                 loading (precision, LoRA), the value network as a module, frozen copies
+    run plumbing           args and validation, the accelerator, the memory preflight, batches, checkpoints, logging
+    evaluation             greedy and sampled accuracy, pass@k, reports
+
+Nothing in here is part of an algorithm: losses, targets, pair building, process rewards and rollout policies live in
+the algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO. Everything here is used by at
+least two of the seven entry points (tests/test_layout.py checks it).
 """
 
 import argparse
@@ -176,6 +186,92 @@ def arith_first_wrong(row: dict) -> int | None:
     return len(row["answer"].split(";")) - 1 if step is None else step
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Tasks: loading from the hub or a local JSONL file
+# ---------------------------------------------------------------------------------------------------------------------
+def _read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file, one JSON object per non-blank line; errors name the file and the line."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file (a JSONL file is expected)")
+    rows = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: row {i}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: row {i}: not valid JSON ({e})") from None
+                if not isinstance(rows[-1], dict):
+                    raise DataError(f"{path}: row {i}: a JSON object is expected, got {type(rows[-1]).__name__}")
+    return rows
+
+
+def _problem_from_row(task: str, row: dict, where: str) -> dict:
+    """Normalise one raw row into {question, answer, solution}; `where` names the file and row for errors."""
+    def need(field):
+        if field not in row:
+            raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(row)})")
+        if not isinstance(row[field], str):
+            raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} ({row[field]!r:.60})")
+        if not row[field].strip():
+            raise DataError(f"{where}: field {field!r} is empty")
+        return row[field]
+
+    if task == "gsm8k":
+        question, solution = need("question"), need("answer")
+        if "####" not in solution:
+            raise DataError(f"{where}: field 'answer' has no '#### <number>' line")
+        answer = solution.rsplit("####", 1)[1].strip()
+        if parse_number(answer) is None:
+            raise DataError(f"{where}: field 'answer': final answer {answer!r} after '####' is not a number")
+        return {"question": question, "answer": answer, "solution": solution}
+    question = need("problem")
+    answer, solution = row.get("answer"), row.get("solution")
+    for name, value, types in (("answer", answer, (str, int)), ("solution", solution, (str,))):
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise DataError(f"{where}: field {name!r} must be {' or '.join(t.__name__ for t in types)}, got "
+                            f"{type(value).__name__} ({value!r:.60})")
+    if answer is None or str(answer).strip() == "":  # an integer answer (AIME) is fine: it is compared as text
+        answer = last_boxed(solution) if solution else None
+    if answer is None:
+        raise DataError(f"{where}: no answer: field 'answer' is missing or empty, and 'solution' has no \\boxed{{}}")
+    return {"question": question, "answer": str(answer), "solution": solution or f"\\boxed{{{answer}}}"}
+
+
+def load_task(task: str, split: str, path: str | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Problems of `task` and `split` as dicts {question, answer, solution}. `path` is a local JSONL file with the
+    hub dataset's fields; without it the data comes from the hub (or, for `arith`, from the generator)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if task == "arith":
+        return arith_problems(split, limit or (20_000 if split == "train" else 1000), seed=0)
+    if path:
+        rows, name = _read_jsonl(path), path
+    else:
+        if (task, split) not in HUB_SOURCES:
+            raise ValueError(f"task {task!r} has no {split} split (aime24 is test only); pass a JSONL file instead")
+        import datasets
+
+        hub, configs, hub_split = HUB_SOURCES[(task, split)]
+        try:
+            rows, name = [row for c in configs for row in datasets.load_dataset(hub, c, split=hub_split)], hub
+        except Exception as e:  # no network, an offline hub (HF_HUB_OFFLINE), a gated or moved dataset: all one line
+            local = {("gsm8k", "train"): "gsm8k/train.jsonl", ("gsm8k", "test"): "gsm8k/test.jsonl",
+                     ("math", "test"): "math500/test.jsonl", ("aime24", "test"): "aime24/test.jsonl"}.get((task, split))
+            raise DataError(f"task {task}: the {split} split of {hub} cannot be loaded from the Hugging Face hub "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}); without "
+                            f"network pass --{split}_file with a local copy (JSONL with the hub's fields"
+                            + (f", e.g. ../shared/data/{local}" if local else "") + "; README: Real models)") from None
+    problems = [_problem_from_row(task, row, f"{name}: row {i}") for i, row in enumerate(rows, 1)]
+    return problems[:limit] if limit else problems
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,94 +439,6 @@ def grade(response: str, answer: str, task: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tasks: loading from the hub or a local JSONL file
-# ---------------------------------------------------------------------------------------------------------------------
-def _read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSONL file, one JSON object per non-blank line; errors name the file and the line."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not a file (a JSONL file is expected)")
-    rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: row {i}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: row {i}: not valid JSON ({e})") from None
-                if not isinstance(rows[-1], dict):
-                    raise DataError(f"{path}: row {i}: a JSON object is expected, got {type(rows[-1]).__name__}")
-    return rows
-
-
-def _problem_from_row(task: str, row: dict, where: str) -> dict:
-    """Normalise one raw row into {question, answer, solution}; `where` names the file and row for errors."""
-    def need(field):
-        if field not in row:
-            raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(row)})")
-        if not isinstance(row[field], str):
-            raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} ({row[field]!r:.60})")
-        if not row[field].strip():
-            raise DataError(f"{where}: field {field!r} is empty")
-        return row[field]
-
-    if task == "gsm8k":
-        question, solution = need("question"), need("answer")
-        if "####" not in solution:
-            raise DataError(f"{where}: field 'answer' has no '#### <number>' line")
-        answer = solution.rsplit("####", 1)[1].strip()
-        if parse_number(answer) is None:
-            raise DataError(f"{where}: field 'answer': final answer {answer!r} after '####' is not a number")
-        return {"question": question, "answer": answer, "solution": solution}
-    question = need("problem")
-    answer, solution = row.get("answer"), row.get("solution")
-    for name, value, types in (("answer", answer, (str, int)), ("solution", solution, (str,))):
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-            raise DataError(f"{where}: field {name!r} must be {' or '.join(t.__name__ for t in types)}, got "
-                            f"{type(value).__name__} ({value!r:.60})")
-    if answer is None or str(answer).strip() == "":  # an integer answer (AIME) is fine: it is compared as text
-        answer = last_boxed(solution) if solution else None
-    if answer is None:
-        raise DataError(f"{where}: no answer: field 'answer' is missing or empty, and 'solution' has no \\boxed{{}}")
-    return {"question": question, "answer": str(answer), "solution": solution or f"\\boxed{{{answer}}}"}
-
-
-def load_task(task: str, split: str, path: str | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Problems of `task` and `split` as dicts {question, answer, solution}. `path` is a local JSONL file with the
-    hub dataset's fields; without it the data comes from the hub (or, for `arith`, from the generator)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
-    if task == "arith":
-        return arith_problems(split, limit or (20_000 if split == "train" else 1000), seed=0)
-    if path:
-        rows, name = _read_jsonl(path), path
-    else:
-        if (task, split) not in HUB_SOURCES:
-            raise ValueError(f"task {task!r} has no {split} split (aime24 is test only); pass a JSONL file instead")
-        import datasets
-
-        hub, configs, hub_split = HUB_SOURCES[(task, split)]
-        try:
-            rows, name = [row for c in configs for row in datasets.load_dataset(hub, c, split=hub_split)], hub
-        except Exception as e:  # no network, an offline hub (HF_HUB_OFFLINE), a gated or moved dataset: all one line
-            local = {("gsm8k", "train"): "gsm8k/train.jsonl", ("gsm8k", "test"): "gsm8k/test.jsonl",
-                     ("math", "test"): "math500/test.jsonl", ("aime24", "test"): "aime24/test.jsonl"}.get((task, split))
-            raise DataError(f"task {task}: the {split} split of {hub} cannot be loaded from the Hugging Face hub "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}); without "
-                            f"network pass --{split}_file with a local copy (JSONL with the hub's fields"
-                            + (f", e.g. ../shared/data/{local}" if local else "") + "; README: Real models)") from None
-    problems = [_problem_from_row(task, row, f"{name}: row {i}") for i, row in enumerate(rows, 1)]
-    return problems[:limit] if limit else problems
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Tokenization: prompt and response encoded separately, masks exact at the boundary
 # ---------------------------------------------------------------------------------------------------------------------
 def encode_prompt(tokenizer, question: str, task: str) -> list[int]:
@@ -584,21 +592,6 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, war
     return torch.stack(out)
 
 
-class _ModelOutputInGraph(torch.autograd.Function):
-    """Identity on the log-probs that gives the model's own (unused) logits a zero gradient in backward, so that the
-    hooks FSDP puts on a forward's outputs (unshard the root for backward, finish the gradient reduction) run."""
-
-    @staticmethod
-    def forward(ctx, lps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        ctx.logits = (logits.shape, logits.dtype, logits.device)
-        return lps.view_as(lps)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        shape, dtype, device = ctx.logits
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
-
-
 def token_logprob_variants(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, warps: tuple = (None,),
                            chunk_tokens: int | None = None) -> list[torch.Tensor]:
     """One forward pass, log-probs under several warps: a (B, T) tensor per entry of `warps` (None: the model's own
@@ -661,7 +654,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rollouts: batched generate with KV cache and left padding, from full (unsharded) parameters
+# Generation, and everything about sharding: full parameters for generate, log-probs through any wrapper, consolidated
+# state dicts
 # ---------------------------------------------------------------------------------------------------------------------
 @contextmanager
 def unsharded(model):
@@ -827,6 +821,46 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
                                           max_new_tokens, seed * 1_000_003 + c)))
     chunks = gather_object(mine) if world > 1 else mine
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
+
+
+class _ModelOutputInGraph(torch.autograd.Function):
+    """Identity on the log-probs that gives the model's own (unused) logits a zero gradient in backward, so that the
+    hooks FSDP puts on a forward's outputs (unshard the root for backward, finish the gradient reduction) run."""
+
+    @staticmethod
+    def forward(ctx, lps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.logits = (logits.shape, logits.dtype, logits.device)
+        return lps.view_as(lps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.logits
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def full_state_dict(accelerator: Accelerator, model) -> dict:
+    """The consolidated state dict of a prepared model (on the main process; collective under sharding), with each
+    tied weight under its first name only, as an unsharded save_pretrained writes it. accelerate's `get_state_dict`,
+    except for FSDP1 without CUDA (the CPU tests): there torch's gather with offload_to_cpu=True, which accelerate
+    always asks for, crashes the process (torch 2.13), so the gather stays where the weights are."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+    if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+            state_dict = model.state_dict()
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    seen, aliases = set(), []  # a gathered tied weight comes back as separate copies under each name
+    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        aliases += [plain_name(name)] if id(p) in seen else []
+        seen.add(id(p))
+    return {k: v for k, v in state_dict.items() if k not in aliases}
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain model: without the FSDP1 and activation-checkpointing wrappers' prefixes."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2257,31 +2291,6 @@ def _truncate_metrics(path: str, step: int) -> None:
         os.replace(tmp, path)
 
 
-def full_state_dict(accelerator: Accelerator, model) -> dict:
-    """The consolidated state dict of a prepared model (on the main process; collective under sharding), with each
-    tied weight under its first name only, as an unsharded save_pretrained writes it. accelerate's `get_state_dict`,
-    except for FSDP1 without CUDA (the CPU tests): there torch's gather with offload_to_cpu=True, which accelerate
-    always asks for, crashes the process (torch 2.13), so the gather stays where the weights are."""
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-
-    if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():
-        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
-            state_dict = model.state_dict()
-    else:
-        state_dict = accelerator.get_state_dict(model)
-    seen, aliases = set(), []  # a gathered tied weight comes back as separate copies under each name
-    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
-        aliases += [plain_name(name)] if id(p) in seen else []
-        seen.add(id(p))
-    return {k: v for k, v in state_dict.items() if k not in aliases}
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name in the plain model: without the FSDP1 and activation-checkpointing wrappers' prefixes."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
 def save_model(accelerator: Accelerator, model, tokenizer, path: str, final: bool = True) -> None:
     """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe), in the model's load
     dtype (`load_dtype`: bf16 for a bf16 hub model even when training held fp32 master weights). Atomic: written to
@@ -2348,108 +2357,6 @@ def _what_is_lost(path: str) -> str:
             "to go on from there" if steps else "there is no checkpoint (--save_every 0, or none saved yet): the training "
             "of this run is lost; rerun with --resume to train again in place")
     return f"{path} was not saved (nothing half-written was kept); {kept}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------------
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Accelerator | None = None,
-             max_new_tokens: int = 256, gen_batch_size: int = 256, sampled_seeds: int = 1, pass_k: tuple = (),
-             pass_n: int = 0, pass_sampling: dict | None = None, pass_problems: int | None = None, seed: int = 0) -> dict:
-    """Greedy accuracy; sampled accuracy (the paper's T=0.7, top_p=0.9, top_k=16) as mean and std over seeds;
-    optionally pass@k from `pass_n` samples per problem (default sampling as above) on the first `pass_problems`
-    problems (None: all; pass_n samples per problem make this the costly part). `model` may be prepared (sharded)."""
-    prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
-    answers = [p["answer"] for p in problems]
-    common = dict(max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, accelerator=accelerator)
-    greedy = rollout(model, tokenizer, prompts, answers, task, temperature=0.0, desc="eval greedy", **common)
-    out = {"greedy": float(np.mean([r["reward"] for r in greedy])), "n_problems": len(problems)}
-    accs = []
-    for s in range(sampled_seeds):
-        rows = rollout(model, tokenizer, prompts, answers, task, seed=seed + s, desc="eval sampled", **EVAL_SAMPLING,
-                       **common)
-        accs.append(np.mean([r["reward"] for r in rows]))
-    if accs:
-        out.update(sampled=float(np.mean(accs)), sampled_std=float(np.std(accs)), sampled_seeds=len(accs))
-    if pass_n:
-        m = min(pass_problems or len(problems), len(problems))
-        rows = rollout(model, tokenizer, prompts[:m], answers[:m], task, n=pass_n, seed=seed + 10_000,
-                       desc="eval pass@k", **(pass_sampling or EVAL_SAMPLING), **common)
-        correct = np.array([r["reward"] for r in rows]).reshape(m, pass_n).sum(1)
-        out["pass_problems"] = m
-        for k in pass_k:
-            out[f"pass@{k}"] = float(np.mean([pass_at_k(pass_n, int(c), k) for c in correct]))
-    out["truncated"] = float(np.mean([r["truncated"] for r in greedy]))
-    out["samples"] = [{"question": problems[i]["question"], "response": greedy[i]["response"],
-                       "reward": greedy[i]["reward"]} for i in range(min(3, len(problems)))]
-    return out
-
-
-def evaluate_run(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate` with the run's settings (task, generation length and batch, seed, --eval_seeds sampled seeds), and
-    this process's peak memory so far."""
-    out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
-                   sampled_seeds=args.eval_seeds, seed=args.seed, **eval_kwargs)
-    return dict(out, peak_memory_mb=peak_memory_mb(accelerator.device))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: allocated GPU memory on CUDA, else the maximum resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
-
-
-def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
-    model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
-    into the cache key."""
-    key = cache_key(dict(model=model_key(args), task=args.task, test_file=data_key(args, "test"), n=len(problems),
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
-                         chunk=args.gen_batch_size, v=3, **eval_kwargs))
-    path = os.path.join(args.cache_dir, "eval", f"{key}.json")
-    if (cached := read_json_checked(path)) is not None:  # a damaged file is named and evaluated again
-        return cached
-    with reference_mode(accelerator.unwrap_model(model)):
-        out = evaluate_run(model, tokenizer, problems, args, accelerator, **eval_kwargs)
-    if accelerator.is_main_process:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        clean_orphans(os.path.dirname(path), min_age_s=3600)
-        write_json_checked(path, out)
-    return out
-
-
-def format_results(results: dict[str, dict]) -> str:
-    """A plain-text table: one row per evaluated policy."""
-    keys = [k for k in ("greedy", "sampled", "sampled_std") if any(k in r for r in results.values())]
-    keys += sorted({k for r in results.values() for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
-    lines = [f"{'policy':<12}" + "".join(f"{k:>12}" for k in keys)]
-    for name, r in results.items():
-        lines.append(f"{name:<12}" + "".join(f"{r[k]:>12.4f}" if k in r else f"{'-':>12}" for k in keys))
-    return "\n".join(lines)
-
-
-def log_eval(accelerator: Accelerator, results: dict[str, dict], step: int, output_dir: str) -> None:
-    """Print the table, log charts/*, and write results.json beside the run."""
-    accelerator.print(format_results(results))
-    last = list(results.values())[-1]
-    accelerator.log({f"charts/{k}": v for k, v in last.items() if isinstance(v, float)}, step=step)
-    if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(output_dir, "results.json"), results)
-
-
-def throughput(tokens: float, since: float) -> float:
-    return tokens / max(time.time() - since, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2618,3 +2525,105 @@ def host_ram_preflight(algo: str, model_config: dict, local_world: int, sharding
         return text + ("" if need <= 0.9 * host_bytes else " (over 90%: --skip_memory_check)")
     raise ArgumentError(f"{algo}: {text}: every process loads the model itself. Fixes: fewer processes per node, "
                         "--lora_r 16; --skip_memory_check runs it anyway")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Accelerator | None = None,
+             max_new_tokens: int = 256, gen_batch_size: int = 256, sampled_seeds: int = 1, pass_k: tuple = (),
+             pass_n: int = 0, pass_sampling: dict | None = None, pass_problems: int | None = None, seed: int = 0) -> dict:
+    """Greedy accuracy; sampled accuracy (the paper's T=0.7, top_p=0.9, top_k=16) as mean and std over seeds;
+    optionally pass@k from `pass_n` samples per problem (default sampling as above) on the first `pass_problems`
+    problems (None: all; pass_n samples per problem make this the costly part). `model` may be prepared (sharded)."""
+    prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
+    answers = [p["answer"] for p in problems]
+    common = dict(max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, accelerator=accelerator)
+    greedy = rollout(model, tokenizer, prompts, answers, task, temperature=0.0, desc="eval greedy", **common)
+    out = {"greedy": float(np.mean([r["reward"] for r in greedy])), "n_problems": len(problems)}
+    accs = []
+    for s in range(sampled_seeds):
+        rows = rollout(model, tokenizer, prompts, answers, task, seed=seed + s, desc="eval sampled", **EVAL_SAMPLING,
+                       **common)
+        accs.append(np.mean([r["reward"] for r in rows]))
+    if accs:
+        out.update(sampled=float(np.mean(accs)), sampled_std=float(np.std(accs)), sampled_seeds=len(accs))
+    if pass_n:
+        m = min(pass_problems or len(problems), len(problems))
+        rows = rollout(model, tokenizer, prompts[:m], answers[:m], task, n=pass_n, seed=seed + 10_000,
+                       desc="eval pass@k", **(pass_sampling or EVAL_SAMPLING), **common)
+        correct = np.array([r["reward"] for r in rows]).reshape(m, pass_n).sum(1)
+        out["pass_problems"] = m
+        for k in pass_k:
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(pass_n, int(c), k) for c in correct]))
+    out["truncated"] = float(np.mean([r["truncated"] for r in greedy]))
+    out["samples"] = [{"question": problems[i]["question"], "response": greedy[i]["response"],
+                       "reward": greedy[i]["reward"]} for i in range(min(3, len(problems)))]
+    return out
+
+
+def evaluate_run(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
+    """`evaluate` with the run's settings (task, generation length and batch, seed, --eval_seeds sampled seeds), and
+    this process's peak memory so far."""
+    out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
+                   sampled_seeds=args.eval_seeds, seed=args.seed, **eval_kwargs)
+    return dict(out, peak_memory_mb=peak_memory_mb(accelerator.device))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory on CUDA, else the maximum resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
+    """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
+    model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
+    into the cache key."""
+    key = cache_key(dict(model=model_key(args), task=args.task, test_file=data_key(args, "test"), n=len(problems),
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
+                         chunk=args.gen_batch_size, v=3, **eval_kwargs))
+    path = os.path.join(args.cache_dir, "eval", f"{key}.json")
+    if (cached := read_json_checked(path)) is not None:  # a damaged file is named and evaluated again
+        return cached
+    with reference_mode(accelerator.unwrap_model(model)):
+        out = evaluate_run(model, tokenizer, problems, args, accelerator, **eval_kwargs)
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        clean_orphans(os.path.dirname(path), min_age_s=3600)
+        write_json_checked(path, out)
+    return out
+
+
+def format_results(results: dict[str, dict]) -> str:
+    """A plain-text table: one row per evaluated policy."""
+    keys = [k for k in ("greedy", "sampled", "sampled_std") if any(k in r for r in results.values())]
+    keys += sorted({k for r in results.values() for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    lines = [f"{'policy':<12}" + "".join(f"{k:>12}" for k in keys)]
+    for name, r in results.items():
+        lines.append(f"{name:<12}" + "".join(f"{r[k]:>12.4f}" if k in r else f"{'-':>12}" for k in keys))
+    return "\n".join(lines)
+
+
+def log_eval(accelerator: Accelerator, results: dict[str, dict], step: int, output_dir: str) -> None:
+    """Print the table, log charts/*, and write results.json beside the run."""
+    accelerator.print(format_results(results))
+    last = list(results.values())[-1]
+    accelerator.log({f"charts/{k}": v for k, v in last.items() if isinstance(v, float)}, step=step)
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        write_json_atomic(os.path.join(output_dir, "results.json"), results)
+
+
+def throughput(tokens: float, since: float) -> float:
+    return tokens / max(time.time() - since, 1e-9)
