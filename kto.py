@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import (
+    DataError,
     arg,
     build_offline_dataset,
     collate,
@@ -141,7 +142,7 @@ def kto_weights(rows: list[dict], desirable_weight: float | None, undesirable_we
     """(λ_D, λ_U), desirable iff reward 1. λ_D defaults to λ_U n_U / n_D: λ_D n_D / (λ_U n_U) = 1."""
     n_d = sum(r["reward"] == 1.0 for r in rows)
     if desirable_weight is None and n_d in (0, len(rows)):
-        raise ValueError(f"KTO: {n_d} of {len(rows)} responses are correct, so λ_D n_D / (λ_U n_U) cannot be balanced; "
+        raise DataError(f"KTO: {n_d} of {len(rows)} responses are correct, so λ_D n_D / (λ_U n_U) cannot be balanced; "
                          "pass --desirable_weight explicitly")
     if desirable_weight is None:
         desirable_weight = undesirable_weight * (len(rows) - n_d) / n_d

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import (
+    ArgumentError,
     arg,
     build_offline_dataset,
     collate,
@@ -101,6 +102,13 @@ PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, 
 CHECKS = dict(data=one_of("samples", "gold"))
 
 
+def check_flag_pairs(args) -> None:
+    """The rules that relate two flags, after each flag's own (CHECKS)."""
+    if args.data == "gold" and args.offline_data:  # gold trains on the dataset's solutions: no samples are read
+        raise ArgumentError(f"--offline_data {args.offline_data}: --data gold trains on the dataset's solutions, not on "
+                            "samples; drop one of the two")
+
+
 # ALGO LOGIC: loss
 def rs_loss(policy_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Negative log-likelihood of the correct responses, as a token mean over the batch (a loss to minimise):
@@ -124,6 +132,7 @@ def global_token_scale(accelerator, mask: torch.Tensor) -> torch.Tensor:
 def main():
     args = parse_args(Args, TINY, PAPER)
     validate_args(args, CHECKS)
+    check_flag_pairs(args)
 
     # setup
     accelerator = setup_accelerator(args, "rs")

@@ -151,3 +151,17 @@ def test_the_run_line_names_model_task_data_and_only_changed_settings(monkeypatc
     monkeypatch.setattr(sys, "argv", ["eval.py", "--seed", "1"])
     eval_script.validate(common.parse_args(eval_script.Args))  # ends with the run line, the task resolved
     assert capsys.readouterr().out == "run: model tiny, task arith; every other setting at its default\n"
+
+
+def test_flags_that_cannot_go_together_and_unbalanced_kto_data():
+    """rs.py --data gold reads no samples, so an --offline_data file beside it is refused, not ignored; KTO's default
+    weights need both correct and incorrect responses, a data error (one `error:` line at run time)."""
+    from types import SimpleNamespace
+
+    with pytest.raises(common.ArgumentError, match="--data gold trains on the dataset's solutions"):
+        rs.check_flag_pairs(SimpleNamespace(data="gold", offline_data="mine.jsonl"))
+    rs.check_flag_pairs(SimpleNamespace(data="samples", offline_data="mine.jsonl"))
+    rows = [{"reward": 1.0}] * 3
+    with pytest.raises(common.DataError, match="3 of 3 responses are correct.*pass --desirable_weight"):
+        kto.kto_weights(rows, None, 1.0)
+    assert kto.kto_weights(rows + [{"reward": 0.0}], None, 1.0) == (1 / 3, 1.0)
