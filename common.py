@@ -2055,7 +2055,7 @@ def setup_accelerator(args, algo: str) -> Accelerator:
                   grad_accum=getattr(args, "grad_accum", None), global_batch_size=getattr(args, "global_batch_size", None))
     accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}, "
                       + ", ".join(f"{k} {v}" for k, v in launch.items() if k != "world_size" and v is not None))
-    if args.resume:  # before run.json is written again: only the run that wrote it goes on
+    if getattr(args, "resume", False):  # before run.json is written again: only the run that wrote it goes on
         check_same_run(args.output_dir, algo, config)
     if algo in ALGOS:  # before any weights load: a launch that cannot fit stops here, not hours later
         accelerator.print(preflight(args, algo, accelerator, sharding))

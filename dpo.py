@@ -108,7 +108,7 @@ CHECKS = dict(max_pairs_per_prompt=at_least(1))
 
 
 def check_flag_pairs(args) -> None:
-    """The rules that relate two flags, after each flag's own (CHECKS)."""
+    """The rules that relate two flags (each flag's own range is in CHECKS)."""
     if args.n_samples < 2 and not args.offline_data:  # one sample per prompt never makes a pair (imported rows may)
         raise ArgumentError(f"--n_samples {args.n_samples}: must be ≥ 2: a pair is a correct and an incorrect response")
 
@@ -157,8 +157,8 @@ def build_pairs(rows: list[dict], max_pairs_per_prompt: int, seed: int) -> tuple
 
 def main():
     args = parse_args(Args, TINY, PAPER)
+    check_flag_pairs(args)  # before validate_args, which claims the output dir once the input is good
     validate_args(args, CHECKS)
-    check_flag_pairs(args)
 
     # setup
     accelerator = setup_accelerator(args, "dpo")

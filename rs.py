@@ -103,7 +103,7 @@ CHECKS = dict(data=one_of("samples", "gold"))
 
 
 def check_flag_pairs(args) -> None:
-    """The rules that relate two flags, after each flag's own (CHECKS)."""
+    """The rules that relate two flags (each flag's own range is in CHECKS)."""
     if args.data == "gold" and args.offline_data:  # gold trains on the dataset's solutions: no samples are read
         raise ArgumentError(f"--offline_data {args.offline_data}: --data gold trains on the dataset's solutions, not on "
                             "samples; drop one of the two")
@@ -131,8 +131,8 @@ def global_token_scale(accelerator, mask: torch.Tensor) -> torch.Tensor:
 
 def main():
     args = parse_args(Args, TINY, PAPER)
+    check_flag_pairs(args)  # before validate_args, which claims the output dir once the input is good
     validate_args(args, CHECKS)
-    check_flag_pairs(args)
 
     # setup
     accelerator = setup_accelerator(args, "rs")

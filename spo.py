@@ -143,7 +143,7 @@ CHECKS = dict(loss_type=one_of("squared", "bce", "advantage_bce", "reverse_q"), 
 
 
 def check_flag_pairs(args) -> None:
-    """The rules that relate two flags, after each flag's own (CHECKS)."""
+    """The rules that relate two flags (each flag's own range is in CHECKS)."""
     n_online = args.per_device_batch_size * args.online_fraction  # rollouts per micro-batch
     if round(n_online) != round(n_online, 6):
         raise ArgumentError(f"--online_fraction {args.online_fraction!r}: must be in [0, 1], a whole number of rollouts "
@@ -305,8 +305,8 @@ def pending_rollouts(rollout_policy: RolloutPolicy, ref_model, tokenizer, batche
 
 def main():
     args = parse_args(Args, TINY, PAPER)
+    check_flag_pairs(args)  # before validate_args, which claims the output dir once the input is good
     validate_args(args, CHECKS)
-    check_flag_pairs(args)
 
     # setup
     accelerator = setup_accelerator(args, "spo")

@@ -66,7 +66,7 @@ def test_rollout_evaluate_offline_dataset_match_unsharded(version, tmp_path):
 
 def _fresh_cache(tiny_cache, path) -> str:
     """An empty cache: the run builds its own offline dataset and reference evaluation (`--model tiny` is assets/tiny)."""
-    os.makedirs(path)
+    os.makedirs(path, exist_ok=True)
     return str(path)
 
 
