@@ -1,11 +1,13 @@
 """Shared fixtures and helpers: a session temp cache, the tiny reference, arith batches, and running a script."""
 
+import atexit
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -96,15 +98,42 @@ SMOKE_ARGS = ["--n_train_prompts", "48", "--n_test", "32", "--n_samples", "4", "
               "--per_device_batch_size", "8", "--report_to", "", "--save_every", "0"]
 
 
+_WARM: dict = {}
+
+
+def _warm_runner() -> subprocess.Popen:
+    """tests/warm_runner.py, started once per test process: it has imported torch, transformers, accelerate and common,
+    and runs each script in a forked child, so a one-process run does not pay an interpreter start (about 6 s of CPU)."""
+    if "proc" not in _WARM:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm_runner.py")], cwd=ROOT, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == "ready\n", "tests/warm_runner.py did not start"
+        _WARM["proc"] = proc
+        atexit.register(lambda: (proc.stdin.close(), proc.wait(timeout=60)))
+    return _WARM["proc"]
+
+
 def run_script(script: str, cache: str, output_dir: str, *extra: str, launcher: tuple = (), timeout: int = 600):
     """Run `script` on the tiny default with small settings; returns (results.json, metrics.jsonl rows).
-    Raises with the script's output on failure."""
+    Raises with the script's output on failure. Without a launcher the script runs in a child forked from the warm
+    runner (COLD_RUNS=1: a fresh interpreter each time, as a user starts it)."""
     cmd = [*(launcher or (sys.executable,)), os.path.join(ROOT, script), "--cache_dir", cache, "--output_dir", output_dir,
            *SMOKE_ARGS, *extra]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    if launcher or os.environ.get("COLD_RUNS") == "1":
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        logs = [tempfile.mkstemp(suffix=f".{s}")[1] for s in ("out", "err")]
+        runner = _warm_runner()
+        runner.stdin.write(json.dumps([dict(argv=cmd[1:], env=env, stdout=logs[0], stderr=logs[1])]) + "\n")
+        runner.stdin.flush()
+        (code,) = json.loads(runner.stdout.readline())
+        out, err = (open(p).read() for p in logs)
+        for p in logs:
+            os.remove(p)
+    if code != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {code}\n{out[-4000:]}\n{err[-6000:]}")
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
