@@ -654,8 +654,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation, and everything about sharding: full parameters for generate, log-probs through any wrapper, consolidated
-# state dicts
+# Generation and sharding: generate from full parameters, log-probs through any wrapper, consolidated state dicts
 # ---------------------------------------------------------------------------------------------------------------------
 @contextmanager
 def unsharded(model):

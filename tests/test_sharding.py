@@ -216,25 +216,21 @@ def test_shipped_fsdp2_launch_matches_one_process_in_bf16(launch_runs, tiny_cach
 
 
 def test_shipped_fsdp2_launch_resumes_exactly_after_a_kill(launch_runs, tiny_cache, tmp_path):
-    """Kill the sharded launch once it has written a sharded checkpoint, then --resume: the final weights are the
-    uninterrupted launch's, bit for bit (same processes, same reduction order)."""
-    import signal
-
+    """Kill the sharded launch right after its step-2 sharded checkpoint is complete (the main process dies at the
+    failpoint `checkpoint.save.after_manifest`, as a SIGKILL would leave it; the launcher then ends the other rank),
+    then --resume: the final weights are the uninterrupted launch's, bit for bit (same processes, same reduction order)."""
     from safetensors.torch import load_file
 
     (_, _, _), (two, two_results, two_metrics, built) = launch_runs
     out, cache = str(tmp_path / "killed"), _copy_cache(built, tmp_path / "cache")
     cmd = [*_shipped_fsdp2(), os.path.join(ROOT, "dqo.py"),
            "--cache_dir", cache, "--output_dir", out, *SMOKE_ARGS, *LAUNCH_ARGS, "--per_device_batch_size", "8"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    state, deadline = os.path.join(out, "checkpoint", "trainer_state.json"), time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not os.path.exists(state):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    proc.wait()
-    with open(state) as f:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, FAILPOINT="checkpoint.save.after_manifest@2"))
+    assert proc.returncode != 0, "the failpoint did not stop the launch"
+    with open(os.path.join(out, "checkpoint.tmp", "trainer_state.json")) as f:
         killed_at = json.load(f)["step"]
-    assert killed_at < 3, "the run finished its steps before it could be killed"
+    assert killed_at == 2
     results, metrics = run_script("dqo.py", cache, out, *LAUNCH_ARGS, "--per_device_batch_size", "8", "--resume",
                                   launcher=_shipped_fsdp2())
     assert metrics[-1]["step"] == 3 and results["final"]["greedy"] == two_results["final"]["greedy"]
