@@ -72,7 +72,6 @@ class Args:
     gen_batch_size: int = arg(256, "sequences per generate call")
     precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
     dist_timeout: int = arg(43200, "seconds a process waits at a collective (12 h: sampling the offline dataset has none)")
-    skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
     cache_dir: str = arg(".cache", "where file digests are cached, and the result for a hub model goes (see --output)")
     output: str = arg("", "JSON result path (default: beside the model, or in cache_dir for hub ids)")
     report_to: str = arg("", "accelerate tracker (none by default)")
