@@ -92,6 +92,7 @@ def main():
         assert all(p.to_local().numel() < p.numel() for layer in sharded.model.layers for p in layer.parameters())
     accelerator.wait_for_everyone()
     accelerator.print(f"FSDP{version}: sharded rollout, evaluate and offline dataset equal unsharded")
+    accelerator.end_training()  # destroys the process group: a rank that exits with it alive can abort the other (gloo)
 
 
 if __name__ == "__main__":
