@@ -2051,7 +2051,8 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     launch = dict(precision=args.precision, world_size=accelerator.num_processes,
                   sharding=f"FSDP{fsdp_version}" if sharding == "FSDP" else sharding or "none",
                   per_device_batch_size=getattr(args, "per_device_batch_size", None),
-                  grad_accum=getattr(args, "grad_accum", None), global_batch_size=getattr(args, "global_batch_size", None))
+                  grad_accum=getattr(args, "grad_accum", None), global_batch_size=getattr(args, "global_batch_size", None),
+                  threads=torch.get_num_threads())  # float results reproduce exactly only at the same thread count
     accelerator.print(f"{algo}: {accelerator.num_processes} process(es), device {accelerator.device}, "
                       + ", ".join(f"{k} {v}" for k, v in launch.items() if k != "world_size" and v is not None))
     if getattr(args, "resume", False):  # before run.json is written again: only the run that wrote it goes on

@@ -16,6 +16,7 @@ beside the folder.
 
 import html
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -78,13 +79,15 @@ class Args:
     output_dir: str = arg("runs/eval", "tracker directory")
     value_model: str | None = arg(None, "a value_model/ folder DRO or DQO saved: show its value trace (the policy: --model, "
                                         "or the model/ folder beside it)")
-    trace_problems: int = arg(50, "value trace: responses to the first N test problems (4 each) for its statistics")
+    trace_problems: int = arg(50, "value trace: sampled responses to the first N test problems for its statistics")
+    trace_samples: int = arg(4, "value trace: responses sampled per problem")
 
 
 RULES = dict(task=one_of(*TASKS), n_test=at_least(1, unset_ok=True), seeds=at_least(0), seed=at_least(0),
              pass_n=at_least(0), pass_temperature=positive(), pass_top_p=between(0, 1, lo_open=True),
              pass_top_k=at_least(0), pass_problems=at_least(1, unset_ok=True), max_new_tokens=at_least(1),
-             gen_batch_size=at_least(1), trace_problems=at_least(1))
+             gen_batch_size=at_least(1), trace_problems=at_least(1),
+             trace_samples=at_least(1))
 
 
 def validate(args) -> tuple:
@@ -116,6 +119,24 @@ def validate(args) -> tuple:
     return ks
 
 
+def value_auc(drop: np.ndarray, wrong: np.ndarray, response: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple:
+    """P(drop at a first-wrong-step segment > drop at a correct-step segment), ties counting half (the Mann-Whitney AUC),
+    and its bootstrap standard error over responses: the segments of one response are drawn together, since they share
+    its value function reads. drop (float), wrong (bool), response (int, 0..R−1): (N,) per segment."""
+    levels, level = np.unique(drop, return_inverse=True)  # equal drops share a level: a tie counts half
+
+    def auc(copies: np.ndarray) -> float:  # copies: (N,) how often each segment is drawn
+        n_wrong = np.bincount(level, copies * wrong, len(levels))  # (L,)
+        n_ok = np.bincount(level, copies * ~wrong, len(levels))  # (L,)
+        ok_below = np.cumsum(n_ok) - n_ok  # (L,) correct-step segments with a smaller drop
+        pairs = n_wrong.sum() * n_ok.sum()
+        return float((n_wrong * (ok_below + 0.5 * n_ok)).sum() / pairs) if pairs else math.nan
+
+    rng, n = np.random.default_rng(seed), int(response.max()) + 1
+    boot = [auc(rng.multinomial(n, np.full(n, 1 / n))[response]) for _ in range(n_boot)]
+    return auc(np.ones(len(drop))), float(np.nanstd(boot, ddof=1))  # nan: a resample without one of the two kinds
+
+
 @torch.no_grad()
 def value_traces(policy, value_model, tokenizer, problems: list[dict], task: str, seed: int, max_new_tokens: int,
                  gen_batch_size: int, accelerator=None, n_correct: int = 1, n_incorrect: int = 1, n_problems: int = 32,
@@ -124,9 +145,10 @@ def value_traces(policy, value_model, tokenizer, problems: list[dict], task: str
     paper's evaluation sampling, `gen_batch_size` sequences per generate call; `policy` and `value_model` prepared or
     not), split each into segments and read V at each segment end (the state after its last token; for
     the last segment, before its stop token). Returns {"traces": the first `n_correct` correct and `n_incorrect`
-    incorrect ones, "stats", "n_responses"}. On arith each segment is marked against the verifier's first wrong step,
-    and stats, over all sampled responses, gives the mean change of V across correct steps and across the first wrong
-    step, and the AUC with which the drop −dV ranks first-wrong-step segments above correct-step ones."""
+    incorrect ones, "stats", "n_responses", "n_segments"}. On arith each segment is marked against the verifier's first
+    wrong step, and stats, over all sampled responses, gives the mean change of V across correct steps and across the
+    first wrong step, and the AUC with which the drop −dV ranks first-wrong-step segments above correct-step ones, with
+    its bootstrap standard error over responses (`value_auc`); n_segments counts the segments of each kind."""
     problems = problems[:n_problems]
     prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     rows = rollout(policy, tokenizer, prompts, [p["answer"] for p in problems], task, n=n_per, seed=seed,
@@ -152,20 +174,25 @@ def value_traces(policy, value_model, tokenizer, problems: list[dict], task: str
             traces.append({"question": problems[r["prompt_idx"]]["question"], "reward": r["reward"],
                            "value_start": values[i, p].item(), "segments": segs, "first_wrong": wrong})
     value_model.train(was_training)
-    stats = {}
+    stats, counts = {}, {}
     if task == "arith":
-        dv = {"ok": [], "WRONG": []}
-        for t in traces:
+        dv, status, response = [], [], []  # per segment of every response: the change of V, its status, its response
+        for i, t in enumerate(traces):
             prev = t["value_start"]
             for sg in t["segments"]:
-                dv.setdefault(sg["status"], []).append(sg["value"] - prev)
+                dv.append(sg["value"] - prev)
+                status.append(sg["status"])
+                response.append(i)
                 prev = sg["value"]
-        stats = {f"mean dV at {k} segments": sum(v) / len(v) for k, v in dv.items() if v and k in ("ok", "WRONG")}
-        if dv["ok"] and dv["WRONG"]:  # P(−dV at a first wrong step > −dV at a correct step), ties counting half
-            wrong, ok = -np.array(dv["WRONG"])[:, None], -np.array(dv["ok"])[None, :]
-            stats["AUC of -dV, first wrong vs correct steps"] = float((wrong > ok).mean() + 0.5 * (wrong == ok).mean())
+        dv, status, response = np.array(dv), np.array(status), np.array(response)
+        counts = {k: int((status == k).sum()) for k in ("ok", "WRONG")}
+        stats = {f"mean dV at {k} segments": float(dv[status == k].mean()) for k in ("ok", "WRONG") if counts[k]}
+        if counts["ok"] and counts["WRONG"]:  # the drop −dV at first wrong steps against correct steps
+            keep = np.isin(status, ("ok", "WRONG"))
+            auc, se = value_auc(-dv[keep], status[keep] == "WRONG", response[keep], seed=seed)
+            stats["AUC of -dV, first wrong vs correct steps"], stats["AUC bootstrap SE"] = auc, se
     picked = [t for t in traces if t["reward"] == 1.0][:n_correct] + [t for t in traces if t["reward"] != 1.0][:n_incorrect]
-    return {"traces": picked, "stats": stats, "n_responses": len(traces)}
+    return {"traces": picked, "stats": stats, "n_responses": len(traces), "n_segments": counts}
 
 
 def format_value_traces(out: dict) -> str:
@@ -177,7 +204,8 @@ def format_value_traces(out: dict) -> str:
         lines += [f"  {sg['value']:>7.3f}  {sg['status']:<6} {sg['text'].strip()!r}" for sg in t["segments"]]
     if out["stats"]:
         # dV is a signed change; the AUC a probability in [0, 1]
-        lines += ["", f"over {out['n_responses']} sampled responses: "
+        segments = ", ".join(f"{n} {k}" for k, n in out.get("n_segments", {}).items())
+        lines += ["", f"over {out['n_responses']} sampled responses ({segments} segments): "
                   + ", ".join(f"{k} {v:.3f}" if k.startswith("AUC") else f"{k} {v:+.3f}" for k, v in out["stats"].items())]
     return "\n".join(lines)
 
@@ -202,11 +230,13 @@ def value_trace_html(out: dict) -> str:
 
 def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
     """Print the value trace of --value_model (two correct and two incorrect responses) with its statistics over
-    4 responses to each of the first --trace_problems problems, and write value_trace.html and .json beside the folder."""
+    --trace_samples responses to each of the first --trace_problems problems, and write value_trace.html and .json
+    beside the folder."""
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     value_model = accelerator.prepare(ValueModel.from_pretrained(args.value_model, dtype=dtype))
     out = value_traces(model, value_model, tokenizer, problems, args.task, args.seed, args.max_new_tokens,
-                       args.gen_batch_size, accelerator, n_correct=2, n_incorrect=2, n_problems=args.trace_problems)
+                       args.gen_batch_size, accelerator, n_correct=2, n_incorrect=2, n_problems=args.trace_problems,
+                       n_per=args.trace_samples)
     accelerator.print(format_value_traces(out))
     path = os.path.join(os.path.dirname(os.path.abspath(args.value_model)), "value_trace")
     if accelerator.is_main_process:

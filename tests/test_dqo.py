@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -358,5 +359,50 @@ def test_value_trace_statistics(tiny_model):
     assert stats["mean dV at WRONG segments"] == pytest.approx(-1.0)  # V drops from 1 to 0 exactly there
     assert stats["mean dV at ok segments"] == pytest.approx(0.0)
     assert stats["AUC of -dV, first wrong vs correct steps"] == pytest.approx(1.0)
+    assert stats["AUC bootstrap SE"] == 0.0  # every resample is separated perfectly
+    n_wrong = sum(common.arith_first_wrong(r) is not None for r in rows)
+    assert out["n_segments"]["WRONG"] == n_wrong and out["n_segments"]["ok"] > 0
     text = eval_script.format_value_traces(out)  # dV signed, the AUC a probability
     assert "mean dV at WRONG segments -1.000" in text and "AUC of -dV, first wrong vs correct steps 1.000" in text
+
+
+def test_metrics_split_correct_and_failed():
+    """The weight and V(s_1) are also reported per outcome: rows 0 and 2 correct (return 1 + process reward 1/2), rows
+    1 and 3 failed (return 0, and 1/2 from a correct first segment). Hand values: w_i = min(e, exp(Σ_h (ℓ − μ))), V at
+    each row's first response position."""
+    B, T = 4, 5
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0]], dtype=torch.float64)
+    rewards = torch.zeros(B, T, dtype=torch.float64)
+    rewards[0, 3], rewards[0, 1], rewards[2, 1], rewards[1, 2], rewards[3, 1] = 1.0, 0.5, 1.5, 0.5, 0.5
+    pl = torch.full((B, T), -1.0, dtype=torch.float64)
+    mu = pl - torch.tensor([0.1, -0.3, 0.6, 0.2], dtype=torch.float64)[:, None]  # per-token log π/μ of each row
+    values = torch.arange(B * T, dtype=torch.float64).reshape(B, T) / 100
+    _, _, m = dqo.dqo_loss(pl, pl, mu, values, rewards, mask, 0.1, 1.0, math.e)
+    w = [min(math.e, math.exp(0.1 * 3)), math.exp(-0.3 * 3), min(math.e, math.exp(0.6 * 2)), math.exp(0.2 * 2)]
+    assert m["charts/is_weight_correct"] == pytest.approx((w[0] + w[2]) / 2)
+    assert m["charts/is_weight_failed"] == pytest.approx((w[1] + w[3]) / 2)
+    assert m["charts/value_first_correct"] == pytest.approx((values[0, 1] + values[2, 0]).item() / 2)
+    assert m["charts/value_first_failed"] == pytest.approx((values[1, 2] + values[3, 1]).item() / 2)
+    _, _, m = dqo.dqo_loss(pl[:2], pl[:2], mu[:2], values[:2], rewards[:2] * 0, mask[:2], 0.1, 1.0, math.e)
+    assert "charts/is_weight_correct" not in m and m["charts/is_weight_failed"] == pytest.approx((w[0] + w[1]) / 2)
+
+
+def test_value_auc_and_its_bootstrap_error():
+    """`value_auc` equals the pairwise definition (ties counting half); its bootstrap SE over responses is about the
+    spread of the AUC across independent samples of the same size, and halves with four times the responses."""
+    rng = np.random.default_rng(0)
+
+    def sample(n_resp):  # 4 segments per response, the last one first-wrong in 30% of the responses, drops rounded: ties
+        response = np.repeat(np.arange(n_resp), 4)
+        wrong = (np.arange(4 * n_resp) % 4 == 3) & (rng.random(4 * n_resp) < 0.3)
+        drop = np.round(rng.normal(wrong * 0.5, 1.0), 1)
+        return drop, wrong, response
+
+    drop, wrong, response = sample(200)
+    pairs = drop[wrong][:, None] - drop[~wrong][None, :]
+    auc, se = eval_script.value_auc(drop, wrong, response, n_boot=400)
+    assert auc == pytest.approx((pairs > 0).mean() + 0.5 * (pairs == 0).mean(), abs=1e-12)
+    spread = np.std([eval_script.value_auc(*sample(200), n_boot=1)[0] for _ in range(200)])
+    assert 0.7 * spread < se < 1.4 * spread
+    _, se4 = eval_script.value_auc(*sample(800), n_boot=400)
+    assert 0.35 * se < se4 < 0.65 * se
