@@ -13,6 +13,11 @@
 Nothing in here is part of an algorithm: losses, targets, pair building, process rewards and rollout policies live in
 the algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO. Everything here is used by at
 least two of the seven entry points (tests/test_layout.py checks it).
+
+What a reader would copy (tasks, grading, tokens, log-probs, generation, scoring, the offline dataset, the value
+network, `evaluate`) takes explicit parameters. Only run plumbing takes the run's `args`, as the bridge from the
+command line: loading the model the flags name, validation, the accelerator and its preflight, step planning, and
+`evaluate_run` / `evaluate_reference`, which evaluate with the run's settings (and cache the reference's result).
 """
 
 import argparse
@@ -1123,38 +1128,45 @@ def write_chunk(root: str, c: int, rows: list[dict]) -> None:
     write_json_atomic(os.path.join(root, f"check-{c:05d}.json"), {"rows": len(rows), "crc32": file_hash(path)})
 
 
-def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
-    """The DQO paper's offline dataset: for each training prompt, `args.n_samples` samples from the reference policy,
-    graded 1/0, with the reference's per-token log-probs (`ref_logps`) and the sampler's (`sampler_logps`) stored.
+def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], *, model_name: str, task: str,
+                          n: int, sampling: dict, max_new_tokens: int, gen_batch_size: int, seed: int, cache_dir: str,
+                          train_file: str | None = None, offline_data: str | None = None,
+                          save_to: str | None = None) -> list[dict]:
+    """The DQO paper's offline dataset: for each training prompt, `n` samples from the reference policy `model` (named
+    `model_name`, as --model) under `sampling` (temperature, top_p, top_k), graded 1/0, with the reference's per-token
+    log-probs (`ref_logps`) and the sampler's (`sampler_logps`) stored. `train_file`: the local file `problems` came
+    from, if any (its digest is part of the key).
 
-    Cached under `args.cache_dir/offline/<key>/`, keyed by model, task, split, n, sampling parameters and seed; a
+    Cached under `cache_dir/offline/<key>/`, keyed by model, task, split, n, sampling parameters and seed; a
     second script on the same model and task reuses it. Each chunk of prompts is written atomically when done, so
     an interrupted build resumes without redoing finished prompts. Chunks are shared round-robin across processes.
-    With `args.offline_data` the rows come from that file instead (`import_offline_dataset`). Either way the dataset
-    is also written as one file (`export_offline_dataset`)."""
-    if getattr(args, "offline_data", None):
-        return import_offline_dataset(accelerator, model, tokenizer, problems, args)
-    key_fields = dict(model=model_key(args), task=args.task, split="train", train_file=data_key(args, "train"),
-                      n_prompts=len(problems), n=args.n_samples, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "offline", cache_key(key_fields))
+    With `offline_data` the rows come from that file instead (`import_offline_dataset`). Either way the dataset
+    is also written as one file (`export_offline_dataset`: `save_to`, or offline.jsonl in its cache folder)."""
+    if offline_data:
+        return import_offline_dataset(accelerator, model, tokenizer, problems, path=offline_data, model_name=model_name,
+                                      task=task, sampling=sampling, max_new_tokens=max_new_tokens,
+                                      gen_batch_size=gen_batch_size, cache_dir=cache_dir, save_to=save_to)
+    sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+    key_fields = dict(model=model_key(model_name, cache_dir), task=task, split="train",
+                      train_file=data_key(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
+                      max_new_tokens=max_new_tokens, seed=seed, chunk=gen_batch_size)
+    root = os.path.join(cache_dir, "offline", cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(root, "key.json"), key_fields)
-    prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in problems]
+    prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    plan = _chunk_plan(len(prompts), args.n_samples, args.gen_batch_size)
+    plan = _chunk_plan(len(prompts), n, gen_batch_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    n_rows = {c: len(chunk) * args.n_samples for c, chunk in enumerate(plan)}
+    n_rows = {c: len(chunk) * n for c, chunk in enumerate(plan)}
     todo = chunks_to_build(root, range(rank, len(plan), world), n_rows)
     done_before = len(range(rank, len(plan), world)) - len(todo)
     bar = tqdm(total=len(range(rank, len(plan), world)), initial=done_before, desc="offline dataset",
                disable=not accelerator.is_local_main_process)
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
         for c in claim_chunks(root, todo, n_rows):  # another run building this dataset may take some of them
-            rows = rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
-                                 args.max_new_tokens, args.seed * 1_000_003 + c)
+            rows = rollout_chunk(policy, tokenizer, prompts, answers, task, plan[c], n, sampling, max_new_tokens,
+                                 seed * 1_000_003 + c)
             score_rows(policy, rows, tokenizer.pad_token_id, warp=sampling)
             for r in rows:
                 r["ref_logps"] = r.pop("logps")
@@ -1174,7 +1186,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     acc = np.mean([r["reward"] for r in rows])
     accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompts)} prompts, "
                       f"mean reward {acc:.3f}, truncated {np.mean([r['truncated'] for r in rows]):.3f} ({root})")
-    export_offline_dataset(accelerator, rows, problems, root, args)
+    export_offline_dataset(accelerator, rows, problems, root, save_to)
     return rows
 
 
@@ -1235,8 +1247,10 @@ def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int
     return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
 
 
-def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
-    """The offline dataset from `args.offline_data` (`read_offline_data`), in the form `build_offline_dataset` gives:
+def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], *, path: str, model_name: str,
+                           task: str, sampling: dict, max_new_tokens: int, gen_batch_size: int, cache_dir: str,
+                           save_to: str | None = None) -> list[dict]:
+    """The offline dataset from the file `path` (`read_offline_data`), in the form `build_offline_dataset` gives:
       - prompt_ids: the question in the task's prompt and the model's chat template (`encode_prompt`);
       - response_ids: the response text with the end-of-turn token (`encode_response`), as a sampled response (an
         exported row's own ids instead, when they are this tokenizer's: `_stored_ids`). A
@@ -1251,12 +1265,11 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     Questions not among the task's training prompts (`problems`) are used anyway, with a warning naming the first:
     a file may well hold other questions. Cached under `cache_dir/offline/<key>/`, the key built from the file's
     content, the model, the task and the settings above, in chunks (resumable, shared across processes)."""
-    path = args.offline_data
     src = read_offline_data(path)
-    key_fields = dict(model=model_key(args), task=args.task, offline_data=content_digest(path), n_rows=len(src),
-                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      max_new_tokens=args.max_new_tokens, chunk=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "offline", cache_key(key_fields))
+    sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+    key_fields = dict(model=model_key(model_name, cache_dir), task=task, offline_data=content_digest(path),
+                      n_rows=len(src), **sampling, max_new_tokens=max_new_tokens, chunk=gen_batch_size)
+    root = os.path.join(cache_dir, "offline", cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(root, "key.json"), key_fields)
@@ -1267,10 +1280,9 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     unknown = [i for i, r in enumerate(src, 1) if r["question"] not in known]
     if unknown:
         accelerator.print(f"warning: {path}: {len(unknown)} of {len(src)} rows have a question that is not among the "
-                          f"{len(problems)} training prompts of task {args.task} (first: row {unknown[0]}); they are "
+                          f"{len(problems)} training prompts of task {task} (first: row {unknown[0]}); they are "
                           "used as they are")
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    chunks = [range(s, min(s + args.gen_batch_size, len(src))) for s in range(0, len(src), args.gen_batch_size)]
+    chunks = [range(s, min(s + gen_batch_size, len(src))) for s in range(0, len(src), gen_batch_size)]
     rank, world = accelerator.process_index, accelerator.num_processes
     todo = [c for c in range(rank, len(chunks), world) if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
     bar = tqdm(total=len(range(rank, len(chunks), world)), initial=len(range(rank, len(chunks), world)) - len(todo),
@@ -1283,19 +1295,19 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
             for i in chunks[c]:
                 r = src[i]
                 if r["question"] not in prompts:
-                    prompts[r["question"]] = encode_prompt(tokenizer, r["question"], args.task)
-                ids = _stored_ids(r, prompts[r["question"]], tokenizer, args.max_new_tokens)
+                    prompts[r["question"]] = encode_prompt(tokenizer, r["question"], task)
+                ids = _stored_ids(r, prompts[r["question"]], tokenizer, max_new_tokens)
                 stored = ids is not None  # an export read back: its own tokens, `truncated` as it was
                 ids = ids if stored else encode_response(tokenizer, r["response"])  # text, then the end-of-turn token
-                truncated = ids[-1] not in stops if stored else len(ids) > args.max_new_tokens
+                truncated = ids[-1] not in stops if stored else len(ids) > max_new_tokens
                 response, reward = r["response"], r["reward"]
                 if truncated and not stored:  # what generation keeps of a response that reaches the limit: no stop token
-                    ids = ids[: args.max_new_tokens]
+                    ids = ids[:max_new_tokens]
                     response, reward = tokenizer.decode(ids, skip_special_tokens=True), None
                 rows.append(dict(response_ids=ids, finish="length" if truncated else "stop", response=response,
                                  prompt_idx=prompt_idx[r["question"]], prompt_ids=prompts[r["question"]],
                                  answer=r["answer"], truncated=truncated, row=i + 1,
-                                 reward=grade(response, r["answer"], args.task) if reward is None else reward))
+                                 reward=grade(response, r["answer"], task) if reward is None else reward))
             score_rows(policy, rows, tokenizer.pad_token_id, warp=sampling)
             for r in rows:
                 r["ref_logps"] = r.pop("logps")
@@ -1305,22 +1317,23 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     accelerator.wait_for_everyone()
     rows = [r for c in range(len(chunks)) for r in _read_jsonl(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
     given = [(r, s) for r, s in zip(rows, src) if s["reward"] is not None and not r["truncated"]]
-    disagree = sum(r["reward"] != grade(r["response"], r["answer"], args.task) for r, _ in given)
+    disagree = sum(r["reward"] != grade(r["response"], r["answer"], task) for r, _ in given)
     n_trunc = sum(r["truncated"] for r in rows)
     accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompt_idx)} prompts imported from {path}, mean "
                       f"reward {np.mean([r['reward'] for r in rows]):.3f}; {len(rows) - len(given)} rewards by the grader"
                       f"{f', {disagree} of the {len(given)} given rewards differ from it' if disagree else ''}; "
-                      f"{n_trunc} responses over --max_new_tokens {args.max_new_tokens} truncated ({root})")
+                      f"{n_trunc} responses over --max_new_tokens {max_new_tokens} truncated ({root})")
     questions = {i: q for q, i in prompt_idx.items()}
-    export_offline_dataset(accelerator, rows, [{"question": questions[i]} for i in range(len(questions))], root, args)
+    export_offline_dataset(accelerator, rows, [{"question": questions[i]} for i in range(len(questions))], root, save_to)
     return rows
 
 
-def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str, args) -> None:
-    """Write the offline dataset as one JSONL file, `--save_offline_data` or `offline.jsonl` in its cache dir `root`:
+def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str,
+                           save_to: str | None = None) -> None:
+    """Write the offline dataset as one JSONL file, `save_to` (--save_offline_data) or offline.jsonl in its cache dir `root`:
     per response the import schema (question, response, answer, reward), which --offline_data reads back, plus
     EXPORT_FIELDS (token ids, per-token log-probs, truncated). Main process only; atomic."""
-    path = getattr(args, "save_offline_data", None) or os.path.join(root, "offline.jsonl")
+    path = save_to or os.path.join(root, "offline.jsonl")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         _write_jsonl_atomic(path, [dict(question=problems[r["prompt_idx"]]["question"], response=r["response"],
@@ -1383,22 +1396,21 @@ _DIGESTS: dict[str, str] = {}
 REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
 
 
-def model_key(args) -> str:
+def model_key(model: str, cache_dir: str | None = None) -> str:
     """The reference's identity in cache keys. The tiny model: the hash of the recipe assets/tiny was built from. A hub
     id: the id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
     never reuses samples, reference log-probs or evaluations of the old one, and a copy elsewhere reuses them."""
-    if args.model == "tiny":
+    if model == "tiny":
         return f"tiny/shipped-{tiny_recipe_key()}"  # "shipped-": the key the shipped weights have always had
-    path = os.path.expanduser(args.model)
+    path = os.path.expanduser(model)
     if not os.path.isdir(path):
-        return args.model
-    return f"local:{content_digest(path, os.path.join(args.cache_dir, 'digests.json'))}"
+        return model
+    return f"local:{content_digest(path, cache_dir and os.path.join(cache_dir, 'digests.json'))}"
 
 
-def data_key(args, split: str) -> str | None:
-    """The identity of a split's local JSONL file in cache keys (its contents' digest); None for the hub or `arith`."""
-    path = args.train_file if split == "train" else args.test_file
-    return content_digest(path, os.path.join(args.cache_dir, "digests.json")) if path else None
+def data_key(path: str | None, cache_dir: str | None = None) -> str | None:
+    """The identity of a local JSONL data file in cache keys (its contents' digest); None for the hub or `arith`."""
+    return content_digest(path, cache_dir and os.path.join(cache_dir, "digests.json")) if path else None
 
 
 def load_model_and_tokenizer(args, accelerator: Accelerator | None = None, trainable: bool = True):
@@ -2589,7 +2601,8 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
     """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
     model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
     into the cache key."""
-    key = cache_key(dict(model=model_key(args), task=args.task, test_file=data_key(args, "test"), n=len(problems),
+    key = cache_key(dict(model=model_key(args.model, args.cache_dir), task=args.task,
+                         test_file=data_key(args.test_file, args.cache_dir), n=len(problems),
                          max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
                          chunk=args.gen_batch_size, v=3, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")
