@@ -24,6 +24,11 @@ MATH500_TEST = os.path.join(DATA, "math500", "test.jsonl")
 AIME24_TEST = os.path.join(DATA, "aime24", "test.jsonl")
 
 
+def first_wrong_step(response: str, spec: str) -> int | None:
+    """Index of the first step line the strict verifier rejects (None if all steps are right)."""
+    return common._arith_walk(response, spec)[1]
+
+
 def _jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -265,7 +270,7 @@ def test_arith_problems_format_deterministic_and_disjoint():
         assert segments[-1] == f"#### {p['final']}" and p["question"].startswith(f"{p['question'].split()[0]} has {start} ")
         assert common.grade(p["solution"], p["answer"], "arith") == 1.0
         assert common.grade(p["solution"], str(p["final"]), "gsm8k") == 1.0  # GSM8K format: answer-grading agrees
-        assert common.first_wrong_step(p["solution"], p["answer"]) is None
+        assert first_wrong_step(p["solution"], p["answer"]) is None
 
 
 def test_arith_strict_verifier_rejects_right_answers_on_wrong_steps():
@@ -280,14 +285,14 @@ def test_arith_strict_verifier_rejects_right_answers_on_wrong_steps():
         resp = "\n\n".join(bad)
         assert common.grade(resp, str(p["final"]), "gsm8k") == 1.0
         assert common.grade(resp, p["answer"], "arith") == 0.0
-        assert common.first_wrong_step(resp, p["answer"]) == i
+        assert first_wrong_step(resp, p["answer"]) == i
         # skipped steps, a wrong operation, an extra line, a wrong final line
         assert common.grade(f"#### {p['final']}", p["answer"], "arith") == 0.0
         op, b = ops[0]
         other = {"+": "-", "-": "+", "*": "+"}[op]
         wrong_op = [f"{start}{other}{b}={common._arith_apply(start, other, b)}"] + lines[1:]
         assert common.grade("\n\n".join(wrong_op), p["answer"], "arith") == 0.0
-        assert common.first_wrong_step("\n\n".join(wrong_op), p["answer"]) == 0
+        assert first_wrong_step("\n\n".join(wrong_op), p["answer"]) == 0
         assert common.grade(p["solution"].replace("\n\n####", "\n\n1+1=2\n\n####"), p["answer"], "arith") == 0.0
         assert common.grade(p["solution"] + "1", p["answer"], "arith") == 0.0
 
@@ -300,10 +305,10 @@ def test_arith_slipped_solutions_and_first_wrong_step():
         text, step = common.arith_solution(start, ops, slip, rng)
         assert step == slip
         assert common.grade(text, p["answer"], "arith") == 0.0
-        assert common.first_wrong_step(text, p["answer"]) == slip
+        assert first_wrong_step(text, p["answer"]) == slip
         assert common.grade(text, str(p["final"]), "gsm8k") == 0.0  # carried through to a wrong final answer
         assert text.split("\n\n")[:slip] == p["solution"].split("\n\n")[:slip]  # steps before the slip are right
-        assert common.first_wrong_step(text.split("\n\n")[0], p["answer"]) == (0 if slip == 0 else 1)  # truncated
+        assert first_wrong_step(text.split("\n\n")[0], p["answer"]) == (0 if slip == 0 else 1)  # truncated
 
 
 # ---------------------------------------------------------------------------------------------------------------------
