@@ -241,7 +241,7 @@ def _problem_from_row(task: str, row: dict, where: str) -> dict:
     return {"question": question, "answer": str(answer), "solution": solution or f"\\boxed{{{answer}}}"}
 
 
-def load_task(task: str, split: str, path: str | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
+def load_task(task: str, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
     """Problems of `task` and `split` as {question, answer, solution}: from the local JSONL file `path` (the hub dataset's
     fields), else the hub (`arith`: the generator)."""
     if task not in TASKS:
@@ -249,7 +249,7 @@ def load_task(task: str, split: str, path: str | None = None, limit: int | None 
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
     if task == "arith":
-        return arith_problems(split, limit or (20_000 if split == "train" else 1000), seed=0)
+        return arith_problems(split, limit or (20_000 if split == "train" else 1000))
     if path:
         rows, name = _read_jsonl(path), path
     else:
