@@ -585,6 +585,21 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, war
     return torch.stack(out)
 
 
+class _ModelOutputInGraph(torch.autograd.Function):
+    """Identity on the log-probs that gives the model's own (unused) logits a zero gradient in backward, so that the
+    hooks FSDP puts on a forward's outputs (unshard the root for backward, finish the gradient reduction) run."""
+
+    @staticmethod
+    def forward(ctx, lps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.logits = (logits.shape, logits.dtype, logits.device)
+        return lps.view_as(lps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.logits
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 def token_logprob_variants(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, warps: tuple = (None,),
                            chunk_tokens: int | None = None) -> list[torch.Tensor]:
     """One forward pass, a (B, T) tensor of log-probs per entry of `warps` (None: the model's own; a dict: under
@@ -779,9 +794,9 @@ def _chunk_plan(n_prompts: int, n: int, gen_batch_size: int) -> list[range]:
 
 
 def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, max_new_tokens, seed):
-    """n samples for each prompt index in `chunk`, graded: the unit of work that `rollout` shares across processes, and
-    that SPO calls directly for its online rollouts. Seeded per chunk, so a chunk's rows do not depend on who samples it.
-    `model` has full parameters (see `unsharded`)."""
+    """n graded samples for each prompt index in `chunk`, by a module with full parameters: the unit of work `rollout`
+    shares across processes (SPO's online rollouts call it directly). Seeded per chunk: its rows do not depend on who
+    samples it."""
     torch.manual_seed(seed)
     flat = [i for i in chunk for _ in range(n)]
     outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
@@ -794,9 +809,8 @@ def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, 
 def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task: str, n: int = 1,
             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
             gen_batch_size: int = 256, seed: int = 0, accelerator: Accelerator | None = None, desc: str = "rollout"):
-    """n samples per prompt (temperature 0: greedy), graded. `model` may be prepared (sharded): it generates with full
-    parameters (`unsharded`). Under several processes each process samples its share of the chunks, and the results
-    are gathered back in prompt order. Returns rows, prompt-major."""
+    """n graded samples per prompt (temperature 0: greedy), rows prompt-major. `model` may be prepared (it generates under
+    `unsharded`); each process samples its share of the chunks, gathered back in prompt order."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     plan = _chunk_plan(len(prompts), n, gen_batch_size)
@@ -807,21 +821,6 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
                                           max_new_tokens, seed * 1_000_003 + c)))
     chunks = gather_object(mine) if world > 1 else mine
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
-
-
-class _ModelOutputInGraph(torch.autograd.Function):
-    """Identity on the log-probs that gives the model's own (unused) logits a zero gradient in backward, so that the
-    hooks FSDP puts on a forward's outputs (unshard the root for backward, finish the gradient reduction) run."""
-
-    @staticmethod
-    def forward(ctx, lps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        ctx.logits = (logits.shape, logits.dtype, logits.device)
-        return lps.view_as(lps)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        shape, dtype, device = ctx.logits
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict:
@@ -857,9 +856,9 @@ def cache_key(obj) -> str:
 
 
 def failpoint(name: str) -> None:
-    """Crash tests: with the environment variable FAILPOINT=<name> (or <name>@<n>: the n-th time the point is reached)
-    the process dies here at once, as a SIGKILL would leave it: exit status 137, no cleanup, no atexit, no flush. A
-    no-op otherwise. The points sit between the steps of every save that must survive a kill."""
+    """Crash tests: with FAILPOINT=<name> (or <name>@<n>: the n-th time it is reached) the process dies here as a SIGKILL
+    would leave it (exit 137, no cleanup, no flush); a no-op otherwise. The points sit between the steps of every save
+    that must survive a kill."""
     want = os.environ.get("FAILPOINT")
     if not want or want.partition("@")[0] != name:
         return
@@ -914,9 +913,8 @@ def _file_size_limit() -> int | None:
 
 
 def _failed_file(e: BaseException, folder: str) -> str:
-    """The file under `folder` that was being written when `e` was raised: the innermost frame of its traceback that
-    holds such a path (safetensors and torch remove a file they failed to write, and their errors do not name it),
-    else the newest file there, else `folder`."""
+    """The file under `folder` being written when `e` was raised (safetensors and torch remove a file they failed to write,
+    and do not name it): the innermost traceback frame's path there, else the newest file, else `folder`."""
     tb, found = e.__traceback__, None
     while tb is not None:
         for v in tb.tb_frame.f_locals.values():
@@ -1005,9 +1003,9 @@ def read_json_checked(path: str) -> object | None:
 
 
 def clean_orphans(folder: str, min_age_s: float = 0.0) -> list[str]:
-    """Remove the `*.tmp-PID` files and folders (temp files of atomic writes) in `folder` whose process is not this
-    one and no longer runs here, and that are at least `min_age_s` old (a cache shared across machines: a PID alive on
-    another host is not visible here). Returns what it removed."""
+    """Remove the temp files of atomic writes (`*.tmp-PID`) in `folder` whose process is gone and that are at least
+    `min_age_s` old (in a cache shared across machines a PID alive on another host is not visible). Returns what it
+    removed."""
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.search(r"\.tmp-(\d+)$", name)
@@ -1035,9 +1033,9 @@ def _alive(pid: int) -> bool:
 
 
 def chunk_problem(root: str, c: int, n_rows: int) -> str | None:
-    """Why offline-dataset chunk `c` in `root` cannot be used (not written yet, or damaged: its row count or CRC-32
-    differs from its check file), or None if it verifies. A chunk counts only with its check file
-    (check-NNNNN.json, written after the chunk): a chunk without one was cut off and is never trained on."""
+    """Why offline-dataset chunk `c` in `root` cannot be used (missing, or its row count or CRC-32 differs from its check
+    file), or None if it verifies. A chunk without its check file (written after it) was cut off and is never trained
+    on."""
     path, check = os.path.join(root, f"chunk-{c:05d}.jsonl"), os.path.join(root, f"check-{c:05d}.json")
     if not os.path.exists(check):
         return "missing" if not os.path.exists(path) else f"{path} has no check file (its write was cut off)"
@@ -1300,9 +1298,9 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
 
 def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str,
                            save_to: str | None = None) -> None:
-    """Write the offline dataset as one JSONL file, `save_to` (--save_offline_data) or offline.jsonl in its cache dir `root`:
-    per response the import schema (question, response, answer, reward), which --offline_data reads back, plus
-    EXPORT_FIELDS (token ids, per-token log-probs, truncated). Main process only; atomic."""
+    """Write the offline dataset as one JSONL file (`save_to`, else offline.jsonl in its cache folder `root`): per response
+    the import schema (question, response, answer, reward), which --offline_data reads back, plus EXPORT_FIELDS. Main
+    process only; atomic."""
     path = save_to or os.path.join(root, "offline.jsonl")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1320,9 +1318,9 @@ TINY_REBUILD = "python benchmarks/tiny_reference.py --build assets/tiny --force"
 
 
 def tiny_recipe_key() -> str:
-    """The hash of the recipe assets/tiny was built from (its recipe.json), after checking that it is the recipe
-    benchmarks/tiny_reference.py holds now. Nothing is built at run time: a reference built from an older recipe is
-    an error, not silently another model."""
+    """The hash of the recipe assets/tiny was built from (its recipe.json), checked against the recipe
+    benchmarks/tiny_reference.py holds now: a reference built from an older recipe is an error, not silently another
+    model."""
     from benchmarks.tiny_reference import tiny_recipe  # the recipe only: a small dict beside the builder
 
     with open(os.path.join(TINY_SHIPPED, "recipe.json")) as f:
@@ -1366,9 +1364,9 @@ REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a mode
 
 
 def model_key(model: str, cache_dir: str | None = None) -> str:
-    """The reference's identity in cache keys. The tiny model: the hash of the recipe assets/tiny was built from. A hub
-    id: the id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
-    never reuses samples, reference log-probs or evaluations of the old one, and a copy elsewhere reuses them."""
+    """The reference's identity in cache keys: for tiny the hash of its recipe, for a hub id the id, for a local folder the
+    digest of its contents (`content_digest`): a model saved again in place never reuses results of the old one, and a
+    copy elsewhere reuses them."""
     if model == "tiny":
         return f"tiny/shipped-{tiny_recipe_key()}"  # "shipped-": the key the shipped weights have always had
     path = os.path.expanduser(model)
@@ -1422,18 +1420,17 @@ def master_weights(model) -> None:
 
 
 def add_lora(model, r: int):
-    """LoRA adapters on every linear layer (peft, imported only here); every other weight is frozen. B starts at zero,
-    so the adapted model equals the base until trained; reference log-probs come from the same model with the adapter
-    disabled. `model` is a causal LM (the policy) or a bare backbone (a value model's)."""
+    """LoRA adapters on every linear layer of a causal LM or a bare backbone (peft, imported only here); every other weight
+    frozen. B starts at zero, so the model equals its base until trained; the reference is the same model with the
+    adapter disabled."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
 
 
 def value_backbone(causal_lm, lora_r: int = 0):
-    """A copy of `causal_lm`'s backbone for a value network V_φ: its base transformer without the LM head
-    (LlamaForCausalLM -> LlamaModel; a bare backbone -> itself), a LoRA policy's adapters left out. `causal_lm` is not
-    changed. With `lora_r`, the copy is frozen and gets LoRA adapters of its own: a LoRA of the same base."""
+    """A copy of `causal_lm`'s base transformer without its LM head (LlamaForCausalLM -> LlamaModel), a LoRA policy's
+    adapters left out, for a value network. With `lora_r` the copy is frozen and gets LoRA adapters of its own."""
     if hasattr(causal_lm, "unload"):  # a LoRA policy (load_model_and_tokenizer under --lora_r): its base alone
         backbone = copy.deepcopy(causal_lm).unload().base_model
     else:
@@ -1482,9 +1479,9 @@ class ValueModel(torch.nn.Module):
 
 
 def merge_lora(model):
-    """Fold LoRA adapters into their base weights, in place, wherever they are: `model` itself (a LoRA policy) or a
-    direct child (a value model's backbone). Returns the merged model, a plain transformers model again that loads
-    without peft, or None if `model` has no adapters. The adapters are gone afterwards: call it once training is done."""
+    """Fold LoRA adapters into their base weights, in place, in `model` (a LoRA policy) or a direct child (a value model's
+    backbone): returns the merged model, loadable without peft, or None if there are none. Call it once training is
+    done."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     merged = None
@@ -2483,9 +2480,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Accelerator | None = None,
              max_new_tokens: int = 256, gen_batch_size: int = 256, sampled_seeds: int = 1, pass_k: tuple = (),
              pass_n: int = 0, pass_sampling: dict | None = None, pass_problems: int | None = None, seed: int = 0) -> dict:
-    """Greedy accuracy; sampled accuracy (the paper's T=0.7, top_p=0.9, top_k=16) as mean and std over seeds;
-    optionally pass@k from `pass_n` samples per problem (default sampling as above) on the first `pass_problems`
-    problems (None: all; pass_n samples per problem make this the costly part). `model` may be prepared (sharded)."""
+    """Greedy accuracy; sampled accuracy (EVAL_SAMPLING, the paper's protocol) as mean and std over `sampled_seeds`; with
+    `pass_n`, pass@k from `pass_n` samples per problem (`pass_sampling`, default EVAL_SAMPLING) on the first
+    `pass_problems`. `model` may be prepared (sharded)."""
     prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
     common = dict(max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, accelerator=accelerator)
@@ -2530,9 +2527,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
-    model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
-    into the cache key."""
+    """`evaluate_run` on the untrained reference, cached under `cache_dir/eval/` so every script on the same model, task
+    and test set reuses it; `eval_kwargs` go to `evaluate` and into the key."""
     key = cache_key(dict(model=model_key(args.model, args.cache_dir), task=args.task,
                          test_file=data_key(args.test_file, args.cache_dir), n=len(problems),
                          max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
