@@ -667,9 +667,9 @@ def unsharded(model):
     """Yields a module that runs `generate` (and no-grad forwards) on full parameters with no communication, however
     `model` was wrapped:
       - FSDP1: `summon_full_params(writeback=False)`, every unit's forward routed straight to its module, so no unit
-      reshards and re-gathers between decoding steps;
+        reshards and re-gathers between decoding steps;
       - FSDP2 (`fully_shard`): every FSDP module unshards once, resharding after forward off inside; its settings come
-      back on exit;
+        back on exit;
       - DeepSpeed ZeRO-3: `GatheredParameters` over all parameters; anything else: the unwrapped module.
     Entering and leaving are collective under sharding; inside, each process makes any number of calls. Peak memory
     inside: the full parameters on every process."""
@@ -1225,11 +1225,11 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     """The offline dataset from the file `path` (`read_offline_data`), in the form `build_offline_dataset` gives:
       - prompt_ids: `encode_prompt` of the question;
       - response_ids: `encode_response` of the text, as a sampled response (an export's own ids when they are this
-      tokenizer's: `_stored_ids`). One over `max_new_tokens` is cut to its first `max_new_tokens` tokens, `truncated`
-      and graded on what is left, as a sample cut off at the limit;
+        tokenizer's: `_stored_ids`). One over `max_new_tokens` is cut to its first `max_new_tokens` tokens, `truncated`
+        and graded on what is left, as a sample cut off at the limit;
       - reward: the file's, else the task's grader; ref_logps: the reference's log-probs;
       - sampler_logps: the reference's log-probs under `sampling`: μ of imported rows is taken to be the reference
-      sampling with these settings, as for self-sampled rows (DQO's --behavior sampler);
+        sampling with these settings, as for self-sampled rows (DQO's --behavior sampler);
       - prompt_idx: questions numbered in order of first appearance.
     Questions not among `problems` are used anyway, with a warning naming the first. Cached like
     `build_offline_dataset`, keyed by the file's content, the model, the task and the settings above."""
@@ -1963,13 +1963,13 @@ def setup_accelerator(args, algo: str) -> Accelerator:
     """The Accelerator this launch asked for, checked, with trackers and seeding (per-rank offset); sets `args.precision`
     (`resolve_precision`). What it decides, and why:
       - bf16 reaches accelerate as mixed_precision (autocast; under FSDP a policy of bf16 compute, fp32 reduction over
-      fp32 master weights);
+        fp32 master weights);
       - under FSDP gradient accumulation reduce-scatters every micro-batch (`sync_each_batch`): with no_sync FSDP2 keeps
-      each layer's unsharded gradient, a whole model per GPU (+34 GB at 7B); DDP's gradients are full-size either way;
+        each layer's unsharded gradient, a whole model per GPU (+34 GB at 7B); DDP's gradients are full-size either way;
       - the process-group timeout is --dist_timeout: the offline dataset, sampled by each process alone, has no
-      collective for hours, and NCCL's 10-minute default would kill the run;
+        collective for hours, and NCCL's 10-minute default would kill the run;
       - the memory preflight (`preflight`) runs before any weights load; what was launched is printed and written to
-      run.json."""
+        run.json."""
     from datetime import timedelta
 
     from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
