@@ -13,6 +13,11 @@
 Nothing in here is part of an algorithm: losses, targets, pair building, process rewards and rollout policies live in
 the algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO. Everything here is used by at
 least two of the seven entry points (tests/test_layout.py checks it).
+
+What a reader would copy (tasks, grading, tokens, log-probs, generation, scoring, the offline dataset, the value
+network, `evaluate`) takes explicit parameters. Only run plumbing takes the run's `args`, as the bridge from the
+command line: loading the model the flags name, validation, the accelerator and its preflight, step planning, and
+`evaluate_run` / `evaluate_reference`, which evaluate with the run's settings (and cache the reference's result).
 """
 
 import argparse
@@ -88,11 +93,10 @@ def _arith_apply(a: int, op: str, b: int) -> int:
 
 
 def arith_problem(rng: random.Random) -> dict:
-    """One problem: a start value and 2-3 steps. `answer` is the step spec ("7;+5;*3;-4") that the strict verifier
-    replays; `solution` is the gold worked solution, one step per segment, segments separated by a blank line.
-    Each operation appears at most once, so a step's operand is the number beside its operation's words: with repeated
-    operations the 2-layer reference copied the operand of the wrong sentence in most of its failures. One-digit
-    operands for + and - keep each step to at most one carry or borrow, the slip that `arith_solution` plants."""
+    """One problem: a start value and 2-3 steps; `answer` is the step spec ("7;+5;*3;-4") the strict verifier replays,
+    `solution` the gold worked solution, one step per blank-line-separated segment. Each operation appears at most once
+    (with repeats the 2-layer reference copied the wrong sentence's operand), and + and - take one-digit operands: at
+    most one carry or borrow per step, the slip `arith_solution` plants."""
     name, item = rng.choice(ARITH_NAMES), rng.choice(ARITH_ITEMS)
     start = value = rng.randint(2, 20)
     words, ops = [f"{name} has {value} {item}."], []
@@ -117,11 +121,9 @@ def has_carry(a: int, op: str, b: int) -> bool:
 
 def arith_solution(start: int, ops: list, slip_step: int | None = None, rng: random.Random | None = None,
                    carry_slip: float = 0.0) -> tuple:
-    """The worked solution, returned as (text, index of the first slipped step or None). Slips are carried through
-    to a wrong final answer:
-      - `slip_step`: that step's result is off by 1 or 10;
-      - `carry_slip`: each step that needs a carry or a borrow "forgets" it (result off by 10) with this probability:
-        a systematic misconception, which the reference's greedy decoding keeps when the probability is above 1/2."""
+    """The worked solution as (text, index of the first slipped step or None); slips carry through to a wrong final answer.
+    `slip_step`: that step is off by 1 or 10. `carry_slip`: each step that needs a carry or borrow forgets it (off by
+    10) with this probability, a systematic misconception that greedy decoding keeps above 1/2."""
     lines, value, first = [], start, None
     for i, (op, b) in enumerate(ops):
         result = _arith_apply(value, op, b)
@@ -150,8 +152,8 @@ def arith_problems(split: str, n: int, seed: int = 0) -> list[dict]:
 
 
 def _arith_walk(response: str, spec: str) -> tuple:
-    """Replay the spec along the response's step lines: (lines, index of the first step line the strict verifier
-    rejects or None, that line's ARITH_STEP_RE match or None, the right value before that step, or the final one)."""
+    """Replay the spec along the response's step lines: (lines, index of the first rejected step line or None, its
+    ARITH_STEP_RE match or None, the right value before that step, or the final one)."""
     start, *steps = spec.split(";")
     lines = [ln.strip() for ln in response.strip().split("\n") if ln.strip()]
     value = int(start)
@@ -165,24 +167,19 @@ def _arith_walk(response: str, spec: str) -> tuple:
 
 
 def grade_arith(response: str, spec: str) -> float:
-    """Strict verifier: 1.0 only if every step line is `a<op>b=c` with `a` the previous result, the problem's
-    operation, a correct result, and the final `#### N` equals the last result."""
+    """Strict verifier: 1.0 only if every step line is `a<op>b=c` with `a` the previous result, the problem's operation and
+    a correct result, and the final `#### N` equals the last result."""
     lines, wrong, _, value = _arith_walk(response, spec)
     return float(wrong is None and len(lines) == spec.count(";") + 1 and lines[-1].startswith("####")
                  and lines[-1][4:].strip() == str(value))
 
 
-def first_wrong_step(response: str, spec: str) -> int | None:
-    """Index of the first step line that the strict verifier rejects (None if all steps are right)."""
-    return _arith_walk(response, spec)[1]
-
-
 def arith_first_wrong(row: dict) -> int | None:
-    """Index of the first wrong segment of an arith response (segment i is step i, the last one the `####` answer),
-    by the strict verifier; None if the response is correct."""
+    """Index of the first wrong segment of an arith row's response (segment i is step i, the last the `####` answer), by
+    the strict verifier; None if the response is correct."""
     if row["reward"] == 1.0:
         return None
-    step = first_wrong_step(row["response"], row["answer"])
+    step = _arith_walk(row["response"], row["answer"])[1]  # the first step line the strict verifier rejects
     return len(row["answer"].split(";")) - 1 if step is None else step
 
 
@@ -244,15 +241,15 @@ def _problem_from_row(task: str, row: dict, where: str) -> dict:
     return {"question": question, "answer": str(answer), "solution": solution or f"\\boxed{{{answer}}}"}
 
 
-def load_task(task: str, split: str, path: str | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Problems of `task` and `split` as dicts {question, answer, solution}. `path` is a local JSONL file with the
-    hub dataset's fields; without it the data comes from the hub (or, for `arith`, from the generator)."""
+def load_task(task: str, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+    """Problems of `task` and `split` as {question, answer, solution}: from the local JSONL file `path` (the hub dataset's
+    fields), else the hub (`arith`: the generator)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
     if task == "arith":
-        return arith_problems(split, limit or (20_000 if split == "train" else 1000), seed=0)
+        return arith_problems(split, limit or (20_000 if split == "train" else 1000))
     if path:
         rows, name = _read_jsonl(path), path
     else:
@@ -336,8 +333,8 @@ _helpers = {"idle": [], "live": set(), "lock": threading.Lock()}
 
 
 def _forget_helpers_after_fork() -> None:
-    """A forked child starts its own helpers: the parent's pipes are not its to use. Closing its copies of them
-    lets an idle parent helper still see end-of-file when the parent exits."""
+    """A forked child starts its own helpers; closing its copies of the parent's pipes lets an idle parent helper still see
+    end-of-file when the parent exits."""
     for proc in _helpers["live"]:
         proc.stdin.close()
         proc.stdout.close()
@@ -388,11 +385,10 @@ def _checkout_helper():
 
 
 def _math_equal(pred: str, ref: str, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
-    """math-verify equivalence, computed in a helper process that is killed when one answer takes longer than
-    `timeout_s` (counted from when the helper has the answer; starting a helper is not counted). Neither a thread
-    nor signal.alarm can bound it: sympy evaluating e.g. 10^{10^{10^{10}}} is one C call that holds the GIL.
-    Each call checks a helper out of a small pool, so a slow answer never delays another thread's; a subprocess
-    also works inside (daemonic) worker processes, which cannot have multiprocessing children."""
+    """math-verify equivalence in a helper process, killed when an answer takes over `timeout_s` (from when the helper has
+    it). Neither a thread nor signal.alarm can bound it: sympy on e.g. 10^{10^{10^{10}}} is one C call holding the GIL.
+    Each call checks a helper out of a small pool, so a slow answer never delays another thread's, and a subprocess
+    works inside daemonic workers."""
     proc = _checkout_helper()
     if proc is None:
         return False
@@ -411,11 +407,9 @@ def _math_equal(pred: str, ref: str, timeout_s: float = GRADE_TIMEOUT_S) -> bool
 
 
 def grade(response: str, answer: str, task: str) -> float:
-    """Reward 1.0 if `response` is correct for reference `answer`, else 0.0.
-    `answer`: GSM8K the text after ####; MATH/AIME the `answer` field; arith the step spec.
-    Never raises for any `response` or `answer`: one that is not a str (None from a failed decode) grades 0.0, and
-    math-verify gets GRADE_TIMEOUT_S per call, also with many threads grading at once. Raises ValueError only for a
-    task not in TASKS, a programming error (the scripts check --task when they parse their arguments)."""
+    """1.0 if `response` is correct for `answer` (GSM8K: the text after ####; MATH/AIME: the answer field; arith: the step
+    spec), else 0.0. Never raises for any response or answer (a non-str grades 0.0; math-verify gets GRADE_TIMEOUT_S a
+    call, however many threads grade); ValueError only for a task not in TASKS, a programming error."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if not isinstance(response, str) or not isinstance(answer, str):
@@ -451,10 +445,10 @@ def encode_prompt(tokenizer, question: str, task: str) -> list[int]:
 
 
 def end_of_turn_id(tokenizer) -> int:
-    """The token that closes an assistant turn: the special token that follows the message in the chat template's own
-    rendering of one (Gemma `<end_of_turn>`, Llama-3 `<|eot_id|>`, ChatML `<|im_end|>`); being special, it is dropped
-    from decoded text by `skip_special_tokens`. The tokenizer's EOS otherwise: no template, or one that closes
-    a turn with plain text (the tiny model's newline). Computed once per tokenizer and template."""
+    """The token that closes an assistant turn: the special token after the message in the chat template's rendering of one
+    (Gemma `<end_of_turn>`, Llama-3 `<|eot_id|>`, ChatML `<|im_end|>`), dropped from decoded text by
+    `skip_special_tokens`; else the tokenizer's EOS (no template, or one closing a turn with plain text, as the tiny
+    model's newline). Cached per tokenizer and template."""
     return _end_of_turn_id(tokenizer, str(getattr(tokenizer, "chat_template", None)))
 
 
@@ -473,25 +467,24 @@ def _end_of_turn_id(tokenizer, template: str) -> int:  # `template` only keys th
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a response: the model's `generation_config.eos_token_id` (an int or a list: Gemma-2-it
-    [1, 107], Llama-3.1-Instruct [128001, 128008, 128009]), the tokenizer's EOS, and the template's end of turn, which
-    some configs leave out (Gemma-1.1-it lists only 1, `<eos>`, though its turns end with 107, `<end_of_turn>`)."""
+    """Every id that ends a response: the model's `generation_config.eos_token_id` (an int or a list: Gemma-2-it [1, 107]),
+    the tokenizer's EOS, and the template's end of turn, which some configs leave out (Gemma-1.1-it lists only 1, though
+    its turns end with 107)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return {*ids, tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
 
 
 def encode_response(tokenizer, text: str) -> list[int]:
-    """Response text as response ids (rs.py --data gold, imported samples), closed by the end-of-turn token
-    (`end_of_turn_id`: EOS for a model without a chat template), as the model ends a turn when generating. Encoded on
-    its own so no token straddles the prompt/response boundary."""
+    """Response text as response ids, encoded on its own (no token straddles the prompt/response boundary) and closed by
+    `end_of_turn_id`, as the model ends a turn when generating."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
 
 
 def collate(rows: list[dict], pad_token_id: int, token_fields: tuple = (), seq_fields: tuple = ()) -> dict:
-    """Right-padded batch. `mask` is 1 exactly on response tokens (the closing stop token included). Each of
-    `token_fields` is a per-response-token list on the row, placed at the response positions of a (B, T) tensor
-    (0 elsewhere); each of `seq_fields` is a number per row, giving a (B,) tensor."""
+    """Right-padded batch; `mask` is 1 exactly on response tokens (the closing stop token included). Each of `token_fields`
+    (a per-response-token list on the row) fills the response positions of a (B, T) tensor, 0 elsewhere; each of
+    `seq_fields` (a number per row) gives a (B,) tensor."""
     T = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
@@ -513,9 +506,9 @@ SEGMENT_SEP = re.compile(r"\n\s*\n")  # segments of a response (process scores, 
 
 
 def segment_ends(tokenizer, response_ids: list[int]) -> list[int]:
-    """Exclusive token ends of a response's segments, split at blank lines. The segments partition the response: each
-    keeps its trailing blank line, and the last one ends at the last token (EOS included). Token boundaries come from
-    decoding prefixes (a binary search per cut), so any tokenizer works."""
+    """Exclusive token ends of a response's segments, split at blank lines: they partition the response, each keeping its
+    trailing blank line, the last ending at the last token (EOS included). Token boundaries come from decoding prefixes
+    (a binary search per cut), so any tokenizer works."""
     def n_chars(k):
         return len(tokenizer.decode(response_ids[:k], skip_special_tokens=True))
 
@@ -592,17 +585,30 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, war
     return torch.stack(out)
 
 
+class _ModelOutputInGraph(torch.autograd.Function):
+    """Identity on the log-probs that gives the model's own (unused) logits a zero gradient in backward, so that the
+    hooks FSDP puts on a forward's outputs (unshard the root for backward, finish the gradient reduction) run."""
+
+    @staticmethod
+    def forward(ctx, lps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.logits = (logits.shape, logits.dtype, logits.device)
+        return lps.view_as(lps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.logits
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 def token_logprob_variants(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, warps: tuple = (None,),
                            chunk_tokens: int | None = None) -> list[torch.Tensor]:
-    """One forward pass, log-probs under several warps: a (B, T) tensor per entry of `warps` (None: the model's own
-    log-probs; a dict: under `warp_logits` with it). Position 0 (no prefix) and padding positions get 0.
-
-    The model is called through its own wrapper (DDP, FSDP1/2, peft), so their hooks run, with `logits_to_keep=1`: its
-    forward projects only the last position. A forward hook on the backbone takes the final (normed) hidden states,
-    and the output projection is applied here to `chunk_tokens` real tokens at a time (default: LOGPROB_CHUNK_LOGITS
-    logits), checkpointed under autograd so backward recomputes each chunk instead of keeping its logits. Peak extra
-    memory is a few chunks, independent of B and T. On a model's first call its own last-position logits are compared
-    with this head, so an architecture whose logits need something more than `_head_logits` does fails loudly."""
+    """One forward pass, a (B, T) tensor of log-probs per entry of `warps` (None: the model's own; a dict: under
+    `warp_logits`), 0 at position 0 and at padding.
+    The model is called through its wrapper (DDP, FSDP, peft), so their hooks run, with `logits_to_keep=1`. A hook on
+    the backbone takes the final hidden states, and the output projection runs here on `chunk_tokens` tokens at a time
+    (default: LOGPROB_CHUNK_LOGITS logits), checkpointed so backward recomputes each chunk: peak extra memory is a few
+    chunks, whatever B and T. A model's first call compares its own last logits with `_head_logits`, so an architecture
+    that needs more fails loudly."""
     lm = unwrap_causal_lm(model)
     captured = {}
 
@@ -658,17 +664,15 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------------------------
 @contextmanager
 def unsharded(model):
-    """Yields a module that runs `generate` (and no-grad forward passes) on full parameters with no communication,
-    however `model` was wrapped. The wrapping is read from the model itself:
-      - FSDP1 (FullyShardedDataParallel): `summon_full_params(writeback=False)`, and every FSDP unit's forward is routed
-        straight to the module it wraps, so no unit reshards (and re-gathers) between decoding steps;
-      - FSDP2 (`fully_shard`): every FSDP module unshards once on entry, with resharding after forward turned off
-        inside; on exit it reshards and gets its own settings back;
-      - DeepSpeed ZeRO-3: `deepspeed.zero.GatheredParameters` over all parameters;
-      - anything else (DDP, a plain or LoRA model): the unwrapped module.
-    Entering and leaving are collective under sharding (every process must enter together: it all-gathers); inside,
-    each process may make any number of calls. Peak memory inside: the full parameters on every process (FSDP1: in the
-    dtype of its flat parameters, fp32 under mixed precision; FSDP2: in its mixed-precision param_dtype)."""
+    """Yields a module that runs `generate` (and no-grad forwards) on full parameters with no communication, however
+    `model` was wrapped:
+      - FSDP1: `summon_full_params(writeback=False)`, every unit's forward routed straight to its module, so no unit
+        reshards and re-gathers between decoding steps;
+      - FSDP2 (`fully_shard`): every FSDP module unshards once, resharding after forward off inside; its settings come
+        back on exit;
+      - DeepSpeed ZeRO-3: `GatheredParameters` over all parameters; anything else: the unwrapped module.
+    Entering and leaving are collective under sharding; inside, each process makes any number of calls. Peak memory
+    inside: the full parameters on every process."""
     from accelerate.utils import extract_model_from_parallel
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -723,11 +727,10 @@ class RowTemperature(LogitsProcessor):
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: float | list[float], top_p: float, top_k: int,
                    max_new_tokens: int) -> list[dict]:
-    """One batched `generate` call on a module with full parameters (see `unsharded`), stopping at any of
-    `stop_token_ids`. `temperature`: one for all rows (0: greedy), or a list of one per row (all > 0). Returns, per
-    prompt, the response ids (up to and including the first stop id, so scoring and training see how the response
-    ended), the finish reason ("stop" iff a stop id was generated, else "length") and the decoded text, without the
-    stop id."""
+    """One batched `generate` call on a module with full parameters (see `unsharded`), stopping at any of `stop_token_ids`.
+    `temperature`: one for all rows (0: greedy) or one per row (all > 0). Per prompt: the response ids up to and
+    including the first stop id (scoring and training see how it ended), the finish ("stop" or "length") and the decoded
+    text."""
     pad = tokenizer.pad_token_id
     stop = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
@@ -761,10 +764,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], temperature: floa
 @torch.no_grad()
 def score_rows(model, rows: list[dict], pad_token_id: int, warp: dict | None = None,
                max_tokens: int = SCORE_MAX_TOKENS) -> None:
-    """Adds `logps` (the model's per-response-token log-probs) to each row, and with `warp` also `sampler_logps`
-    (the log-probs under the sampler's temperature/top-k/top-p), from one forward pass per micro-batch, model in eval
-    mode. Micro-batches take rows longest first, as many as keep rows x longest length within `max_tokens` (one row
-    at least), so that the padding stays short and memory is bounded whatever the number of rows."""
+    """Adds `logps` (the model's per-response-token log-probs) to each row, and with `warp` `sampler_logps` (under the
+    sampler's warps), in eval mode. Micro-batches take rows longest first, as many as keep rows x length within
+    `max_tokens`: short padding, bounded memory."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -792,9 +794,9 @@ def _chunk_plan(n_prompts: int, n: int, gen_batch_size: int) -> list[range]:
 
 
 def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, max_new_tokens, seed):
-    """n samples for each prompt index in `chunk`, graded: the unit of work that `rollout` shares across processes, and
-    that SPO calls directly for its online rollouts. Seeded per chunk, so a chunk's rows do not depend on who samples it.
-    `model` has full parameters (see `unsharded`)."""
+    """n graded samples for each prompt index in `chunk`, by a module with full parameters: the unit of work `rollout`
+    shares across processes (SPO's online rollouts call it directly). Seeded per chunk: its rows do not depend on who
+    samples it."""
     torch.manual_seed(seed)
     flat = [i for i in chunk for _ in range(n)]
     outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
@@ -807,9 +809,8 @@ def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, 
 def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task: str, n: int = 1,
             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
             gen_batch_size: int = 256, seed: int = 0, accelerator: Accelerator | None = None, desc: str = "rollout"):
-    """n samples per prompt (temperature 0: greedy), graded. `model` may be prepared (sharded): it generates with full
-    parameters (`unsharded`). Under several processes each process samples its share of the chunks, and the results
-    are gathered back in prompt order. Returns rows, prompt-major."""
+    """n graded samples per prompt (temperature 0: greedy), rows prompt-major. `model` may be prepared (it generates under
+    `unsharded`); each process samples its share of the chunks, gathered back in prompt order."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     plan = _chunk_plan(len(prompts), n, gen_batch_size)
@@ -822,26 +823,10 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
 
 
-class _ModelOutputInGraph(torch.autograd.Function):
-    """Identity on the log-probs that gives the model's own (unused) logits a zero gradient in backward, so that the
-    hooks FSDP puts on a forward's outputs (unshard the root for backward, finish the gradient reduction) run."""
-
-    @staticmethod
-    def forward(ctx, lps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        ctx.logits = (logits.shape, logits.dtype, logits.device)
-        return lps.view_as(lps)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        shape, dtype, device = ctx.logits
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
-
-
 def full_state_dict(accelerator: Accelerator, model) -> dict:
-    """The consolidated state dict of a prepared model (on the main process; collective under sharding), with each
-    tied weight under its first name only, as an unsharded save_pretrained writes it. accelerate's `get_state_dict`,
-    except for FSDP1 without CUDA (the CPU tests): there torch's gather with offload_to_cpu=True, which accelerate
-    always asks for, crashes the process (torch 2.13), so the gather stays where the weights are."""
+    """A prepared model's consolidated state dict (main process; collective under sharding), each tied weight under its
+    first name only, as save_pretrained writes it. FSDP1 without CUDA gathers in place: torch's gather with
+    offload_to_cpu=True, which accelerate always asks for, crashes there (torch 2.13)."""
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
     if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():
@@ -871,9 +856,9 @@ def cache_key(obj) -> str:
 
 
 def failpoint(name: str) -> None:
-    """Crash tests: with the environment variable FAILPOINT=<name> (or <name>@<n>: the n-th time the point is reached)
-    the process dies here at once, as a SIGKILL would leave it: exit status 137, no cleanup, no atexit, no flush. A
-    no-op otherwise. The points sit between the steps of every save that must survive a kill."""
+    """Crash tests: with FAILPOINT=<name> (or <name>@<n>: the n-th time it is reached) the process dies here as a SIGKILL
+    would leave it (exit 137, no cleanup, no flush); a no-op otherwise. The points sit between the steps of every save
+    that must survive a kill."""
     want = os.environ.get("FAILPOINT")
     if not want or want.partition("@")[0] != name:
         return
@@ -886,12 +871,10 @@ _FAILPOINT_HITS: dict[str, int] = {}
 
 
 def file_hash(path: str) -> str:
-    """CRC-32 of a file's bytes, streamed (16 MiB reads), as 8 hex digits: what checkpoint manifests, offline-dataset
-    chunks and evaluation caches record to tell a damaged file. CRC-32 rather than a cryptographic hash: it guards
-    against accidents (flipped bits, truncation, a half-copied file), not against an attacker, it catches every burst of
-    up to 32 flipped bits and any other damage but one in 4 billion, and it is the fastest streaming hash in the
-    standard library (zlib: 1.4 GB/s on this machine against 0.8 for sha256 and 0.4 for blake2b), which matters when a
-    7B checkpoint with its optimizer states (about 100 GB) is hashed at every save and every resume."""
+    """CRC-32 of a file's bytes, streamed, as 8 hex digits: what checkpoint manifests, offline-dataset chunks and caches
+    record to tell a damaged file. It guards against accidents, not attackers (any burst of up to 32 flipped bits, other
+    damage but one in 4 billion), and is the fastest streaming hash in the standard library (1.4 GB/s here, sha256 0.8):
+    a 7B checkpoint with its optimizer states (100 GB) is hashed at every save and resume."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -930,9 +913,8 @@ def _file_size_limit() -> int | None:
 
 
 def _failed_file(e: BaseException, folder: str) -> str:
-    """The file under `folder` that was being written when `e` was raised: the innermost frame of its traceback that
-    holds such a path (safetensors and torch remove a file they failed to write, and their errors do not name it),
-    else the newest file there, else `folder`."""
+    """The file under `folder` being written when `e` was raised (safetensors and torch remove a file they failed to write,
+    and do not name it): the innermost traceback frame's path there, else the newest file, else `folder`."""
     tb, found = e.__traceback__, None
     while tb is not None:
         for v in tb.tb_frame.f_locals.values():
@@ -976,22 +958,22 @@ def writing(path: str, cleanup: str | None = None, consequence: str = ""):
         raise err from None
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write to a temp file and rename it into place, so a kill mid-write never leaves a truncated file."""
+def write_atomic(path: str, lines) -> None:
+    """Write `lines` (strings, streamed) to a temp file and rename it into place: a kill mid-write never leaves a
+    truncated file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with writing(path, cleanup=tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f)
+            f.writelines(lines)
         os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_atomic(path, [json.dumps(obj)])
 
 
 def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with writing(path, cleanup=tmp):
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
+    write_atomic(path, (json.dumps(r) + "\n" for r in rows))
 
 
 def write_json_checked(path: str, obj) -> None:
@@ -1021,9 +1003,9 @@ def read_json_checked(path: str) -> object | None:
 
 
 def clean_orphans(folder: str, min_age_s: float = 0.0) -> list[str]:
-    """Remove the `*.tmp-PID` files and folders (temp files of atomic writes) in `folder` whose process is not this
-    one and no longer runs here, and that are at least `min_age_s` old (a cache shared across machines: a PID alive on
-    another host is not visible here). Returns what it removed."""
+    """Remove the temp files of atomic writes (`*.tmp-PID`) in `folder` whose process is gone and that are at least
+    `min_age_s` old (in a cache shared across machines a PID alive on another host is not visible). Returns what it
+    removed."""
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.search(r"\.tmp-(\d+)$", name)
@@ -1051,9 +1033,9 @@ def _alive(pid: int) -> bool:
 
 
 def chunk_problem(root: str, c: int, n_rows: int) -> str | None:
-    """Why offline-dataset chunk `c` in `root` cannot be used (not written yet, or damaged: its row count or CRC-32
-    differs from its check file), or None if it verifies. A chunk counts only with its check file
-    (check-NNNNN.json, written after the chunk): a chunk without one was cut off and is never trained on."""
+    """Why offline-dataset chunk `c` in `root` cannot be used (missing, or its row count or CRC-32 differs from its check
+    file), or None if it verifies. A chunk without its check file (written after it) was cut off and is never trained
+    on."""
     path, check = os.path.join(root, f"chunk-{c:05d}.jsonl"), os.path.join(root, f"check-{c:05d}.json")
     if not os.path.exists(check):
         return "missing" if not os.path.exists(path) else f"{path} has no check file (its write was cut off)"
@@ -1085,10 +1067,9 @@ def chunks_to_build(root: str, mine: range, n_rows: dict) -> list[int]:
 
 
 def claim_chunks(root: str, todo: list[int], n_rows: dict) -> Iterator[int]:
-    """The chunks of `todo` this process must sample, each held under an exclusive lock (flock on lock-NNNNN) while the
-    caller builds it, so that two runs building the same dataset split the work: a chunk another process holds is left
-    for later, then waited for, and taken over only if that process died before finishing it (the kernel drops the
-    lock of a dead process). A chunk that verifies once its lock is held was finished by someone else: skipped."""
+    """The chunks of `todo` this process must sample, each under an exclusive flock (lock-NNNNN) while it builds it, so two
+    runs building one dataset split the work: a chunk held elsewhere is waited for, and taken over only if its holder
+    died (the kernel drops a dead process's lock); one that then verifies is skipped."""
     waiting, built = [], 0
     for blocking in (False, True):
         for c in todo if not blocking else waiting:
@@ -1123,38 +1104,43 @@ def write_chunk(root: str, c: int, rows: list[dict]) -> None:
     write_json_atomic(os.path.join(root, f"check-{c:05d}.json"), {"rows": len(rows), "crc32": file_hash(path)})
 
 
-def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
-    """The DQO paper's offline dataset: for each training prompt, `args.n_samples` samples from the reference policy,
-    graded 1/0, with the reference's per-token log-probs (`ref_logps`) and the sampler's (`sampler_logps`) stored.
-
-    Cached under `args.cache_dir/offline/<key>/`, keyed by model, task, split, n, sampling parameters and seed; a
-    second script on the same model and task reuses it. Each chunk of prompts is written atomically when done, so
-    an interrupted build resumes without redoing finished prompts. Chunks are shared round-robin across processes.
-    With `args.offline_data` the rows come from that file instead (`import_offline_dataset`). Either way the dataset
-    is also written as one file (`export_offline_dataset`)."""
-    if getattr(args, "offline_data", None):
-        return import_offline_dataset(accelerator, model, tokenizer, problems, args)
-    key_fields = dict(model=model_key(args), task=args.task, split="train", train_file=data_key(args, "train"),
-                      n_prompts=len(problems), n=args.n_samples, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, chunk=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "offline", cache_key(key_fields))
+def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], *, model_name: str, task: str,
+                          n: int, sampling: dict, max_new_tokens: int, gen_batch_size: int, seed: int, cache_dir: str,
+                          train_file: str | None = None, offline_data: str | None = None,
+                          save_to: str | None = None) -> list[dict]:
+    """The DQO paper's offline dataset: for each training prompt, `n` samples from the reference `model` (named
+    `model_name`, as --model) under `sampling` (temperature, top_p, top_k), graded 1/0, with the reference's per-token
+    log-probs (`ref_logps`) and the sampler's (`sampler_logps`). `train_file`: the local file `problems` came from, if
+    any.
+    Cached under `cache_dir/offline/<key>/`, keyed by model, task, data, n, sampling and seed, so another script on the
+    same model and task reuses it; in chunks written atomically (an interrupted build resumes) and shared round-robin
+    across processes. With `offline_data` the rows come from that file instead (`import_offline_dataset`). Either way
+    the dataset is also exported as one file (`save_to`, or offline.jsonl in its cache folder)."""
+    if offline_data:
+        return import_offline_dataset(accelerator, model, tokenizer, problems, path=offline_data, model_name=model_name,
+                                      task=task, sampling=sampling, max_new_tokens=max_new_tokens,
+                                      gen_batch_size=gen_batch_size, cache_dir=cache_dir, save_to=save_to)
+    sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+    key_fields = dict(model=model_key(model_name, cache_dir), task=task, split="train",
+                      train_file=data_key(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
+                      max_new_tokens=max_new_tokens, seed=seed, chunk=gen_batch_size)
+    root = os.path.join(cache_dir, "offline", cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(root, "key.json"), key_fields)
-    prompts = [encode_prompt(tokenizer, p["question"], args.task) for p in problems]
+    prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    plan = _chunk_plan(len(prompts), args.n_samples, args.gen_batch_size)
+    plan = _chunk_plan(len(prompts), n, gen_batch_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    n_rows = {c: len(chunk) * args.n_samples for c, chunk in enumerate(plan)}
+    n_rows = {c: len(chunk) * n for c, chunk in enumerate(plan)}
     todo = chunks_to_build(root, range(rank, len(plan), world), n_rows)
     done_before = len(range(rank, len(plan), world)) - len(todo)
     bar = tqdm(total=len(range(rank, len(plan), world)), initial=done_before, desc="offline dataset",
                disable=not accelerator.is_local_main_process)
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
         for c in claim_chunks(root, todo, n_rows):  # another run building this dataset may take some of them
-            rows = rollout_chunk(policy, tokenizer, prompts, answers, args.task, plan[c], args.n_samples, sampling,
-                                 args.max_new_tokens, args.seed * 1_000_003 + c)
+            rows = rollout_chunk(policy, tokenizer, prompts, answers, task, plan[c], n, sampling, max_new_tokens,
+                                 seed * 1_000_003 + c)
             score_rows(policy, rows, tokenizer.pad_token_id, warp=sampling)
             for r in rows:
                 r["ref_logps"] = r.pop("logps")
@@ -1174,7 +1160,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
     acc = np.mean([r["reward"] for r in rows])
     accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompts)} prompts, "
                       f"mean reward {acc:.3f}, truncated {np.mean([r['truncated'] for r in rows]):.3f} ({root})")
-    export_offline_dataset(accelerator, rows, problems, root, args)
+    export_offline_dataset(accelerator, rows, problems, root, save_to)
     return rows
 
 
@@ -1183,11 +1169,9 @@ EXPORT_FIELDS = ("prompt_idx", "truncated", "prompt_ids", "response_ids", "ref_l
 
 
 def read_offline_data(path: str) -> list[dict]:
-    """The rows of an --offline_data file (JSONL, or Parquet as `datasets` writes it), checked field by field: a
-    non-empty string `question`, `response` and `answer` (arith: the step spec, e.g. "7;+5;*3"; an int is taken as
-    text), `reward` absent, null or 0/1. An export's `prompt_ids` and `response_ids` are kept (see `_stored_ids`), its
-    other fields ignored. Raises DataError naming the file, the row (1-based, as a line number of a JSONL file) and the
-    field."""
+    """The rows of an --offline_data file (JSONL, or Parquet as `datasets` writes it), checked: non-empty string
+    `question`, `response` and `answer` (an int answer is taken as text), `reward` absent, null or 0/1. An export's
+    `prompt_ids` and `response_ids` are kept (`_stored_ids`). DataError names the file, the 1-based row and the field."""
     if path.endswith(".parquet") and os.path.isfile(path):
         import pyarrow.parquet  # what `datasets` reads and writes Parquet with
 
@@ -1235,28 +1219,25 @@ def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int
     return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
 
 
-def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], args) -> list[dict]:
-    """The offline dataset from `args.offline_data` (`read_offline_data`), in the form `build_offline_dataset` gives:
-      - prompt_ids: the question in the task's prompt and the model's chat template (`encode_prompt`);
-      - response_ids: the response text with the end-of-turn token (`encode_response`), as a sampled response (an
-        exported row's own ids instead, when they are this tokenizer's: `_stored_ids`). A
-        response over --max_new_tokens is truncated to its first --max_new_tokens tokens (no end-of-turn token),
-        `truncated` true and graded on what is left, as a sample cut off at the limit is;
-      - reward: the file's, else the task's grader on the response and `answer`;
-      - ref_logps: the reference's per-token log-probs (one forward pass, as for a sample);
-      - sampler_logps: the reference's log-probs under --temperature/--top_p/--top_k: μ for imported rows is taken to
-        be the reference sampling with these settings, as for self-sampled rows (DQO's --behavior sampler; the
-        default --behavior ref uses ref_logps);
-      - prompt_idx: questions numbered in order of first appearance in the file.
-    Questions not among the task's training prompts (`problems`) are used anyway, with a warning naming the first:
-    a file may well hold other questions. Cached under `cache_dir/offline/<key>/`, the key built from the file's
-    content, the model, the task and the settings above, in chunks (resumable, shared across processes)."""
-    path = args.offline_data
+def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], *, path: str, model_name: str,
+                           task: str, sampling: dict, max_new_tokens: int, gen_batch_size: int, cache_dir: str,
+                           save_to: str | None = None) -> list[dict]:
+    """The offline dataset from the file `path` (`read_offline_data`), in the form `build_offline_dataset` gives:
+      - prompt_ids: `encode_prompt` of the question;
+      - response_ids: `encode_response` of the text, as a sampled response (an export's own ids when they are this
+        tokenizer's: `_stored_ids`). One over `max_new_tokens` is cut to its first `max_new_tokens` tokens, `truncated`
+        and graded on what is left, as a sample cut off at the limit;
+      - reward: the file's, else the task's grader; ref_logps: the reference's log-probs;
+      - sampler_logps: the reference's log-probs under `sampling`: μ of imported rows is taken to be the reference
+        sampling with these settings, as for self-sampled rows (DQO's --behavior sampler);
+      - prompt_idx: questions numbered in order of first appearance.
+    Questions not among `problems` are used anyway, with a warning naming the first. Cached like
+    `build_offline_dataset`, keyed by the file's content, the model, the task and the settings above."""
     src = read_offline_data(path)
-    key_fields = dict(model=model_key(args), task=args.task, offline_data=content_digest(path), n_rows=len(src),
-                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      max_new_tokens=args.max_new_tokens, chunk=args.gen_batch_size)
-    root = os.path.join(args.cache_dir, "offline", cache_key(key_fields))
+    sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+    key_fields = dict(model=model_key(model_name, cache_dir), task=task, offline_data=content_digest(path),
+                      n_rows=len(src), **sampling, max_new_tokens=max_new_tokens, chunk=gen_batch_size)
+    root = os.path.join(cache_dir, "offline", cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(root, "key.json"), key_fields)
@@ -1267,10 +1248,9 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     unknown = [i for i, r in enumerate(src, 1) if r["question"] not in known]
     if unknown:
         accelerator.print(f"warning: {path}: {len(unknown)} of {len(src)} rows have a question that is not among the "
-                          f"{len(problems)} training prompts of task {args.task} (first: row {unknown[0]}); they are "
+                          f"{len(problems)} training prompts of task {task} (first: row {unknown[0]}); they are "
                           "used as they are")
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    chunks = [range(s, min(s + args.gen_batch_size, len(src))) for s in range(0, len(src), args.gen_batch_size)]
+    chunks = [range(s, min(s + gen_batch_size, len(src))) for s in range(0, len(src), gen_batch_size)]
     rank, world = accelerator.process_index, accelerator.num_processes
     todo = [c for c in range(rank, len(chunks), world) if not os.path.exists(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
     bar = tqdm(total=len(range(rank, len(chunks), world)), initial=len(range(rank, len(chunks), world)) - len(todo),
@@ -1283,19 +1263,19 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
             for i in chunks[c]:
                 r = src[i]
                 if r["question"] not in prompts:
-                    prompts[r["question"]] = encode_prompt(tokenizer, r["question"], args.task)
-                ids = _stored_ids(r, prompts[r["question"]], tokenizer, args.max_new_tokens)
+                    prompts[r["question"]] = encode_prompt(tokenizer, r["question"], task)
+                ids = _stored_ids(r, prompts[r["question"]], tokenizer, max_new_tokens)
                 stored = ids is not None  # an export read back: its own tokens, `truncated` as it was
                 ids = ids if stored else encode_response(tokenizer, r["response"])  # text, then the end-of-turn token
-                truncated = ids[-1] not in stops if stored else len(ids) > args.max_new_tokens
+                truncated = ids[-1] not in stops if stored else len(ids) > max_new_tokens
                 response, reward = r["response"], r["reward"]
                 if truncated and not stored:  # what generation keeps of a response that reaches the limit: no stop token
-                    ids = ids[: args.max_new_tokens]
+                    ids = ids[:max_new_tokens]
                     response, reward = tokenizer.decode(ids, skip_special_tokens=True), None
                 rows.append(dict(response_ids=ids, finish="length" if truncated else "stop", response=response,
                                  prompt_idx=prompt_idx[r["question"]], prompt_ids=prompts[r["question"]],
                                  answer=r["answer"], truncated=truncated, row=i + 1,
-                                 reward=grade(response, r["answer"], args.task) if reward is None else reward))
+                                 reward=grade(response, r["answer"], task) if reward is None else reward))
             score_rows(policy, rows, tokenizer.pad_token_id, warp=sampling)
             for r in rows:
                 r["ref_logps"] = r.pop("logps")
@@ -1305,22 +1285,23 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     accelerator.wait_for_everyone()
     rows = [r for c in range(len(chunks)) for r in _read_jsonl(os.path.join(root, f"chunk-{c:05d}.jsonl"))]
     given = [(r, s) for r, s in zip(rows, src) if s["reward"] is not None and not r["truncated"]]
-    disagree = sum(r["reward"] != grade(r["response"], r["answer"], args.task) for r, _ in given)
+    disagree = sum(r["reward"] != grade(r["response"], r["answer"], task) for r, _ in given)
     n_trunc = sum(r["truncated"] for r in rows)
     accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompt_idx)} prompts imported from {path}, mean "
                       f"reward {np.mean([r['reward'] for r in rows]):.3f}; {len(rows) - len(given)} rewards by the grader"
                       f"{f', {disagree} of the {len(given)} given rewards differ from it' if disagree else ''}; "
-                      f"{n_trunc} responses over --max_new_tokens {args.max_new_tokens} truncated ({root})")
+                      f"{n_trunc} responses over --max_new_tokens {max_new_tokens} truncated ({root})")
     questions = {i: q for q, i in prompt_idx.items()}
-    export_offline_dataset(accelerator, rows, [{"question": questions[i]} for i in range(len(questions))], root, args)
+    export_offline_dataset(accelerator, rows, [{"question": questions[i]} for i in range(len(questions))], root, save_to)
     return rows
 
 
-def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str, args) -> None:
-    """Write the offline dataset as one JSONL file, `--save_offline_data` or `offline.jsonl` in its cache dir `root`:
-    per response the import schema (question, response, answer, reward), which --offline_data reads back, plus
-    EXPORT_FIELDS (token ids, per-token log-probs, truncated). Main process only; atomic."""
-    path = getattr(args, "save_offline_data", None) or os.path.join(root, "offline.jsonl")
+def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str,
+                           save_to: str | None = None) -> None:
+    """Write the offline dataset as one JSONL file (`save_to`, else offline.jsonl in its cache folder `root`): per response
+    the import schema (question, response, answer, reward), which --offline_data reads back, plus EXPORT_FIELDS. Main
+    process only; atomic."""
+    path = save_to or os.path.join(root, "offline.jsonl")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         _write_jsonl_atomic(path, [dict(question=problems[r["prompt_idx"]]["question"], response=r["response"],
@@ -1337,9 +1318,9 @@ TINY_REBUILD = "python benchmarks/tiny_reference.py --build assets/tiny --force"
 
 
 def tiny_recipe_key() -> str:
-    """The hash of the recipe assets/tiny was built from (its recipe.json), after checking that it is the recipe
-    benchmarks/tiny_reference.py holds now. Nothing is built at run time: a reference built from an older recipe is
-    an error, not silently another model."""
+    """The hash of the recipe assets/tiny was built from (its recipe.json), checked against the recipe
+    benchmarks/tiny_reference.py holds now: a reference built from an older recipe is an error, not silently another
+    model."""
     from benchmarks.tiny_reference import tiny_recipe  # the recipe only: a small dict beside the builder
 
     with open(os.path.join(TINY_SHIPPED, "recipe.json")) as f:
@@ -1351,11 +1332,10 @@ def tiny_recipe_key() -> str:
 
 
 def content_digest(path: str, memo_path: str | None = None) -> str:
-    """sha256 of a file's bytes, or of every file in a folder (relative names and bytes): the identity of an input in
-    cache keys, so a data file or model edited in place never reuses samples, log-probs or evaluations of the old one.
-    Each file's hash is remembered by (path, size, ctime, inode), per process and in the JSON file `memo_path` if given,
-    so a 17 GB model is read once, not at every start. In a folder, the reports this project writes beside a model
-    (eval.py's eval-<task>.json, tiny_reference.py's quality.json) are not part of it."""
+    """sha256 of a file, or of a folder's files (names and bytes): an input's identity in cache keys, so a file or model
+    changed in place never reuses results of the old one. Each file's hash is remembered by (path, size, ctime, inode),
+    per process and in `memo_path`, so a 17 GB model is read once. Reports written beside a model (REPORT_FILES) are
+    left out."""
     memo = {}
     if memo_path and os.path.exists(memo_path):
         with open(memo_path) as f:
@@ -1383,31 +1363,28 @@ _DIGESTS: dict[str, str] = {}
 REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
 
 
-def model_key(args) -> str:
-    """The reference's identity in cache keys. The tiny model: the hash of the recipe assets/tiny was built from. A hub
-    id: the id. A local directory: the digest of its contents (`content_digest`), so a model saved again to the same folder
-    never reuses samples, reference log-probs or evaluations of the old one, and a copy elsewhere reuses them."""
-    if args.model == "tiny":
+def model_key(model: str, cache_dir: str | None = None) -> str:
+    """The reference's identity in cache keys: for tiny the hash of its recipe, for a hub id the id, for a local folder the
+    digest of its contents (`content_digest`): a model saved again in place never reuses results of the old one, and a
+    copy elsewhere reuses them."""
+    if model == "tiny":
         return f"tiny/shipped-{tiny_recipe_key()}"  # "shipped-": the key the shipped weights have always had
-    path = os.path.expanduser(args.model)
+    path = os.path.expanduser(model)
     if not os.path.isdir(path):
-        return args.model
-    return f"local:{content_digest(path, os.path.join(args.cache_dir, 'digests.json'))}"
+        return model
+    return f"local:{content_digest(path, cache_dir and os.path.join(cache_dir, 'digests.json'))}"
 
 
-def data_key(args, split: str) -> str | None:
-    """The identity of a split's local JSONL file in cache keys (its contents' digest); None for the hub or `arith`."""
-    path = args.train_file if split == "train" else args.test_file
-    return content_digest(path, os.path.join(args.cache_dir, "digests.json")) if path else None
+def data_key(path: str | None, cache_dir: str | None = None) -> str | None:
+    """The identity of a local JSONL data file in cache keys (its contents' digest); None for the hub or `arith`."""
+    return content_digest(path, cache_dir and os.path.join(cache_dir, "digests.json")) if path else None
 
 
 def load_model_and_tokenizer(args, accelerator: Accelerator | None = None, trainable: bool = True):
-    """`--model tiny` loads the embedded reference, assets/tiny; anything else is a hub id or a local
-    directory, loaded with AutoModelForCausalLM / AutoTokenizer. Pads on the left for generation is handled in
-    `generate_batch`; the tokenizer gets a pad token if it has none.
-    Precision (`args.precision`, see `resolve_precision`): fp32 loads fp32; bf16 loads the weights in their stored dtype
-    (Gemma: bf16), and a `trainable` model gets fp32 master copies of the weights it trains (`master_weights`) unless
-    the launch shards it: FSDP2's `prepare` upcasts them itself, after which each process holds only its shard."""
+    """The model and tokenizer --model names: `tiny` (assets/tiny), a hub id or a local save_pretrained folder; the
+    tokenizer gets a pad token if it has none. `args.precision` fp32 loads fp32, bf16 the stored dtype; a `trainable`
+    model gets fp32 master weights (`master_weights`) unless the launch shards it (FSDP2's `prepare` upcasts them
+    itself, on each process's shard only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = args.model
@@ -1443,18 +1420,17 @@ def master_weights(model) -> None:
 
 
 def add_lora(model, r: int):
-    """LoRA adapters on every linear layer (peft, imported only here); every other weight is frozen. B starts at zero,
-    so the adapted model equals the base until trained; reference log-probs come from the same model with the adapter
-    disabled. `model` is a causal LM (the policy) or a bare backbone (a value model's)."""
+    """LoRA adapters on every linear layer of a causal LM or a bare backbone (peft, imported only here); every other weight
+    frozen. B starts at zero, so the model equals its base until trained; the reference is the same model with the
+    adapter disabled."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
 
 
 def value_backbone(causal_lm, lora_r: int = 0):
-    """A copy of `causal_lm`'s backbone for a value network V_φ: its base transformer without the LM head
-    (LlamaForCausalLM -> LlamaModel; a bare backbone -> itself), a LoRA policy's adapters left out. `causal_lm` is not
-    changed. With `lora_r`, the copy is frozen and gets LoRA adapters of its own: a LoRA of the same base."""
+    """A copy of `causal_lm`'s base transformer without its LM head (LlamaForCausalLM -> LlamaModel), a LoRA policy's
+    adapters left out, for a value network. With `lora_r` the copy is frozen and gets LoRA adapters of its own."""
     if hasattr(causal_lm, "unload"):  # a LoRA policy (load_model_and_tokenizer under --lora_r): its base alone
         backbone = copy.deepcopy(causal_lm).unload().base_model
     else:
@@ -1463,12 +1439,10 @@ def value_backbone(causal_lm, lora_r: int = 0):
 
 
 class ValueModel(torch.nn.Module):
-    """V_φ of DRO and DQO: a copy of the reference's backbone (the causal LM without its LM head, `value_backbone`) and
-    a scalar linear head, zero-initialised so that V ≡ 0 before training. forward(input_ids, attention_mask) gives
-    (B, T) values aligned with `token_logprobs`: values[:, t] = V(s_t), the state before token t, read from the hidden
-    state at t − 1 (0 at t = 0). DQO reads every position; DRO the first response position, V(x). With `lora_r` the
-    backbone is frozen and trains LoRA adapters of its own. Saved (`save_pretrained`, as common.save_model calls it)
-    as the backbone in transformers' format and the head as value_head.safetensors; `from_pretrained` reads both."""
+    """V_φ of DRO and DQO: a copy of the reference's backbone (`value_backbone`) and a scalar head, zero-initialised so V ≡
+    0 before training. forward gives (B, T) values aligned with `token_logprobs`: values[:, t] = V(s_t), the state
+    before token t, read from the hidden state at t − 1 (0 at t = 0). Saved as the backbone in transformers' format plus
+    value_head.safetensors; `from_pretrained` reads both."""
 
     def __init__(self, causal_lm, lora_r: int = 0, copy_backbone: bool = True):
         super().__init__()
@@ -1505,9 +1479,9 @@ class ValueModel(torch.nn.Module):
 
 
 def merge_lora(model):
-    """Fold LoRA adapters into their base weights, in place, wherever they are: `model` itself (a LoRA policy) or a
-    direct child (a value model's backbone). Returns the merged model, a plain transformers model again that loads
-    without peft, or None if `model` has no adapters. The adapters are gone afterwards: call it once training is done."""
+    """Fold LoRA adapters into their base weights, in place, in `model` (a LoRA policy) or a direct child (a value model's
+    backbone): returns the merged model, loadable without peft, or None if there are none. Call it once training is
+    done."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     merged = None
@@ -1710,12 +1684,9 @@ class ArgumentError(SystemExit):
 
 def validate_args(args, rules: dict | None = None) -> None:
     """Check every flag right after parsing, before anything is loaded or written, and derive --grad_accum from
-    --global_batch_size. `rules` (flag -> (test, what it must be)) are the algorithm file's own, on top of
-    SHARED_RULES (and replacing a shared rule of the same name). Checks, in order: each flag's range or choices; the
-    global batch; the model (`tiny`, a save_pretrained folder, or a hub id ORG/NAME); the input files (they exist,
-    are UTF-8 JSONL with the task's fields, not empty); the tracker; the output dir (a fresh run never writes into
-    another run's; --resume needs a complete checkpoint there). Raises ArgumentError naming the flag, the value and
-    what it must be."""
+    --global_batch_size. `rules` (flag -> (test, what it must be)) are the file's own, over SHARED_RULES. Then the
+    model, the input files, the tracker, the cache dir and the output dir (`check_*`). Raises ArgumentError naming the
+    flag, the value and what it must be."""
     check_rules(args, {**SHARED_RULES, **(rules or {})})
     if not args.epochs and not args.max_steps:
         raise ArgumentError("--epochs or --max_steps must be set: nothing to train")
@@ -1833,11 +1804,10 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "eval_every"
 
 
 def check_output_dir(output_dir: str, resume: bool) -> None:
-    """A fresh run needs an output dir with no run in it. --resume needs a checkpoint there (its files' sizes are
-    checked here, their CRC-32 in `load_checkpoint`), or, if the run stopped before its first checkpoint, the run's
-    run.json (the run then starts again in place; setup_accelerator checks that run.json is this command's). Then the
-    first process claims the folder (`claim_output_dir`), checks again under the claim, and removes temp files
-    that killed runs left there."""
+    """A fresh run needs an output dir with no run in it; --resume a checkpoint there (sizes checked here, CRC-32 in
+    `load_checkpoint`) or the run.json of a run that stopped before its first one (it starts again in place). The first
+    process then claims the folder (`claim_output_dir`), checks again under the claim and removes killed runs' temp
+    files."""
     if not output_dir:
         raise ArgumentError("--output_dir is empty")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -1878,10 +1848,9 @@ _CLAIMS: dict[str, int] = {}  # output dir -> the open file descriptor holding i
 
 
 def claim_output_dir(output_dir: str) -> None:
-    """Make this process the only writer of `output_dir`: an exclusive flock on `output_dir/.lock`, which holds the
-    holder's identity (pid, host, start, command). A second launch finds the lock held and stops with an error naming
-    the holder. The kernel drops the lock when its process ends, even on SIGKILL or a machine reboot, so a lock file
-    left by a dead run is stale by construction: taken over, with a note. Released (and emptied) at exit."""
+    """Make this process the only writer of `output_dir`: an exclusive flock on `output_dir/.lock`, which names its holder.
+    A second launch stops with an error naming it. The kernel drops the lock when its process dies (even SIGKILL), so a
+    lock left by a dead run is taken over, with a note. Released at exit."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.realpath(os.path.join(output_dir, ".lock"))
     if path in _CLAIMS:  # this process claimed it already (e.g. two runs in one test process, one after the other)
@@ -1954,10 +1923,9 @@ def resolve_precision(model: str, precision: str | None) -> str:
 
 
 def check_versions(sharding: str | None, fsdp_version: int, versions: dict | None = None) -> None:
-    """Under FSDP2, `unsharded` reads private attributes of torch's fully_shard state, and `token_logprobs` needs
-    accelerate's root wrapping (an older accelerate reshards the root after forward, which frees the output head's
-    weight that log-probs read): stop at start, not at the first evaluation. `versions`: {"torch": ..., "accelerate":
-    ...}, default the installed ones."""
+    """Under FSDP2, `unsharded` reads private fully_shard state and `token_logprobs` needs accelerate's root wrapping (an
+    older one frees the head's weight after forward): stop at start, not at the first evaluation. `versions` defaults to
+    the installed ones."""
     if sharding != "FSDP" or fsdp_version != 2:
         return
     import accelerate
@@ -1992,18 +1960,16 @@ def preflight(args, algo: str, accelerator: Accelerator, sharding: str | None) -
 
 
 def setup_accelerator(args, algo: str) -> Accelerator:
-    """The Accelerator this launch asked for, checked, with TensorBoard tracking under `output_dir` and seeding as one
-    block (per-rank offset). Sets `args.precision` (`resolve_precision`). What it decides, and why:
-      - precision: bf16 reaches accelerate as mixed_precision (autocast; under FSDP2 a MixedPrecisionPolicy of bf16
-        parameters for compute and fp32 gradient reduction over fp32 master weights);
-      - gradient accumulation under FSDP reduce-scatters every micro-batch (`sync_each_batch`): with no_sync, FSDP2
-        keeps each layer's unsharded gradient between micro-batches, a whole model's worth per GPU (+34 GB at 7B in
-        bf16). Under plain data parallel no_sync stays on: DDP's gradients are full-size either way;
-      - the process-group timeout is --dist_timeout (the offline dataset, sampled by each process on its own, has no
-        collective for hours at paper size; NCCL's default of 10 minutes would kill a run whose processes finish
-        their shares at different times);
-      - the effective precision, world, sharding and batch sizes are printed and written to run.json;
-      - the memory preflight (`preflight`) runs before any weights load."""
+    """The Accelerator this launch asked for, checked, with trackers and seeding (per-rank offset); sets `args.precision`
+    (`resolve_precision`). What it decides, and why:
+      - bf16 reaches accelerate as mixed_precision (autocast; under FSDP a policy of bf16 compute, fp32 reduction over
+        fp32 master weights);
+      - under FSDP gradient accumulation reduce-scatters every micro-batch (`sync_each_batch`): with no_sync FSDP2 keeps
+        each layer's unsharded gradient, a whole model per GPU (+34 GB at 7B); DDP's gradients are full-size either way;
+      - the process-group timeout is --dist_timeout: the offline dataset, sampled by each process alone, has no
+        collective for hours, and NCCL's 10-minute default would kill the run;
+      - the memory preflight (`preflight`) runs before any weights load; what was launched is printed and written to
+        run.json."""
     from datetime import timedelta
 
     from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
@@ -2114,25 +2080,16 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: 
             f.write(json.dumps({"step": step, **metrics}) + "\n")  # a line cut off by a kill is dropped on resume
 
 
-class _TiedWeightsNote(logging.Filter):
-    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" at each checkpoint: a tied output
-    projection (the tiny model's, Gemma's) is stored once on purpose and tied again on load, and the warning, printed
-    in the middle of the progress bar, says nothing a user can act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK n] "
-
-
-logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
+# accelerate's "Removed shared tensor {'lm_head.weight'} while saving", at each checkpoint, says nothing a user can act
+# on: a tied output projection (the tiny model's, Gemma's) is stored once on purpose and tied again on load
+logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> None:
-    """Atomic: accelerate's full state (models, optimizers, registered schedulers, RNG) plus `state` goes to
-    checkpoint.tmp, which becomes checkpoint/ only when complete, so a kill at any moment leaves a checkpoint that
-    verifies. trainer_state.json, written last, lists every file with its size and CRC-32 (`file_hash`): a folder
-    without it was cut off and is never loaded. At most one checkpoint is kept, plus the one being written: the
-    rotation (`_rotate_checkpoints`) tolerates whatever a killed save or rotation left. The first save prints the
-    checkpoint's size."""
+    """Atomic: accelerate's state (models, optimizers, registered schedulers, RNG) plus `state` goes to checkpoint.tmp,
+    which becomes checkpoint/ only when complete. trainer_state.json, written last, lists every file's size and CRC-32:
+    a folder without it was cut off and is never loaded. One checkpoint is kept, plus the one being written
+    (`_rotate_checkpoints`). The first save prints the size."""
     tmp = os.path.join(output_dir, "checkpoint.tmp")
     lost = "The checkpoint was not written; the previous one, if any, is untouched"
     if accelerator.is_main_process:
@@ -2204,10 +2161,9 @@ def _checkpoint_problem(path: str, files: dict, hashes: bool) -> str | None:
 
 
 def checkpoint_path(output_dir: str, hashes: bool = True, quiet: bool = False) -> str | None:
-    """The newest checkpoint in `output_dir` that verifies (`_checkpoint_problem`): checkpoint/, or, if a save or
-    rotation was cut off, checkpoint.tmp/ (complete) or checkpoint.old/. None if there is none (a folder without its
-    trainer_state.json was cut off while written or removed, and does not count). If the newest is damaged, says so
-    and falls back to an older one that verifies; raises ArgumentError naming the damaged file if none does."""
+    """The newest checkpoint in `output_dir` that verifies (`_checkpoint_problem`): checkpoint/, or after a cut-off save or
+    rotation checkpoint.tmp/ or checkpoint.old/; None if none is complete. A damaged newest is named and an older one
+    used; ArgumentError if none verifies."""
     found = []
     for name in CHECKPOINTS:
         path = os.path.join(output_dir, name)
@@ -2233,10 +2189,9 @@ def checkpoint_path(output_dir: str, hashes: bool = True, quiet: bool = False) -
 
 
 def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
-    """Restore the newest checkpoint that verifies (`checkpoint_path`, CRC-32 of every file, checked by the main
-    process). Returns the trainer state saved with it (step, epoch, batch, results), or None if the run stopped
-    before its first checkpoint (check_output_dir allowed that only with this command's run.json): it then starts again
-    in place. Either way metrics.jsonl is cut back to the checkpoint's step, so every step is logged once."""
+    """Restore the newest checkpoint that verifies (decided on the main process). Returns its trainer state (step, epoch,
+    batch, results), or None if the run stopped before its first checkpoint: it starts again in place. metrics.jsonl is
+    cut back to the checkpoint's step, so every step is logged once."""
     from accelerate.utils import broadcast_object_list
 
     found = [None, None]  # (path, error): decided once, on the main process, so every process loads the same one
@@ -2284,20 +2239,14 @@ def _truncate_metrics(path: str, step: int) -> None:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 if json.loads(line)["step"] <= step:
                     keep.append(line)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with writing(path, cleanup=tmp):
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+    write_atomic(path, keep)
 
 
 def save_model(accelerator: Accelerator, model, tokenizer, path: str, final: bool = True) -> None:
-    """save_pretrained (safetensors, tokenizer included), consolidated across processes (FSDP-safe), in the model's load
-    dtype (`load_dtype`: bf16 for a bf16 hub model even when training held fp32 master weights). Atomic: written to
-    `path`.tmp-PID and renamed into place when complete, so `path` is either the whole model or absent. The final save
-    of a LoRA model merges it first (in place, see `merge_lora`), so it is the same format with or without --lora_r; a
-    save during training (`final=False`, e.g. model_epoch1/) of a LoRA model writes its adapters (peft's format, which
-    from_pretrained loads onto the base when peft is installed) and leaves the model as it is."""
+    """save_pretrained (safetensors, tokenizer included), consolidated across processes, in the model's load dtype
+    (`load_dtype`: bf16 for a bf16 hub model trained over fp32 masters). Atomic: written to `path`.tmp-PID and renamed
+    into place. The final save of a LoRA model merges it first (`merge_lora`), so the format is the same with or without
+    --lora_r; a save during training (`final=False`) writes a LoRA model's adapters and leaves the model as it is."""
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
@@ -2379,23 +2328,20 @@ def kv_bytes_per_token(config: dict, bytes_per_value: int = 2) -> int:
 def memory_plan(config: dict, algo: str, world: int, per_device_batch_size: int, gen_batch_size: int,
                 prompt_tokens: int, max_new_tokens: int, online_rows: int = 0, sharded: bool = True,
                 precision: str = "bf16", lora_r: int = 0, n_samples: int = 20) -> dict[str, dict[str, float]]:
-    """Peak bytes on one GPU in each step of `algo` under configs/fsdp.yaml (FSDP2 full shard over `world` GPUs, bf16
-    parameters with fp32 master weights and reduction, activation checkpointing, a reduce-scatter every micro-batch),
-    by component. Each component is one the fake-tensor trace (benchmarks/memory_trace.py) measures, sized as the trace
-    found it on Gemma-1.1-7B; tests/test_memory_plan.py holds every step within 10% of the trace. `config`: the model's
-    vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
-    tie_word_embeddings. Sequences are `prompt_tokens + max_new_tokens` long; `online_rows`: SPO's fresh rollouts per
-    micro-batch (0: no frozen reference and rollout copies); `n_samples`: samples per prompt of the offline dataset.
-    Steps: "train" (a micro-batch's forward and backward with the gradients of earlier micro-batches, the moments
-    resident), "generate" (an evaluation or offline-dataset generate call: the policy gathered, the KV cache),
-    "score" (score_rows on an offline chunk: SCORE_MAX_TOKENS tokens per forward), "save" (one parameter gathered in
-    fp32) and, for SPO, "rollout" (the frozen rollout copy generating a call of `gen_batch_size` sequences: spo.py
-    generates a refresh window's rollouts in calls of that size; the frozen reference scoring a micro-batch's
-    `online_rows`) and "refresh" (the rollout copy refreshed from the gathered policy). Not counted: the CUDA context,
-    NCCL buffers, allocator fragmentation, kernels' workspaces (MEMORY_MARGIN_BYTES is left for them).
-    `sharded` False: plain data parallel (or one process): every GPU holds whole models, and DDP's fp32 gradient
-    buckets beside the gradients when `world` > 1. `precision` "fp32": parameters, copies and activations in fp32.
-    `lora_r`: the base weights frozen (in the compute dtype) and only LoRA adapters on every linear layer trained."""
+    """Peak bytes on one GPU in each step of `algo`, by component, under configs/fsdp.yaml (FSDP2 full shard over `world`
+    GPUs, bf16 parameters over fp32 master weights and reduction, activation checkpointing, a reduce-scatter every
+    micro-batch). Each component is one the fake-tensor trace (benchmarks/memory_trace.py) measures, sized as it found
+    it on Gemma-1.1-7B; tests/test_memory_plan.py holds every step within 10% of the trace. `config`: as
+    `read_model_config` gives it; sequences are `prompt_tokens + max_new_tokens` long.
+    Steps: "train" (a micro-batch's forward and backward, earlier micro-batches' gradients and the moments resident),
+    "generate" (a generate call: the policy gathered, the KV cache), "score" (score_rows on an offline chunk), "save"
+    (one parameter gathered in fp32) and, for SPO with `online_rows` (fresh rollouts per micro-batch), "rollout" (the
+    frozen rollout copy generating `gen_batch_size` sequences, the frozen reference scoring `online_rows`) and "refresh"
+    (the copy refreshed from the gathered policy). Not counted: what MEMORY_MARGIN_BYTES is left for (CUDA context, NCCL
+    buffers, fragmentation, workspaces).
+    `sharded` False: plain data parallel or one process (whole models on every GPU; DDP's fp32 gradient buckets when
+    `world` > 1). `precision` "fp32": parameters, copies and activations in fp32. `lora_r`: frozen base weights in the
+    compute dtype, LoRA adapters on every linear layer trained."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
     params, layer = param_count(config)
@@ -2473,13 +2419,10 @@ def memory_preflight(algo: str, model_config: dict, world: int, sharding: str | 
                      per_device_batch_size: int, gen_batch_size: int, max_new_tokens: int, lora_r: int,
                      device_bytes: int | None, skip: bool, online_rows: int = 0, n_samples: int = 20,
                      prompt_tokens: int = PREFLIGHT_PROMPT_TOKENS) -> str:
-    """This launch's memory plan, before any weights load: the peak GB per GPU of each step (`memory_plan`) for
-    `world` processes under `sharding` ("FSDP" or "DEEPSPEED": ZeRO-3-like full sharding; None: plain data parallel,
-    or one process), `precision` ("fp32"/"bf16") and the batch sizes. Returns the text to print. `device_bytes`: the
-    GPU's memory (torch.cuda.mem_get_info's total); None (no GPU) checks nothing and says so. Raises ArgumentError
-    naming the step, the GB it needs and the GB available (the GPU less MEMORY_MARGIN_BYTES, or 10% of a GPU under
-    80 GB), and the fixes, when a step does not fit and `skip` is False. `online_rows`: SPO's fresh rollouts per
-    micro-batch; `n_samples`: samples per prompt of the offline dataset."""
+    """This launch's memory plan before any weights load (`memory_plan`), as text to print: the peak GB per GPU of each
+    step, for `world` processes under `sharding` ("FSDP", "DEEPSPEED" or None) and `precision`. `device_bytes` None (no
+    GPU): nothing checked. Raises ArgumentError naming the step, the GB it needs and has (the GPU less
+    MEMORY_MARGIN_BYTES, or 10% of a GPU under 80 GB) and the fixes, when a step does not fit and not `skip`."""
     plan = memory_plan(model_config, algo, world, per_device_batch_size, gen_batch_size, prompt_tokens, max_new_tokens,
                        online_rows, sharded=sharding is not None, precision=precision, lora_r=lora_r, n_samples=n_samples)
     need = {step: sum(parts.values()) for step, parts in plan.items()}
@@ -2508,12 +2451,10 @@ def memory_preflight(algo: str, model_config: dict, world: int, sharding: str | 
 
 def host_ram_preflight(algo: str, model_config: dict, local_world: int, sharding: str | None, precision: str,
                        lora_r: int, host_bytes: int, skip: bool) -> str:
-    """Host RAM of one node while the models load, derived from the dtypes (no 7B load has been measured): every
-    process loads the model itself (fsdp_cpu_ram_efficient_loading stays off, see configs/fsdp.yaml). Per process:
-    the trained weights in fp32 (FSDP2's `prepare` upcasts them on the host before sharding them to the GPU; one
-    process keeps fp32 master weights), plus DRO's and DQO's value-network copy (in the load dtype under FSDP, fp32
-    otherwise); with LoRA, the frozen base and the value copy in the load dtype. Raises ArgumentError when the node's
-    processes need more than 90% of its RAM, unless `skip`."""
+    """Host RAM of one node while the models load, from the dtypes: every process loads the model itself
+    (configs/fsdp.yaml). Per process the trained weights in fp32 (FSDP2's `prepare` upcasts on the host), plus DRO's and
+    DQO's value copy (load dtype under FSDP, else fp32); with LoRA the frozen base and value copy in the load dtype.
+    ArgumentError above 90% of the RAM, unless `skip`."""
     params, _ = param_count(model_config)
     w = 2 if precision == "bf16" else 4
     value = algo in ("dro", "dqo")
@@ -2540,9 +2481,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Accelerator | None = None,
              max_new_tokens: int = 256, gen_batch_size: int = 256, sampled_seeds: int = 1, pass_k: tuple = (),
              pass_n: int = 0, pass_sampling: dict | None = None, pass_problems: int | None = None, seed: int = 0) -> dict:
-    """Greedy accuracy; sampled accuracy (the paper's T=0.7, top_p=0.9, top_k=16) as mean and std over seeds;
-    optionally pass@k from `pass_n` samples per problem (default sampling as above) on the first `pass_problems`
-    problems (None: all; pass_n samples per problem make this the costly part). `model` may be prepared (sharded)."""
+    """Greedy accuracy; sampled accuracy (EVAL_SAMPLING, the paper's protocol) as mean and std over `sampled_seeds`; with
+    `pass_n`, pass@k from `pass_n` samples per problem (`pass_sampling`, default EVAL_SAMPLING) on the first
+    `pass_problems`. `model` may be prepared (sharded)."""
     prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
     common = dict(max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, accelerator=accelerator)
@@ -2587,10 +2528,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate` on the untrained reference, cached under `cache_dir/eval/` so that every script on the same
-    model, task and test set reuses it. `eval_kwargs` (e.g. pass_n, pass_k, pass_sampling) go to `evaluate` and
-    into the cache key."""
-    key = cache_key(dict(model=model_key(args), task=args.task, test_file=data_key(args, "test"), n=len(problems),
+    """`evaluate_run` on the untrained reference, cached under `cache_dir/eval/` so every script on the same model, task
+    and test set reuses it; `eval_kwargs` go to `evaluate` and into the key."""
+    key = cache_key(dict(model=model_key(args.model, args.cache_dir), task=args.task,
+                         test_file=data_key(args.test_file, args.cache_dir), n=len(problems),
                          max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
                          chunk=args.gen_batch_size, v=3, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")

@@ -174,7 +174,11 @@ def main():
     test_problems = load_task(args.task, "test", args.test_file, args.n_test)
     results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
     # ALGO LOGIC: data
-    rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
+    rows = build_offline_dataset(
+        accelerator, model, tokenizer, train_problems, model_name=args.model, task=args.task, n=args.n_samples,
+        sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k), seed=args.seed,
+        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, cache_dir=args.cache_dir,
+        train_file=args.train_file, offline_data=args.offline_data, save_to=args.save_offline_data)
     examples, n_dropped = build_pairs(rows, args.max_pairs_per_prompt, args.seed)  # [chosen, rejected] pairs
     n_prompts = len({r["prompt_idx"] for r in rows})  # the imported file's, which need not be the train split's
     accelerator.print(f"DPO pairs: {len(examples)} from {n_prompts - n_dropped} prompts; {n_dropped} prompts "

@@ -312,12 +312,17 @@ def main():
     test_problems = load_task(args.task, "test", args.test_file, args.n_test)
     results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
     # ALGO LOGIC: data
-    rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
+    rows = build_offline_dataset(
+        accelerator, model, tokenizer, train_problems, model_name=args.model, task=args.task, n=args.n_samples,
+        sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k), seed=args.seed,
+        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, cache_dir=args.cache_dir,
+        train_file=args.train_file, offline_data=args.offline_data, save_to=args.save_offline_data)
     scores = [None] * len(rows)
     if args.process_rewards:
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
         scores = build_process_scores(accelerator, model, tokenizer, rows, args.task, args.ps_samples, sampling,
-                                      args.max_new_tokens, args.gen_batch_size, args.seed, args.cache_dir, model_key(args))
+                                      args.max_new_tokens, args.gen_batch_size, args.seed, args.cache_dir,
+                                      model_key(args.model, args.cache_dir))
     examples = [dict(r, behavior_logps=r[f"{args.behavior}_logps"],
                      rewards=token_rewards(len(r["response_ids"]), r["reward"], sc))
                 for r, sc in zip(rows, scores)]  # every response

@@ -152,7 +152,11 @@ def main():
         examples = [{"prompt_ids": encode_prompt(tokenizer, p["question"], args.task),
                      "response_ids": encode_response(tokenizer, p["solution"])} for p in train_problems]
     else:
-        rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
+        rows = build_offline_dataset(
+            accelerator, model, tokenizer, train_problems, model_name=args.model, task=args.task, n=args.n_samples,
+            sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k), seed=args.seed,
+            max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, cache_dir=args.cache_dir,
+            train_file=args.train_file, offline_data=args.offline_data, save_to=args.save_offline_data)
         examples = [r for r in rows if r["reward"] == 1.0 and not r["truncated"]]
     accelerator.print(f"training on {len(examples)} examples")
     token_fields, seq_fields = (), ()

@@ -38,7 +38,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -328,10 +328,17 @@ def main():
     results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator, **PASS_EVAL,
                                                pass_problems=args.pass_eval_problems)}
     # ALGO LOGIC: data
-    rows = build_offline_dataset(accelerator, model, tokenizer, train_problems, args)
-    more = replace(args, n_samples=args.q0_samples, seed=args.seed + 1, save_offline_data=None)  # more samples for Ŝ_0
-    q0 = estimate_q0(rows + (build_offline_dataset(accelerator, model, tokenizer, train_problems, more)
-                             if args.q0_samples else []), args.beta)  # prompt_idx -> Q̂_0
+    rows = build_offline_dataset(
+        accelerator, model, tokenizer, train_problems, model_name=args.model, task=args.task, n=args.n_samples,
+        sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k), seed=args.seed,
+        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, cache_dir=args.cache_dir,
+        train_file=args.train_file, offline_data=args.offline_data, save_to=args.save_offline_data)
+    more = build_offline_dataset(  # more samples for Ŝ_0: another seed, not exported
+        accelerator, model, tokenizer, train_problems, model_name=args.model, task=args.task, n=args.q0_samples,
+        sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k), seed=args.seed + 1,
+        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, cache_dir=args.cache_dir,
+        train_file=args.train_file, offline_data=args.offline_data) if args.q0_samples else []
+    q0 = estimate_q0(rows + more, args.beta)  # prompt_idx -> Q̂_0
     examples = [dict(r, q0=q0[r["prompt_idx"]]) for r in rows]
     accelerator.print(f"training on {len(examples)} examples")
     accelerator.print(f"{args.online_fraction:.0%} of each batch fresh rollouts; mean Q̂_0 {sum(q0.values()) / len(q0):.4f}")

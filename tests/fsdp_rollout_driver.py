@@ -10,7 +10,6 @@ import copy
 import functools
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -65,9 +64,9 @@ def main():
     # the offline dataset, in a cache of its own for each: same tokens, same reference and sampler log-probs
     datasets = []
     for name, m in (("plain", plain), ("sharded", sharded)):
-        args = SimpleNamespace(model="tiny", cache_dir=os.path.join(sys.argv[2], name), task="arith", train_file=None,
-                               n_samples=2, temperature=0.9, top_p=0.9, top_k=16, max_new_tokens=24, seed=5, gen_batch_size=4)
-        datasets.append(common.build_offline_dataset(accelerator, m, tokenizer, problems, args))
+        datasets.append(common.build_offline_dataset(
+            accelerator, m, tokenizer, problems, model_name="tiny", task="arith", n=2, max_new_tokens=24, seed=5,
+            sampling=dict(temperature=0.9, top_p=0.9, top_k=16), gen_batch_size=4, cache_dir=os.path.join(sys.argv[2], name)))
     assert len(datasets[0]) == 12 and [r["response_ids"] for r in datasets[0]] == [r["response_ids"] for r in datasets[1]]
     for a, b in zip(*datasets):
         torch.testing.assert_close(torch.tensor(b["ref_logps"]), torch.tensor(a["ref_logps"]), rtol=1e-5, atol=1e-5)

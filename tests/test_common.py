@@ -24,6 +24,11 @@ MATH500_TEST = os.path.join(DATA, "math500", "test.jsonl")
 AIME24_TEST = os.path.join(DATA, "aime24", "test.jsonl")
 
 
+def first_wrong_step(response: str, spec: str) -> int | None:
+    """Index of the first step line the strict verifier rejects (None if all steps are right)."""
+    return common._arith_walk(response, spec)[1]
+
+
 def _jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -265,7 +270,7 @@ def test_arith_problems_format_deterministic_and_disjoint():
         assert segments[-1] == f"#### {p['final']}" and p["question"].startswith(f"{p['question'].split()[0]} has {start} ")
         assert common.grade(p["solution"], p["answer"], "arith") == 1.0
         assert common.grade(p["solution"], str(p["final"]), "gsm8k") == 1.0  # GSM8K format: answer-grading agrees
-        assert common.first_wrong_step(p["solution"], p["answer"]) is None
+        assert first_wrong_step(p["solution"], p["answer"]) is None
 
 
 def test_arith_strict_verifier_rejects_right_answers_on_wrong_steps():
@@ -280,14 +285,14 @@ def test_arith_strict_verifier_rejects_right_answers_on_wrong_steps():
         resp = "\n\n".join(bad)
         assert common.grade(resp, str(p["final"]), "gsm8k") == 1.0
         assert common.grade(resp, p["answer"], "arith") == 0.0
-        assert common.first_wrong_step(resp, p["answer"]) == i
+        assert first_wrong_step(resp, p["answer"]) == i
         # skipped steps, a wrong operation, an extra line, a wrong final line
         assert common.grade(f"#### {p['final']}", p["answer"], "arith") == 0.0
         op, b = ops[0]
         other = {"+": "-", "-": "+", "*": "+"}[op]
         wrong_op = [f"{start}{other}{b}={common._arith_apply(start, other, b)}"] + lines[1:]
         assert common.grade("\n\n".join(wrong_op), p["answer"], "arith") == 0.0
-        assert common.first_wrong_step("\n\n".join(wrong_op), p["answer"]) == 0
+        assert first_wrong_step("\n\n".join(wrong_op), p["answer"]) == 0
         assert common.grade(p["solution"].replace("\n\n####", "\n\n1+1=2\n\n####"), p["answer"], "arith") == 0.0
         assert common.grade(p["solution"] + "1", p["answer"], "arith") == 0.0
 
@@ -300,10 +305,10 @@ def test_arith_slipped_solutions_and_first_wrong_step():
         text, step = common.arith_solution(start, ops, slip, rng)
         assert step == slip
         assert common.grade(text, p["answer"], "arith") == 0.0
-        assert common.first_wrong_step(text, p["answer"]) == slip
+        assert first_wrong_step(text, p["answer"]) == slip
         assert common.grade(text, str(p["final"]), "gsm8k") == 0.0  # carried through to a wrong final answer
         assert text.split("\n\n")[:slip] == p["solution"].split("\n\n")[:slip]  # steps before the slip are right
-        assert common.first_wrong_step(text.split("\n\n")[0], p["answer"]) == (0 if slip == 0 else 1)  # truncated
+        assert first_wrong_step(text.split("\n\n")[0], p["answer"]) == (0 if slip == 0 else 1)  # truncated
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -449,29 +454,28 @@ def test_cache_keys_follow_the_contents_not_the_path(tiny_model, tmp_path, monke
     model, tok = tiny_model
     # the tiny model: the same key from a relative or an absolute cache dir
     monkeypatch.chdir(tmp_path)
-    assert common.model_key(_model_args("tiny", ".cache")) == common.model_key(_model_args("tiny", str(tmp_path / ".cache")))
+    assert common.model_key("tiny", ".cache") == common.model_key("tiny", str(tmp_path / ".cache"))
     # a local folder: the same key by a relative or an absolute path, and for a copy elsewhere; a new key once a
     # different model is saved into the same folder, even with the same sizes and times
     path = tmp_path / "ckpt"
     model.save_pretrained(path)
-    key = common.model_key(_model_args("ckpt"))
-    assert key == common.model_key(_model_args(str(path)))
+    key = common.model_key("ckpt", ".cache")
+    assert key == common.model_key(str(path), ".cache")
     shutil.copytree(path, tmp_path / "copy")
-    assert common.model_key(_model_args(str(tmp_path / "copy"))) == key
+    assert common.model_key(str(tmp_path / "copy"), ".cache") == key
     weights = path / "model.safetensors"
     stat, data = weights.stat(), bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert common.model_key(_model_args(str(path))) != key
-    assert common.model_key(_model_args("google/gemma-1.1-7b-it")) == "google/gemma-1.1-7b-it"  # a hub id
-    # a data file edited in place: a new key for its split
+    assert common.model_key(str(path), ".cache") != key
+    assert common.model_key("google/gemma-1.1-7b-it", ".cache") == "google/gemma-1.1-7b-it"  # a hub id
+    # a data file edited in place: a new key
     data_file = tmp_path / "test.jsonl"
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
-    args = SimpleNamespace(cache_dir=str(tmp_path / ".cache"), train_file=None, test_file=str(data_file))
-    before = common.data_key(args, "test")
+    before = common.data_key(str(data_file), str(tmp_path / ".cache"))
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 2"}) + "\n")
-    assert common.data_key(args, "test") != before and common.data_key(args, "train") is None
+    assert common.data_key(str(data_file), str(tmp_path / ".cache")) != before and common.data_key(None, ".cache") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -482,8 +486,8 @@ def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch, c
 
     model, tok = tiny_model
     accelerator = Accelerator()
-    args = SimpleNamespace(model="tiny", cache_dir=str(tmp_path), task="arith", train_file=None, n_samples=2,
-                           temperature=0.9, top_p=0.9, top_k=16, max_new_tokens=48, seed=5, gen_batch_size=8)
+    settings = dict(model_name="tiny", cache_dir=str(tmp_path), task="arith", n=2, max_new_tokens=48, seed=5,
+                    gen_batch_size=8, sampling=dict(temperature=0.9, top_p=0.9, top_k=16))
     problems = common.load_task("arith", "train", limit=12)
     calls, real = [], common.rollout_chunk
 
@@ -492,7 +496,7 @@ def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch, c
         return real(*a, **kw)
 
     monkeypatch.setattr(common, "rollout_chunk", counting)
-    rows = common.build_offline_dataset(accelerator, model, tok, problems, args)
+    rows = common.build_offline_dataset(accelerator, model, tok, problems, **settings)
     assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # 8 sequences / 2 samples = 4 prompts per chunk
     assert len(rows) == 24 and [r["prompt_idx"] for r in rows] == [i for i in range(12) for _ in range(2)]
     for r in rows:
@@ -509,17 +513,17 @@ def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch, c
         lp = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(lp * batch["mask"], batch["ref_logps"], rtol=1e-4, atol=1e-4)
 
-    roots = os.listdir(os.path.join(args.cache_dir, "offline"))
+    roots = os.listdir(os.path.join(tmp_path, "offline"))
     assert len(roots) == 1
-    root = os.path.join(args.cache_dir, "offline", roots[0])
+    root = os.path.join(tmp_path, "offline", roots[0])
     assert sorted(f for f in os.listdir(root) if f.startswith("chunk-")) == [f"chunk-{c:05d}.jsonl" for c in range(3)]
     assert json.load(open(os.path.join(root, "key.json")))["n"] == 2
 
     calls.clear()  # a second build (another script on the same model and task) reuses it: no generation
-    assert common.build_offline_dataset(accelerator, model, tok, problems, args) == rows and calls == []
+    assert common.build_offline_dataset(accelerator, model, tok, problems, **settings) == rows and calls == []
 
     os.remove(os.path.join(root, "chunk-00001.jsonl"))  # an interrupted build: only the missing chunk is redone
-    assert common.build_offline_dataset(accelerator, model, tok, problems, args) == rows
+    assert common.build_offline_dataset(accelerator, model, tok, problems, **settings) == rows
     assert calls == [[4, 5, 6, 7]]
 
     chunk = os.path.join(root, "chunk-00002.jsonl")
@@ -538,16 +542,16 @@ def test_offline_dataset_caches_and_resumes(tiny_model, tmp_path, monkeypatch, c
                 f.writelines(damage)
         calls.clear()
         capsys.readouterr()
-        assert common.build_offline_dataset(accelerator, model, tok, problems, args) == rows
+        assert common.build_offline_dataset(accelerator, model, tok, problems, **settings) == rows
         assert calls == [[8, 9, 10, 11]] and message in capsys.readouterr().err
         with open(chunk) as f:
             assert f.readlines() == lines
     os.remove(chunk)
 
     calls.clear()  # a different sampling parameter is a different dataset
-    args.temperature = 0.7
-    common.build_offline_dataset(accelerator, model, tok, problems, args)
-    assert len(calls) == 3 and len(os.listdir(os.path.join(args.cache_dir, "offline"))) == 2
+    settings["sampling"] = dict(settings["sampling"], temperature=0.7)
+    common.build_offline_dataset(accelerator, model, tok, problems, **settings)
+    assert len(calls) == 3 and len(os.listdir(os.path.join(tmp_path, "offline"))) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -106,9 +106,9 @@ def test_offline_dataset_under_lora_is_the_base_models(tiny_model, tmp_path):
     problems = common.load_task("arith", "train", limit=8)
     rows = {}
     for name, m in (("base", model), ("lora", policy)):
-        args = SimpleNamespace(model="tiny", cache_dir=str(tmp_path / name), task="arith", train_file=None, n_samples=2,
-                               temperature=0.9, top_p=0.9, top_k=16, max_new_tokens=48, seed=5, gen_batch_size=8)
-        rows[name] = common.build_offline_dataset(accelerator, m, tokenizer, problems, args)
+        rows[name] = common.build_offline_dataset(accelerator, m, tokenizer, problems, model_name="tiny", task="arith", n=2,
+                                                  sampling=dict(temperature=0.9, top_p=0.9, top_k=16), max_new_tokens=48,
+                                                  seed=5, gen_batch_size=8, cache_dir=str(tmp_path / name))
     assert rows["lora"] == rows["base"] and len(rows["base"]) == 16  # responses, rewards, ref and sampler log-probs
     batch = common.collate(rows["lora"], tokenizer.pad_token_id, token_fields=("ref_logps",))
     assert (_logps(policy, batch) - batch["ref_logps"]).abs().max() > 1e-2  # the adapted policy's are not these

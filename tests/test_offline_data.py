@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,10 +66,10 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def import_args(cache: str, path: str, **kw) -> SimpleNamespace:
-    return SimpleNamespace(**{**dict(model="tiny", cache_dir=cache, task="arith", train_file=None, n_samples=4,
-                                     temperature=0.9, top_p=0.9, top_k=16, max_new_tokens=64, seed=1, gen_batch_size=8,
-                                     offline_data=path, save_offline_data=None), **kw})
+def import_args(cache: str, path: str, **kw) -> dict:
+    """build_offline_dataset's settings for importing the file `path`, as the scripts' defaults give them."""
+    return {**dict(model_name="tiny", cache_dir=cache, task="arith", n=4, sampling=dict(temperature=0.9, top_p=0.9, top_k=16),
+                   max_new_tokens=64, seed=1, gen_batch_size=8, offline_data=path), **kw}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,9 +81,9 @@ def test_imported_rows_are_tokenized_graded_and_scored_as_samples(tiny_model, tm
     model, tok = tiny_model
     src = hand_built(tmp_path / "mine.jsonl")
     cache = str(tmp_path / "cache")
-    args = import_args(cache, str(tmp_path / "mine.jsonl"))
+    settings = import_args(cache, str(tmp_path / "mine.jsonl"))
     accelerator = Accelerator()
-    rows = common.build_offline_dataset(accelerator, model, tok, TRAIN, args)
+    rows = common.build_offline_dataset(accelerator, model, tok, TRAIN, **settings)
     eot = common.end_of_turn_id(tok)
     assert len(rows) == len(src) == 24
     assert [r["prompt_idx"] for r in rows] == [i for i in range(6) for _ in range(4)]
@@ -106,10 +105,10 @@ def test_imported_rows_are_tokenized_graded_and_scored_as_samples(tiny_model, tm
     # cached under a key from the file's content: a second import scores nothing, an edited file is a new dataset
     calls, real = [], common.score_rows
     monkeypatch.setattr(common, "score_rows", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    assert common.build_offline_dataset(accelerator, model, tok, TRAIN, args) == rows and calls == []
+    assert common.build_offline_dataset(accelerator, model, tok, TRAIN, **settings) == rows and calls == []
     src[0]["reward"] = 0  # a different (given) reward: same path, new content
     write_jsonl(tmp_path / "mine.jsonl", src)
-    edited = common.build_offline_dataset(accelerator, model, tok, TRAIN, args)
+    edited = common.build_offline_dataset(accelerator, model, tok, TRAIN, **settings)
     assert calls and edited[0]["reward"] == 0.0 and len(os.listdir(os.path.join(cache, "offline"))) == 2
 
     # the export: one JSONL in the import schema plus token ids, log-probs and `truncated`, readable by `datasets`
@@ -124,7 +123,8 @@ def test_imported_rows_are_tokenized_graded_and_scored_as_samples(tiny_model, tm
 
     # Parquet, as `datasets` writes it, gives the same rows as the JSONL
     datasets.Dataset.from_list(hand_built(tmp_path / "again.jsonl")).to_parquet(str(tmp_path / "mine.parquet"))
-    parquet = common.build_offline_dataset(accelerator, model, tok, TRAIN, import_args(cache, str(tmp_path / "mine.parquet")))
+    parquet = common.build_offline_dataset(accelerator, model, tok, TRAIN,
+                                           **import_args(cache, str(tmp_path / "mine.parquet")))
     assert [(r["response_ids"], r["reward"]) for r in parquet] == [(r["response_ids"], r["reward"]) for r in rows]
 
 
@@ -141,7 +141,7 @@ def test_long_responses_are_truncated_and_unknown_questions_warned(tiny_model, t
         {"question": other["question"], "response": other["solution"], "answer": other["answer"], "reward": 1}])
     n = len(tok(p["solution"], add_special_tokens=False)["input_ids"])
     cache = str(tmp_path / "cache")
-    rows = common.build_offline_dataset(Accelerator(), model, tok, TRAIN, import_args(cache, path, max_new_tokens=n // 2))
+    rows = common.build_offline_dataset(Accelerator(), model, tok, TRAIN, **import_args(cache, path, max_new_tokens=n // 2))
     r = rows[0]
     assert r["truncated"] and r["finish"] == "length" and len(r["response_ids"]) == n // 2
     assert common.end_of_turn_id(tok) not in r["response_ids"] and "####" not in r["response"]
@@ -287,8 +287,8 @@ def test_imported_chat_rows_equal_the_model_s_own_samples(family, tmp_path):
     common.score_rows(model, sampled, tok.pad_token_id)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"question": q, "response": s["response"], "answer": "7"}
                                                  for q, s in zip(questions, sampled)])
-    args = import_args(str(tmp_path / "cache"), path, model=f"test/{family}", task="gsm8k", max_new_tokens=12)
-    rows = common.import_offline_dataset(Accelerator(), model, tok, [{"question": q} for q in questions], args)
+    settings = import_args(str(tmp_path / "cache"), path, model_name=f"test/{family}", task="gsm8k", max_new_tokens=12)
+    rows = common.build_offline_dataset(Accelerator(), model, tok, [{"question": q} for q in questions], **settings)
     eot = tok.convert_tokens_to_ids(FAMILIES[family]["end_of_turn"])
     for r, s in zip(rows, sampled):
         assert s["response"] == ANSWER and r["response_ids"][-1] == eot
@@ -315,7 +315,7 @@ def test_an_export_read_back_keeps_its_own_tokens(tmp_path):
         dict(base, prompt_ids=prompt[1:], response_ids=spelled),  # another tokenizer's prompt: the text is encoded
         dict(base, prompt_ids=prompt, response_ids=spelled[:-2] + [eot]),  # ids of another text: the text is encoded
         dict(base, response="#### ", prompt_ids=prompt, response_ids=spelled[:5])])  # no stop id: truncated, kept
-    args = import_args(str(tmp_path / "cache"), path, model="test/gemma-2", task="gsm8k", max_new_tokens=12)
-    rows = common.import_offline_dataset(Accelerator(), model, tok, [base], args)
+    settings = import_args(str(tmp_path / "cache"), path, model_name="test/gemma-2", task="gsm8k", max_new_tokens=12)
+    rows = common.build_offline_dataset(Accelerator(), model, tok, [base], **settings)
     assert [r["response_ids"] for r in rows] == [spelled, canonical, canonical, spelled[:5]]
     assert [r["truncated"] for r in rows] == [False, False, False, True]

@@ -3,7 +3,6 @@ reference of the same quality on this machine (a band, not the bytes: SFT on ano
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -31,7 +30,7 @@ def test_shipped_reference_is_the_default(monkeypatch):
     with open(os.path.join(common.TINY_SHIPPED, "recipe.json")) as f:
         assert json.load(f) == tiny_reference.tiny_recipe(), f"assets/tiny is stale: {common.TINY_REBUILD}"
     key = common.tiny_recipe_key()
-    assert common.model_key(SimpleNamespace(model="tiny")) == f"tiny/shipped-{key}"
+    assert common.model_key("tiny") == f"tiny/shipped-{key}"
     monkeypatch.setitem(tiny_reference.TINY_SFT, "steps", tiny_reference.TINY_SFT["steps"] + 1)
     with pytest.raises(common.ArgumentError) as e:
         common.tiny_recipe_key()
