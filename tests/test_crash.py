@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE_ARGS
+from conftest import ROOT, SMOKE_ARGS, warm_runner
 
 import common
 
@@ -20,14 +20,9 @@ import common
 ARGS = ["--data", "gold", "--max_steps", "5", "--n_test", "4", "--per_device_batch_size", "4"]
 
 
-class WarmRunner:
-    """tests/warm_runner.py: runs rs.py commands in forked children of one warm interpreter (see its docstring)."""
-
-    def __init__(self, tmp):
-        self.tmp, self.n = tmp, 0
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm_runner.py")], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.proc.stdout.readline() == "ready\n"
+class Runs:
+    """Script runs (rs.py on ARGS unless told otherwise) in forked children of the test process's warm runner
+    (conftest.WarmRunner), with a failpoint or a file-size limit if asked."""
 
     def __call__(self, out, cache, *extra, **kw) -> tuple[int, str, str]:
         return self.together((out, cache, extra, kw))[0]
@@ -35,31 +30,20 @@ class WarmRunner:
     def together(self, *runs) -> list[tuple[int, str, str]]:
         """Each run (out, cache, extra flags, dict(failpoint=..., fsize=..., args=..., script=...)) in a child of its own, all
         started at the same moment; (exit status, stdout, stderr) of each."""
-        reqs, logs = [], []
+        cmds = []
         for out, cache, extra, kw in runs:
-            self.n += 1
-            logs.append([os.path.join(self.tmp, f"{self.n}.{s}") for s in ("out", "err")])
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
             env.pop("FAILPOINT", None)
             env.update({"FAILPOINT": kw["failpoint"]} if kw.get("failpoint") else {})
             argv = [os.path.join(ROOT, kw.get("script", "rs.py")), "--cache_dir", cache, "--output_dir", str(out), *SMOKE_ARGS,
                     *kw.get("args", ARGS), *extra]
-            reqs.append(dict(argv=argv, env=env, stdout=logs[-1][0], stderr=logs[-1][1], fsize=kw.get("fsize")))
-        self.proc.stdin.write(json.dumps(reqs) + "\n")
-        self.proc.stdin.flush()
-        codes = json.loads(self.proc.stdout.readline())
-        return [(code, *(open(p).read() for p in log)) for code, log in zip(codes, logs)]
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+            cmds.append(dict(argv=argv, env=env, fsize=kw.get("fsize")))
+        return warm_runner().together(*cmds)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    runner = WarmRunner(str(tmp_path_factory.mktemp("logs")))
-    yield runner
-    runner.close()
+def run():
+    return Runs()
 
 
 def _results(out) -> dict:
