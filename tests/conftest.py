@@ -32,7 +32,15 @@ def tiny_cache(tmp_path_factory):
         common.tiny_recipe_key()
     except common.ArgumentError as e:
         pytest.exit(str(e), returncode=1)
-    return os.environ.get("TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse across runs
+    if os.environ.get("TEST_CACHE_DIR"):  # set it to reuse across runs
+        return os.environ["TEST_CACHE_DIR"]
+    # One cache for both pytest-xdist workers (the session's base temp dir is per worker, its parent is shared): a
+    # dataset or evaluation that tests on both need is built once. Runs share a cache safely: a lock per chunk, files
+    # written atomically and verified (tests/test_crash.py runs two on one cold cache).
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
