@@ -65,14 +65,14 @@ def test_offline_dataset_same_for_any_process_count(tiny_cache, tmp_path):
     for world, launcher in ((1, ()), (2, launch())):
         cache = tmp_path / f"cache{world}"
         out = str(tmp_path / f"run{world}")
-        run_script("rs.py", str(cache), out, "--max_steps", "1", "--n_test", "8", "--n_train_prompts", "40",
-                   "--gen_batch_size", "32", launcher=launcher)
+        run_script("rs.py", str(cache), out, "--max_steps", "1", "--n_test", "8", "--n_train_prompts", "24",
+                   "--gen_batch_size", "16", launcher=launcher)  # 24 prompts x 4 samples in 6 chunks of 16
         assert _world_size(out) == world
         (root,) = [os.path.join(cache, "offline", d) for d in os.listdir(cache / "offline")]
         chunks = sorted(f for f in os.listdir(root) if f.startswith("chunk-"))
         assert len(chunks) >= 4  # enough chunks that both ranks sampled some
         rows[world] = [json.loads(line) for c in chunks for line in open(os.path.join(root, c))]
-    assert len(rows[1]) == len(rows[2]) == 40 * 4
+    assert len(rows[1]) == len(rows[2]) == 24 * 4
     for a, b in zip(rows[1], rows[2]):
         assert a["response_ids"] == b["response_ids"] and a["reward"] == b["reward"]
         assert a["ref_logps"] == pytest.approx(b["ref_logps"], abs=1e-5)
