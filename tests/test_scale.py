@@ -170,10 +170,13 @@ def test_precision_follows_the_launch(monkeypatch):
 
 
 def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch):
-    """`ACCELERATE_MIXED_PRECISION=bf16 python dqo.py ...` runs bf16 autocast over fp32 master weights, and says so."""
+    """`ACCELERATE_MIXED_PRECISION=bf16 python dqo.py ...` runs bf16 autocast over fp32 master weights, and says so.
+    In a cache of its own: the offline dataset's cache key does not name the precision, so its bf16 reference log-probs
+    would be what a later fp32 run of the same settings on tiny_cache reads (tests/test_offline_data.py's round trip
+    compares them with fp32 ones to 1e-5)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = str(tmp_path / "run")
-    run_script("dqo.py", tiny_cache, out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
+    run_script("dqo.py", str(tmp_path / "cache"), out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
     with open(os.path.join(out, "run.json")) as f:
         run = json.load(f)
     assert (run["precision"], run["sharding"], run["world_size"]) == ("bf16", "none", 1)
