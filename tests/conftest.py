@@ -23,6 +23,29 @@ DATA = os.environ.get("SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "sha
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"the real data is not at {DATA}: set SHARED_DATA")
 
 
+# The files that take longest (a minute or more each on 2 cores), longest first. CI runs the suite on 2 pytest-xdist
+# workers with --dist loadfile: each worker takes whole files from one queue as it frees up. xdist orders that queue by
+# the number of tests in a file, which put the few long script runs (test_embedded.py, test_memory_trace.py,
+# test_time_plan.py) last, and one worker ran them alone at the end. Here the queue is these files first, then the
+# rest in collection order: the many short files fill in at the end on whichever worker frees up first.
+LONG_FILES = ("test_scale.py", "test_lora.py", "test_embedded.py", "test_memory_trace.py", "test_sharding.py",
+              "test_crash.py", "test_rs_eval.py", "test_time_plan.py", "test_spo.py", "test_dpo_kto_dro.py",
+              "test_paper_defaults.py", "test_dqo.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order of pytest_collection_modifyitems
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = os.path.basename(str(item.fspath))
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: a file's own tests keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A cache dir for the runs' offline datasets and evaluations; `--model tiny` itself loads assets/tiny, the same
@@ -32,7 +55,15 @@ def tiny_cache(tmp_path_factory):
         common.tiny_recipe_key()
     except common.ArgumentError as e:
         pytest.exit(str(e), returncode=1)
-    return os.environ.get("TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse across runs
+    if os.environ.get("TEST_CACHE_DIR"):  # set it to reuse across runs
+        return os.environ["TEST_CACHE_DIR"]
+    # One cache for both pytest-xdist workers (the session's base temp dir is per worker, its parent is shared): a
+    # dataset or evaluation that tests on both need is built once. Runs share a cache safely: a lock per chunk, files
+    # written atomically and verified (tests/test_crash.py runs two on one cold cache).
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -98,40 +129,72 @@ SMOKE_ARGS = ["--n_train_prompts", "48", "--n_test", "32", "--n_samples", "4", "
               "--per_device_batch_size", "8", "--report_to", "", "--save_every", "0"]
 
 
+class WarmRunner:
+    """tests/warm_runner.py, started once per test process (`warm_runner()`): it has imported torch, transformers,
+    accelerate and common, and runs each command in a forked child, so a one-process run does not pay an interpreter
+    start (about 6 s of CPU). Several commands can start at the same moment (`together`): two runs into one folder, two
+    runs sharing a cold cache. A command may stop at a failpoint or under a file-size limit."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm_runner.py")], cwd=ROOT, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline() == "ready\n", "tests/warm_runner.py did not start"
+
+    def together(self, *cmds: dict) -> list[tuple[int, str, str]]:
+        """Each command (dict(argv=[script, *flags], env=..., fsize=None)) in a child of its own, all started at the same
+        moment; (exit status as `subprocess` gives it, stdout, stderr) of each, in order."""
+        logs = [[tempfile.mkstemp(suffix=f".{s}")[1] for s in ("out", "err")] for _ in cmds]
+        reqs = [dict(argv=c["argv"], env=c["env"], fsize=c.get("fsize"), stdout=o, stderr=e) for c, (o, e) in zip(cmds, logs)]
+        self.proc.stdin.write(json.dumps(reqs) + "\n")
+        self.proc.stdin.flush()
+        codes = json.loads(self.proc.stdout.readline())
+        results = []
+        for code, paths in zip(codes, logs, strict=True):
+            results.append((code, *(open(p).read() for p in paths)))
+            for p in paths:
+                os.remove(p)
+        return results
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 _WARM: dict = {}
 
 
-def _warm_runner() -> subprocess.Popen:
-    """tests/warm_runner.py, started once per test process: it has imported torch, transformers, accelerate and common,
-    and runs each script in a forked child, so a one-process run does not pay an interpreter start (about 6 s of CPU)."""
-    if "proc" not in _WARM:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm_runner.py")], cwd=ROOT, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert proc.stdout.readline() == "ready\n", "tests/warm_runner.py did not start"
-        _WARM["proc"] = proc
-        atexit.register(lambda: (proc.stdin.close(), proc.wait(timeout=60)))
-    return _WARM["proc"]
+def warm_runner() -> WarmRunner:
+    """This test process's WarmRunner, started on first use."""
+    if "runner" not in _WARM:
+        _WARM["runner"] = runner = WarmRunner()
+        atexit.register(runner.close)
+    return _WARM["runner"]
+
+
+def run_command(argv: list, env: dict | None = None, timeout: int = 600) -> tuple[int, str, str]:
+    """`python *argv` from the repository root, as a user starts it: (exit status, stdout, stderr). It runs in a child
+    forked from the warm runner (COLD_RUNS=1: a fresh interpreter)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}))
+    argv = [os.path.join(ROOT, argv[0]), *argv[1:]]
+    if os.environ.get("COLD_RUNS") == "1":
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        return proc.returncode, proc.stdout, proc.stderr
+    return warm_runner().together(dict(argv=argv, env=env))[0]
 
 
 def run_script(script: str, cache: str, output_dir: str, *extra: str, launcher: tuple = (), timeout: int = 600):
     """Run `script` on the tiny default with small settings; returns (results.json, metrics.jsonl rows).
     Raises with the script's output on failure. Without a launcher the script runs in a child forked from the warm
     runner (COLD_RUNS=1: a fresh interpreter each time, as a user starts it)."""
-    cmd = [*(launcher or (sys.executable,)), os.path.join(ROOT, script), "--cache_dir", cache, "--output_dir", output_dir,
-           *SMOKE_ARGS, *extra]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if launcher or os.environ.get("COLD_RUNS") == "1":
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    flags = ["--cache_dir", cache, "--output_dir", output_dir, *SMOKE_ARGS, *extra]
+    if launcher:
+        cmd = [*launcher, os.path.join(ROOT, script), *flags]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
-        logs = [tempfile.mkstemp(suffix=f".{s}")[1] for s in ("out", "err")]
-        runner = _warm_runner()
-        runner.stdin.write(json.dumps([dict(argv=cmd[1:], env=env, stdout=logs[0], stderr=logs[1])]) + "\n")
-        runner.stdin.flush()
-        (code,) = json.loads(runner.stdout.readline())
-        out, err = (open(p).read() for p in logs)
-        for p in logs:
-            os.remove(p)
+        cmd = [script, *flags]
+        code, out, err = run_command(cmd, timeout=timeout)
     if code != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {code}\n{out[-4000:]}\n{err[-6000:]}")
     with open(os.path.join(output_dir, "results.json")) as f:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE_ARGS
+from conftest import ROOT, SMOKE_ARGS, warm_runner
 
 import common
 
@@ -20,14 +20,9 @@ import common
 ARGS = ["--data", "gold", "--max_steps", "5", "--n_test", "4", "--per_device_batch_size", "4"]
 
 
-class WarmRunner:
-    """tests/warm_runner.py: runs rs.py commands in forked children of one warm interpreter (see its docstring)."""
-
-    def __init__(self, tmp):
-        self.tmp, self.n = tmp, 0
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm_runner.py")], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.proc.stdout.readline() == "ready\n"
+class Runs:
+    """Script runs (rs.py on ARGS unless told otherwise) in forked children of the test process's warm runner
+    (conftest.WarmRunner), with a failpoint or a file-size limit if asked."""
 
     def __call__(self, out, cache, *extra, **kw) -> tuple[int, str, str]:
         return self.together((out, cache, extra, kw))[0]
@@ -35,31 +30,20 @@ class WarmRunner:
     def together(self, *runs) -> list[tuple[int, str, str]]:
         """Each run (out, cache, extra flags, dict(failpoint=..., fsize=..., args=..., script=...)) in a child of its own, all
         started at the same moment; (exit status, stdout, stderr) of each."""
-        reqs, logs = [], []
+        cmds = []
         for out, cache, extra, kw in runs:
-            self.n += 1
-            logs.append([os.path.join(self.tmp, f"{self.n}.{s}") for s in ("out", "err")])
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
             env.pop("FAILPOINT", None)
             env.update({"FAILPOINT": kw["failpoint"]} if kw.get("failpoint") else {})
             argv = [os.path.join(ROOT, kw.get("script", "rs.py")), "--cache_dir", cache, "--output_dir", str(out), *SMOKE_ARGS,
                     *kw.get("args", ARGS), *extra]
-            reqs.append(dict(argv=argv, env=env, stdout=logs[-1][0], stderr=logs[-1][1], fsize=kw.get("fsize")))
-        self.proc.stdin.write(json.dumps(reqs) + "\n")
-        self.proc.stdin.flush()
-        codes = json.loads(self.proc.stdout.readline())
-        return [(code, *(open(p).read() for p in log)) for code, log in zip(codes, logs)]
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+            cmds.append(dict(argv=argv, env=env, fsize=kw.get("fsize")))
+        return warm_runner().together(*cmds)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    runner = WarmRunner(str(tmp_path_factory.mktemp("logs")))
-    yield runner
-    runner.close()
+def run():
+    return Runs()
 
 
 def _results(out) -> dict:
@@ -320,27 +304,28 @@ def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
 
 
 def test_two_runs_share_a_cold_cache_and_one_is_killed_writing_a_chunk(tiny_cache, tmp_path, run):
-    """Two runs start together on an empty cache and split its 12 chunks (a lock per chunk). One is killed after
+    """Two runs start together on an empty cache and split its 6 chunks (a lock per chunk). One is killed after
     writing a chunk but before its check file: the other takes that chunk over and samples it again. Every chunk is
     sampled once by a run that finished it, and every chunk verifies."""
     cache = tmp_path / "cache"
     cache.mkdir()  # empty: `--model tiny` is assets/tiny
     if os.path.isdir(os.path.join(tiny_cache, "eval")):  # the reference's evaluation, if done: not what is tested here
         shutil.copytree(os.path.join(tiny_cache, "eval"), cache / "eval")
-    args = ["--max_steps", "1", "--n_test", "4", "--per_device_batch_size", "4", "--gen_batch_size", "16"]
+    args = ["--max_steps", "1", "--n_test", "4", "--per_device_batch_size", "4", "--gen_batch_size", "16",
+            "--n_train_prompts", "24"]  # 24 prompts x 4 samples, 16 rows a chunk: 6 chunks
     (a_code, a_out, a_err), (b_code, b_out, b_err) = run.together(
         (tmp_path / "a", str(cache), (), dict(args=args, failpoint="dataset.chunk.before_check@2")),
         (tmp_path / "b", str(cache), (), dict(args=args)))
     assert b_code == 0, b_err[-3000:]
     (root,) = (cache / "offline").iterdir()
-    assert [common.chunk_problem(str(root), c, 16) for c in range(12)] == [None] * 12
+    assert [common.chunk_problem(str(root), c, 16) for c in range(6)] == [None] * 6
 
     def sampled(stdout):
         return [int(line.split()[3]) for line in stdout.splitlines() if line.startswith("offline dataset: sampled ")]
 
     if a_code == 137:  # it finished one chunk, then died writing its second
-        assert sampled(b_out) == [11], b_out[-2000:]
+        assert sampled(b_out) == [5], b_out[-2000:]
     else:  # it had no second chunk to write: the other run had sampled all the rest
         assert a_code == 0, a_err[-3000:]
-        assert sampled(a_out)[0] + sampled(b_out)[0] == 12, (a_out[-2000:], b_out[-2000:])
-    assert "offline dataset: 192 responses to 48 prompts" in b_out
+        assert sampled(a_out)[0] + sampled(b_out)[0] == 6, (a_out[-2000:], b_out[-2000:])
+    assert "offline dataset: 96 responses to 24 prompts" in b_out

@@ -5,14 +5,12 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
-from conftest import ROOT, arith_rows, assert_accuracy, encode_response, gradient_step_lowers, run_script
+from conftest import arith_rows, assert_accuracy, encode_response, gradient_step_lowers, run_command, run_script
 
 import common
 import dqo
@@ -316,12 +314,12 @@ def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
     assert metrics and all(math.isfinite(m["losses/policy"]) and math.isfinite(m["losses/value"]) for m in metrics)
     assert os.path.exists(os.path.join(out, "value_model", "value_head.safetensors"))
     assert os.listdir(os.path.join(tiny_cache, "process_scores"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--value_model", os.path.join(out, "value_model"),
-                           "--task", "arith", "--n_test", "16", "--trace_problems", "16", "--cache_dir", tiny_cache,
-                           "--output_dir", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "value trace" in proc.stdout and "(start)" in proc.stdout and "over 64 sampled responses" in proc.stdout
-    assert "incorrect response" in proc.stdout  # the weak test reference always fails some
+    code, stdout, stderr = run_command(["eval.py", "--value_model", os.path.join(out, "value_model"), "--task", "arith",
+                                        "--n_test", "16", "--trace_problems", "16", "--cache_dir", tiny_cache,
+                                        "--output_dir", str(tmp_path / "eval")], timeout=300)
+    assert code == 0, stderr[-3000:]
+    assert "value trace" in stdout and "(start)" in stdout and "over 64 sampled responses" in stdout
+    assert "incorrect response" in stdout  # the weak test reference always fails some
     with open(os.path.join(out, "value_trace.html")) as f:
         assert "<span style='background:" in f.read()
     with open(os.path.join(out, "results.json")) as f:

@@ -174,7 +174,8 @@ LOGRATIO_METRICS = {"dpo": ("rewards/margins",), "kto": ("rewards/desirable", "r
                     "dro": ("rewards/logratio",), "dqo": ("rewards/kl",), "spo": ("rewards/kl",)}
 RUN_ARGS = {"rs": ["--per_device_batch_size", "4"], "dpo": ["--max_steps", "2"], "kto": ["--max_steps", "2"],
             "dro": ["--per_device_batch_size", "32", "--value_lr", "1e-2"],
-            "dqo": ["--per_device_batch_size", "32", "--value_lr", "1e-2"], "spo": ["--max_steps", "2"]}
+            "dqo": ["--per_device_batch_size", "32", "--value_lr", "1e-2"],
+            "spo": ["--max_steps", "2", "--pass_eval_problems", "2"]}  # pass@k, not what is tested here: on 2 problems
 
 
 @pytest.mark.parametrize("algo", ["rs", "dpo", "kto", "dro", "dqo", "spo"])

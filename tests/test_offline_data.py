@@ -5,12 +5,11 @@ tokenized, graded and scored as self-sampled ones; bad rows name the file, row a
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_command
 
 import common
 
@@ -44,16 +43,15 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-def run(script: str, cache: str, out: str, *flags: str, ok: bool = True) -> subprocess.CompletedProcess:
-    """`script` on the tiny default, few prompts, few steps; returns the finished process (output kept)."""
-    cmd = [sys.executable, os.path.join(ROOT, script), "--cache_dir", cache, "--output_dir", out, "--report_to", "",
-           "--n_train_prompts", "8", "--n_test", "8", "--eval_seeds", "0", "--per_device_batch_size", "8",
-           "--save_every", "0", *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"))
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-    return proc
+def run(script: str, cache: str, out: str, *flags: str) -> SimpleNamespace:
+    """`script` on the tiny default, few prompts, few steps, in a child of the warm runner; returns its stdout and
+    stderr. Raises with them if it fails."""
+    cmd = [script, "--cache_dir", cache, "--output_dir", out, "--report_to", "", "--n_train_prompts", "8", "--n_test", "8",
+           "--eval_seeds", "0", "--per_device_batch_size", "8", "--save_every", "0", *flags]
+    code, stdout, stderr = run_command(cmd, env=dict(OMP_NUM_THREADS="1"), timeout=300)
+    if code != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {code}\n{stdout[-3000:]}\n{stderr[-4000:]}")
+    return SimpleNamespace(stdout=stdout, stderr=stderr)
 
 
 def metrics(out: str) -> list[dict]:

@@ -4,11 +4,9 @@ loads all seven subjects of the hub's MATH train split."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import DATA, ROOT, needs_data
+from conftest import DATA, needs_data, run_command
 
 import common
 import dqo
@@ -22,14 +20,13 @@ def test_dqo_with_a_local_model_runs_the_papers_gsm8k_experiment(tiny_cache, tin
     steps of 8), says so, and run.json records it beside the paper's values."""
     out = tmp_path / "run"
     gsm8k = os.path.join(DATA, "gsm8k")
-    cmd = [sys.executable, os.path.join(ROOT, "dqo.py"), "--model", tiny_dir,
+    cmd = ["dqo.py", "--model", tiny_dir,
            "--train_file", os.path.join(gsm8k, "train.jsonl"), "--test_file", os.path.join(gsm8k, "test.jsonl"),
            "--n_train_prompts", "4", "--n_test", "2", "--max_steps", "1", "--max_new_tokens", "32",
            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), "--report_to", ""]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "80 training examples are less than one global batch of 256: each step takes 80 (10 accumulation" in proc.stdout
+    code, stdout, stderr = run_command(cmd)
+    assert code == 0, stderr[-4000:]
+    assert "80 training examples are less than one global batch of 256: each step takes 80 (10 accumulation" in stdout
     with open(out / "run.json") as f:
         run = json.load(f)
     args = run["args"]

@@ -3,12 +3,10 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, arith_rows, assert_accuracy, gradient_step_lowers, needs_data, run_script
+from conftest import arith_rows, assert_accuracy, gradient_step_lowers, needs_data, run_command, run_script
 
 import common
 import rs
@@ -80,12 +78,10 @@ def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path, reference_greedy):
     assert os.path.exists(os.path.join(model_dir, "tokenizer.json"))
 
     path = str(tmp_path / "eval.json")
-    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model_dir, "--task", "arith", "--n_test", "32",
-           "--seeds", "2", "--pass_n", "4", "--pass_k", "1,2,4", "--output", path, "--output_dir", str(tmp_path / "eval"),
-           "--cache_dir", tiny_cache]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cmd = ["eval.py", "--model", model_dir, "--task", "arith", "--n_test", "32", "--seeds", "2", "--pass_n", "4",
+           "--pass_k", "1,2,4", "--output", path, "--output_dir", str(tmp_path / "eval"), "--cache_dir", tiny_cache]
+    code, stdout, stderr = run_command(cmd)
+    assert code == 0, stderr[-4000:]
     with open(path) as f:
         ev = json.load(f)
     assert {"greedy", "sampled", "sampled_std", "sampled_seeds", "pass@1", "pass@2", "pass@4", "n_problems", "truncated",
@@ -95,7 +91,7 @@ def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path, reference_greedy):
     assert 0.0 <= ev["pass@1"] <= ev["pass@2"] <= ev["pass@4"] <= 1.0
     # greedy decoding is deterministic: the saved model reproduces the in-run evaluation of the trained policy
     assert ev["greedy"] == pytest.approx(results["final"]["greedy"], abs=1e-9)
-    assert "greedy" in proc.stdout and "pass@4" in proc.stdout  # the printed table
+    assert "greedy" in stdout and "pass@4" in stdout  # the printed table
 
 
 @pytest.mark.parametrize("task,train,test", [("gsm8k", "gsm8k/train.jsonl", "gsm8k/test.jsonl"),
@@ -109,7 +105,6 @@ def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cac
 
     model_dir = tiny_dir
     test_file = os.path.join(DATA, test)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if train:
         out = str(tmp_path / "rs")
         results, metrics = run_script("rs.py", tiny_cache, out, "--model", model_dir, "--task", task, "--data", "gold",
@@ -120,11 +115,11 @@ def test_real_task_files_with_a_model_loaded_by_path(task, train, test, tiny_cac
         with open(os.path.join(out, "run.json")) as f:
             assert json.load(f)["args"]["model"] == model_dir
     path = str(tmp_path / "eval.json")
-    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model_dir, "--task", task, "--test_file", test_file,
-           "--n_test", "4", "--seeds", "1", "--pass_n", "2", "--pass_k", "1,2", "--max_new_tokens", "16", "--output", path,
-           "--output_dir", str(tmp_path / "eval"), "--cache_dir", tiny_cache]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cmd = ["eval.py", "--model", model_dir, "--task", task, "--test_file", test_file, "--n_test", "4", "--seeds", "1",
+           "--pass_n", "2", "--pass_k", "1,2", "--max_new_tokens", "16", "--output", path, "--output_dir",
+           str(tmp_path / "eval"), "--cache_dir", tiny_cache]
+    code, _, stderr = run_command(cmd)
+    assert code == 0, stderr[-4000:]
     with open(path) as f:
         ev = json.load(f)
     assert ev["task"] == task and ev["n_problems"] == 4 and "pass@2" in ev

@@ -65,14 +65,14 @@ def test_offline_dataset_same_for_any_process_count(tiny_cache, tmp_path):
     for world, launcher in ((1, ()), (2, launch())):
         cache = tmp_path / f"cache{world}"
         out = str(tmp_path / f"run{world}")
-        run_script("rs.py", str(cache), out, "--max_steps", "1", "--n_test", "8", "--n_train_prompts", "40",
-                   "--gen_batch_size", "32", launcher=launcher)
+        run_script("rs.py", str(cache), out, "--max_steps", "1", "--n_test", "8", "--n_train_prompts", "24",
+                   "--gen_batch_size", "16", launcher=launcher)  # 24 prompts x 4 samples in 6 chunks of 16
         assert _world_size(out) == world
         (root,) = [os.path.join(cache, "offline", d) for d in os.listdir(cache / "offline")]
         chunks = sorted(f for f in os.listdir(root) if f.startswith("chunk-"))
         assert len(chunks) >= 4  # enough chunks that both ranks sampled some
         rows[world] = [json.loads(line) for c in chunks for line in open(os.path.join(root, c))]
-    assert len(rows[1]) == len(rows[2]) == 40 * 4
+    assert len(rows[1]) == len(rows[2]) == 24 * 4
     for a, b in zip(rows[1], rows[2]):
         assert a["response_ids"] == b["response_ids"] and a["reward"] == b["reward"]
         assert a["ref_logps"] == pytest.approx(b["ref_logps"], abs=1e-5)
@@ -170,10 +170,13 @@ def test_precision_follows_the_launch(monkeypatch):
 
 
 def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch):
-    """`ACCELERATE_MIXED_PRECISION=bf16 python dqo.py ...` runs bf16 autocast over fp32 master weights, and says so."""
+    """`ACCELERATE_MIXED_PRECISION=bf16 python dqo.py ...` runs bf16 autocast over fp32 master weights, and says so.
+    In a cache of its own: the offline dataset's cache key does not name the precision, so its bf16 reference log-probs
+    would be what a later fp32 run of the same settings on tiny_cache reads (tests/test_offline_data.py's round trip
+    compares them with fp32 ones to 1e-5)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = str(tmp_path / "run")
-    run_script("dqo.py", tiny_cache, out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
+    run_script("dqo.py", str(tmp_path / "cache"), out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
     with open(os.path.join(out, "run.json")) as f:
         run = json.load(f)
     assert (run["precision"], run["sharding"], run["world_size"]) == ("bf16", "none", 1)

@@ -3,11 +3,10 @@ and against hand arithmetic at the paper defaults."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_command
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import time_plan  # noqa: E402
@@ -18,14 +17,13 @@ def test_counts_match_a_tiny_spo_run(tmp_path):
     call are what the counting functions say; decode positions are at most the counted bound; the training batches
     hold the counted sequences, and their tokens are the counted ones (mean lengths from the offline rows) within 2%."""
     out = tmp_path / "plan.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "time_plan.py"), "--measure", "spo", "--json", str(out), "--",
+    cmd = [os.path.join("benchmarks", "time_plan.py"), "--measure", "spo", "--json", str(out), "--",
            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run"), "--n_train_prompts", "24",
            "--n_test", "8", "--n_samples", "4", "--per_device_batch_size", "8", "--model_update_interval", "5",
            "--pass_eval_problems", "2", "--max_new_tokens", "24", "--report_to", "", "--save_every", "4", "--epochs", "2",
            "--gen_batch_size", "12"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    code, _, stderr = run_command(cmd)
+    assert code == 0, stderr[-4000:]
     result = json.loads(out.read_text())
     measured, counted = result["measured"], result["counted"]
     for phase in ("reference evaluation", "offline dataset", "SPO rollouts", "evaluations"):
