@@ -1121,8 +1121,8 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
                                       task=task, sampling=sampling, max_new_tokens=max_new_tokens,
                                       gen_batch_size=gen_batch_size, cache_dir=cache_dir, save_to=save_to)
     sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
-    key_fields = dict(model=model_key(model_name, cache_dir), task=task, split="train",
-                      train_file=data_key(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
+    key_fields = dict(model=model_key(model_name, cache_dir, PRECISIONS[accelerator.mixed_precision]), task=task,
+                      split="train", train_file=data_key(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
                       max_new_tokens=max_new_tokens, seed=seed, chunk=gen_batch_size)
     root = os.path.join(cache_dir, "offline", cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
@@ -1235,8 +1235,9 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     `build_offline_dataset`, keyed by the file's content, the model, the task and the settings above."""
     src = read_offline_data(path)
     sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
-    key_fields = dict(model=model_key(model_name, cache_dir), task=task, offline_data=content_digest(path),
-                      n_rows=len(src), **sampling, max_new_tokens=max_new_tokens, chunk=gen_batch_size)
+    key_fields = dict(model=model_key(model_name, cache_dir, PRECISIONS[accelerator.mixed_precision]), task=task,
+                      offline_data=content_digest(path), n_rows=len(src), **sampling, max_new_tokens=max_new_tokens,
+                      chunk=gen_batch_size)
     root = os.path.join(cache_dir, "offline", cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
     if accelerator.is_main_process:
@@ -1363,16 +1364,18 @@ _DIGESTS: dict[str, str] = {}
 REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
 
 
-def model_key(model: str, cache_dir: str | None = None) -> str:
+def model_key(model: str, cache_dir: str | None = None, precision: str = "fp32") -> str:
     """The reference's identity in cache keys: for tiny the hash of its recipe, for a hub id the id, for a local folder the
     digest of its contents (`content_digest`): a model saved again in place never reuses results of the old one, and a
-    copy elsewhere reuses them."""
+    copy elsewhere reuses them. A bf16 run's samples and log-probs differ from an fp32 run's, so `precision` bf16 is
+    part of the identity ("@bf16"); fp32 keys are the ones caches have always had."""
     if model == "tiny":
-        return f"tiny/shipped-{tiny_recipe_key()}"  # "shipped-": the key the shipped weights have always had
-    path = os.path.expanduser(model)
-    if not os.path.isdir(path):
-        return model
-    return f"local:{content_digest(path, cache_dir and os.path.join(cache_dir, 'digests.json'))}"
+        key = f"tiny/shipped-{tiny_recipe_key()}"  # "shipped-": the key the shipped weights have always had
+    elif os.path.isdir(path := os.path.expanduser(model)):
+        key = f"local:{content_digest(path, cache_dir and os.path.join(cache_dir, 'digests.json'))}"
+    else:
+        key = model
+    return key if precision == "fp32" else f"{key}@{precision}"
 
 
 def data_key(path: str | None, cache_dir: str | None = None) -> str | None:
@@ -2530,7 +2533,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
     """`evaluate_run` on the untrained reference, cached under `cache_dir/eval/` so every script on the same model, task
     and test set reuses it; `eval_kwargs` go to `evaluate` and into the key."""
-    key = cache_key(dict(model=model_key(args.model, args.cache_dir), task=args.task,
+    key = cache_key(dict(model=model_key(args.model, args.cache_dir, args.precision), task=args.task,
                          test_file=data_key(args.test_file, args.cache_dir), n=len(problems),
                          max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
                          chunk=args.gen_batch_size, v=3, **eval_kwargs))

@@ -322,7 +322,7 @@ def main():
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
         scores = build_process_scores(accelerator, model, tokenizer, rows, args.task, args.ps_samples, sampling,
                                       args.max_new_tokens, args.gen_batch_size, args.seed, args.cache_dir,
-                                      model_key(args.model, args.cache_dir))
+                                      model_key(args.model, args.cache_dir, args.precision))
     examples = [dict(r, behavior_logps=r[f"{args.behavior}_logps"],
                      rewards=token_rewards(len(r["response_ids"]), r["reward"], sc))
                 for r, sc in zip(rows, scores)]  # every response

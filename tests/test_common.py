@@ -470,6 +470,10 @@ def test_cache_keys_follow_the_contents_not_the_path(tiny_model, tmp_path, monke
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert common.model_key(str(path), ".cache") != key
     assert common.model_key("google/gemma-1.1-7b-it", ".cache") == "google/gemma-1.1-7b-it"  # a hub id
+    # bf16 samples and log-probs are not fp32 ones: the precision is part of every key, and fp32 keys stay as they were
+    assert common.model_key("google/gemma-1.1-7b-it", precision="bf16") == "google/gemma-1.1-7b-it@bf16"
+    assert common.model_key(str(tmp_path / "copy"), ".cache", "bf16") == key + "@bf16"
+    assert common.model_key("tiny", precision="bf16") != common.model_key("tiny", precision="fp32") == common.model_key("tiny")
     # a data file edited in place: a new key
     data_file = tmp_path / "test.jsonl"
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")

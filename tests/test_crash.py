@@ -204,7 +204,7 @@ def test_damaged_eval_cache_is_named_and_computed_again(tmp_path, monkeypatch, c
     calls = []
     monkeypatch.setattr(common, "evaluate_run", lambda *a, **kw: calls.append(1) or {"greedy": 0.5, "n_problems": 2})
     args = SimpleNamespace(model="tiny", cache_dir=str(tmp_path), task="arith", test_file=None, max_new_tokens=8, seed=0,
-                           eval_seeds=1, gen_batch_size=4)
+                           eval_seeds=1, gen_batch_size=4, precision="fp32")
     acc, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
     ref = lambda: common.evaluate_reference(model, None, [{}, {}], args, acc)  # noqa: E731
     assert ref() == {"greedy": 0.5, "n_problems": 2} and ref() == {"greedy": 0.5, "n_problems": 2} and len(calls) == 1

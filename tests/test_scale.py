@@ -171,15 +171,22 @@ def test_precision_follows_the_launch(monkeypatch):
 
 def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch):
     """`ACCELERATE_MIXED_PRECISION=bf16 python dqo.py ...` runs bf16 autocast over fp32 master weights, and says so.
-    In a cache of its own: the offline dataset's cache key does not name the precision, so its bf16 reference log-probs
-    would be what a later fp32 run of the same settings on tiny_cache reads (tests/test_offline_data.py's round trip
-    compares them with fp32 ones to 1e-5)."""
+    On the cache every test shares: its bf16 samples and reference log-probs are cached under a key that names the
+    precision, so no fp32 run of the same settings reads them (tests/test_offline_data.py's round trip compares
+    cached log-probs with fp32 ones to 1e-5)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = str(tmp_path / "run")
-    run_script("dqo.py", str(tmp_path / "cache"), out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
+    run_script("dqo.py", tiny_cache, out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
     with open(os.path.join(out, "run.json")) as f:
         run = json.load(f)
     assert (run["precision"], run["sharding"], run["world_size"]) == ("bf16", "none", 1)
+    keys = []
+    for d in os.listdir(os.path.join(tiny_cache, "offline")):
+        if os.path.exists(key := os.path.join(tiny_cache, "offline", d, "key.json")):
+            with open(key) as f:
+                keys.append(json.load(f))
+    bf16 = [k for k in keys if k["model"] == common.model_key("tiny", precision="bf16") and k.get("n_prompts") == 8]
+    assert len(bf16) == 1 and common.model_key("tiny", precision="bf16") == common.model_key("tiny") + "@bf16"
 
 
 def test_fsdp2_needs_the_tested_versions():
