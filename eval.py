@@ -78,7 +78,7 @@ class Args:
     report_to: str = arg("", "accelerate tracker (none by default)")
     output_dir: str = arg("runs/eval", "tracker directory")
     value_model: str | None = arg(None, "a value_model/ folder DRO or DQO saved: show its value trace (the policy: --model, "
-                                        "or the model/ folder beside it)")
+                                        "or the model/ folder beside it; task and precision: the run's, unless given)")
     trace_problems: int = arg(50, "value trace: sampled responses to the first N test problems for its statistics")
     trace_samples: int = arg(4, "value trace: responses sampled per problem")
 
@@ -92,16 +92,21 @@ RULES = dict(task=one_of(*TASKS), n_test=at_least(1, unset_ok=True), seeds=at_le
 
 def validate(args) -> tuple:
     """Every flag and input, before anything is loaded. Returns the pass@k k values."""
-    if args.value_model:  # the run's own policy and task, unless given
+    if args.value_model:  # the run's own policy, task and precision, unless given
         if not os.path.isfile(os.path.join(args.value_model, "value_head.safetensors")):
             raise ArgumentError(f"--value_model {args.value_model}: no value_head.safetensors (a value_model/ folder that "
                                 "dro.py or dqo.py saved is expected)")
         run_dir = os.path.dirname(os.path.abspath(args.value_model))
         if args.model == "tiny" and os.path.isdir(os.path.join(run_dir, "model")):
             args.model = os.path.join(run_dir, "model")
-        if args.task is None and os.path.isfile(os.path.join(run_dir, "run.json")):
+        if os.path.isfile(os.path.join(run_dir, "run.json")):
             with open(os.path.join(run_dir, "run.json")) as f:
-                args.task = json.load(f)["args"].get("task")
+                run = json.load(f)
+            args.task = args.task or run["args"].get("task")
+            if args.precision is None and not os.environ.get("ACCELERATE_MIXED_PRECISION"):
+                # the precision it trained in: a bf16 read of an fp32 value head rounds V to 1/256 near 1, coarser than
+                # the drops the trace measures
+                args.precision = run.get("precision")
     args.task = args.task or ("arith" if args.model == "tiny" else "gsm8k")
     args.max_new_tokens = args.max_new_tokens or TASK_MAX_NEW_TOKENS.get(args.task)
     check_rules(args, RULES)

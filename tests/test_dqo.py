@@ -305,7 +305,7 @@ def test_segments_and_process_scores(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
     """A DQO run with process rewards saves its value model; eval.py --value_model prints its value trace, with its
-    statistics, and writes the HTML page."""
+    statistics, in the run's precision, and writes the HTML page."""
     out = str(tmp_path / "dqo")
     results, metrics = run_script("dqo.py", tiny_cache, out, "--process_rewards", "--ps_samples", "2", "--lam", "0.95",
                                   "--behavior", "sampler")
@@ -318,6 +318,8 @@ def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
                                         "--n_test", "16", "--trace_problems", "16", "--cache_dir", tiny_cache,
                                         "--output_dir", str(tmp_path / "eval")], timeout=300)
     assert code == 0, stderr[-3000:]
+    # the run's precision (fp32), not the bf16 default of a local model: bf16 would round V to 1/256 near 1
+    assert "eval: 1 process(es), device cpu, precision fp32" in stdout + stderr
     assert "value trace" in stdout and "(start)" in stdout and "over 64 sampled responses" in stdout
     assert "incorrect response" in stdout  # the weak test reference always fails some
     with open(os.path.join(out, "value_trace.html")) as f:
