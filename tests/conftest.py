@@ -57,11 +57,10 @@ def tiny_cache(tmp_path_factory):
         pytest.exit(str(e), returncode=1)
     if os.environ.get("TEST_CACHE_DIR"):  # set it to reuse across runs
         return os.environ["TEST_CACHE_DIR"]
-    # One cache for both pytest-xdist workers (the session's base temp dir is per worker, its parent is shared): a
-    # dataset or evaluation that tests on both need is built once. Runs share a cache safely: a lock per chunk, files
-    # written atomically and verified (tests/test_crash.py runs two on one cold cache).
     base = tmp_path_factory.getbasetemp()
-    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-cache"
+    # One cache per xdist worker for now: with one cache across workers, a two-process SPO launch hung for 600 s once
+    # (tests/test_scale.py::test_two_processes_match_one[spo.py]); not yet explained.
+    path = base / "shared-cache"
     path.mkdir(exist_ok=True)
     return str(path)
 
