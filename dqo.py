@@ -184,17 +184,18 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
     value_loss = ((w if is_value else ones) * value_err).mean()
     policy_loss = ((w if is_policy else ones) * policy_err).mean()
     first = mask.argmax(1, keepdim=True)  # (B, 1) first response position
+    v_first = v_bar.gather(1, first).squeeze(1)  # (B,) V(s_1)
     metrics = {"losses/policy": policy_loss.item(), "losses/value": value_loss.item(), "charts/is_weight": w.mean().item(),
                "rewards/return": (rewards * mask).sum(1).mean().item(), "rewards/kl": log_ratio.detach().sum(1).mean().item(),
                "charts/is_clipped": (log_w >= math.log(is_clip)).float().mean().item() if is_clip else 0.0,
-               "charts/value_first": v_bar.gather(1, first).mean().item(), "charts/G_first": G.gather(1, first).mean().item()}
+               "charts/value_first": v_first.mean().item(), "charts/G_first": G.gather(1, first).mean().item()}
     # the weight and V(s_1) on correct and on failed responses, apart: what the weight on the value loss does to V
     # (a failed response's return is < 1: process rewards give it at most (n − 1)/n)
     correct = (rewards * mask).sum(1) >= 1  # (B,)
     for name, sel in (("correct", correct), ("failed", ~correct)):
         if sel.any():
             metrics[f"charts/is_weight_{name}"] = w[sel].mean().item()
-            metrics[f"charts/value_first_{name}"] = v_bar.gather(1, first)[sel].mean().item()
+            metrics[f"charts/value_first_{name}"] = v_first[sel].mean().item()
     return policy_loss, value_loss, metrics
 
 

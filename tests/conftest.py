@@ -60,7 +60,7 @@ def tiny_cache(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     # One cache per xdist worker for now: with one cache across workers, a two-process SPO launch hung for 600 s once
     # (tests/test_scale.py::test_two_processes_match_one[spo.py]); not yet explained.
-    path = base / "shared-cache"
+    path = base / "cache"
     path.mkdir(exist_ok=True)
     return str(path)
 
