@@ -326,6 +326,10 @@ def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
         assert "<span style='background:" in f.read()
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f) == results
+    # conftest's one thread per core per pytest worker reaches this process and the runs it starts
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["threads"] == int(os.environ["OMP_NUM_THREADS"])
 
 
 def test_value_trace_statistics(tiny_model):
