@@ -44,7 +44,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, field
 
@@ -2191,21 +2191,28 @@ def checkpoint_path(output_dir: str, hashes: bool = True, quiet: bool = False) -
     return None
 
 
+def on_main(accelerator: Accelerator, decide: Callable[[], object]) -> object:
+    """`decide()` run on the main process only, its result sent to every process: for a choice every process must make
+    the same way (which checkpoint to load, whether a cached result is there) from files that may change meanwhile."""
+    from accelerate.utils import broadcast_object_list
+
+    found = [decide() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    return found[0]
+
+
 def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
     """Restore the newest checkpoint that verifies (decided on the main process). Returns its trainer state (step, epoch,
     batch, results), or None if the run stopped before its first checkpoint: it starts again in place. metrics.jsonl is
     cut back to the checkpoint's step, so every step is logged once."""
-    from accelerate.utils import broadcast_object_list
-
-    found = [None, None]  # (path, error): decided once, on the main process, so every process loads the same one
-    if accelerator.is_main_process:
+    def find() -> tuple[str | None, str | None]:  # (path, error)
         try:
-            found[0] = checkpoint_path(output_dir)
+            return checkpoint_path(output_dir), None
         except ArgumentError as e:
-            found[1] = str(e.code)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(found)
-    path, error = found
+            return None, str(e.code)
+
+    path, error = on_main(accelerator, find)  # decided once, so every process loads the same one
     if error:
         raise ArgumentError(error.removeprefix("error: "))
     state = None
@@ -2538,7 +2545,9 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
                          max_new_tokens=args.max_new_tokens, seed=args.seed, seeds=args.eval_seeds,
                          chunk=args.gen_batch_size, v=3, **eval_kwargs))
     path = os.path.join(args.cache_dir, "eval", f"{key}.json")
-    if (cached := read_json_checked(path)) is not None:  # a damaged file is named and evaluated again
+    # Read on the main process only: another run sharing the cache may write the file between two processes' reads, and
+    # a process that skipped the evaluation (its results are gathered) would leave the others waiting for it.
+    if (cached := on_main(accelerator, lambda: read_json_checked(path))) is not None:  # damaged: named, evaluated again
         return cached
     with reference_mode(accelerator.unwrap_model(model)):
         out = evaluate_run(model, tokenizer, problems, args, accelerator, **eval_kwargs)

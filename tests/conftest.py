@@ -15,10 +15,12 @@ import pytest
 # warm runner and every script a test starts inherit it. torch otherwise gives each process as many threads as the
 # machine has cores: with `-n 2` on 2 cores that is 4 busy threads on 2 cores, and their OpenMP threads spin while they
 # wait for each other. Measured on 2 cores: the suite took 11 min 19 s (20.6 min of CPU) that way, 6 min 30 s
-# (11.2 min of CPU) with one thread per worker. A value you set yourself is kept.
-if not os.environ.get("OMP_NUM_THREADS"):
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+# (11.2 min of CPU) with one thread per worker. A value you set yourself is kept; the one xdist's controller sets here,
+# before it knows the worker count, is set again in each worker (which inherits it).
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if not os.environ.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS_FROM_CONFTEST"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS_FROM_CONFTEST"] = str(max(1, CORES // WORKERS))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -66,10 +68,12 @@ def tiny_cache(tmp_path_factory):
         pytest.exit(str(e), returncode=1)
     if os.environ.get("TEST_CACHE_DIR"):  # set it to reuse across runs
         return os.environ["TEST_CACHE_DIR"]
+    # One cache for both pytest-xdist workers (the session's base temp dir is per worker, its parent is shared): a
+    # dataset or evaluation that tests on both need is built once. Runs share a cache safely: a lock per chunk, files
+    # written atomically and verified (tests/test_crash.py runs two on one cold cache), and a launch's processes agree on
+    # what is cached (tests/test_scale.py::test_a_cache_written_by_another_run_mid_launch_is_read_by_all_processes_or_none).
     base = tmp_path_factory.getbasetemp()
-    # One cache per xdist worker for now: with one cache across workers, a two-process SPO launch hung for 600 s once
-    # (tests/test_scale.py::test_two_processes_match_one[spo.py]); not yet explained.
-    path = base / "cache"
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-cache"
     path.mkdir(exist_ok=True)
     return str(path)
 

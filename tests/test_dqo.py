@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
-from conftest import arith_rows, assert_accuracy, encode_response, gradient_step_lowers, run_command, run_script
+from conftest import (CORES, WORKERS, arith_rows, assert_accuracy, encode_response, gradient_step_lowers, run_command,
+                      run_script)
 
 import common
 import dqo
@@ -327,6 +328,8 @@ def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f) == results
     # conftest's one thread per core per pytest worker reaches this process and the runs it starts
+    if os.environ.get("OMP_NUM_THREADS_FROM_CONFTEST"):
+        assert torch.get_num_threads() == max(1, CORES // WORKERS)
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["threads"] == int(os.environ["OMP_NUM_THREADS"])

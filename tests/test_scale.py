@@ -199,6 +199,46 @@ def test_fsdp2_needs_the_tested_versions():
         common.check_versions("FSDP", 2, {"torch": "2.13.0", "accelerate": "1.12.0"})
 
 
+def test_a_cache_written_by_another_run_mid_launch_is_read_by_all_processes_or_none(tmp_path):
+    """Two runs share a cache. The reference evaluation is missing when this launch's main process looks for it, and
+    another run writes it before process 1 looks. Every process must make the same choice (evaluate, whose results are
+    gathered across processes, or read the file): a process that read it would skip the gather and leave the others
+    waiting for it until the process-group timeout."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""import json, os, sys, time
+from types import SimpleNamespace
+sys.path.insert(0, {ROOT!r})
+import common
+from transformers import AutoModelForCausalLM, AutoTokenizer
+common.asdict = vars  # a namespace stands in for the Args dataclass
+args = SimpleNamespace(model="tiny", precision=None, grad_accum=1, report_to="", output_dir={str(tmp_path / "out")!r},
+                       seed=1, dist_timeout=60, cache_dir={str(tmp_path / "cache")!r}, task="arith", test_file=None,
+                       max_new_tokens=16, eval_seeds=0, gen_batch_size=4)
+acc = common.setup_accelerator(args, "probe")
+model = AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED)
+tokenizer = AutoTokenizer.from_pretrained(common.TINY_SHIPPED)
+read = common.read_json_checked
+
+def racing_read(path):  # the other run's write lands between the two processes' reads
+    if acc.process_index == 0:
+        found = read(path)
+        common.write_json_checked(path, {{"greedy": -1.0, "written_by": "another run"}})
+        return found
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return read(path)
+
+common.read_json_checked = racing_read
+out = common.evaluate_reference(model, tokenizer, common.load_task("arith", "test", limit=4), args, acc)
+print("greedy", acc.process_index, out["greedy"])
+""")
+    (tmp_path / "cache" / "eval").mkdir(parents=True)
+    proc = subprocess.run([*launch(), str(driver)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line0, line1) = sorted(line for line in proc.stdout.splitlines() if line.startswith("greedy"))
+    assert line0.split()[2] == line1.split()[2] and float(line0.split()[2]) >= 0, (line0, line1)
+
+
 def test_dist_timeout_reaches_the_process_group(tmp_path):
     """--dist_timeout is the process group's timeout (NCCL's default, 10 minutes, is shorter than sampling the offline
     dataset at paper size, during which processes make no collective call)."""
