@@ -34,14 +34,14 @@ DATA = os.environ.get("SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "sha
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"the real data is not at {DATA}: set SHARED_DATA")
 
 
-# The files that take longest (a minute or more each on 2 cores), longest first. CI runs the suite on 2 pytest-xdist
-# workers with --dist loadfile: each worker takes whole files from one queue as it frees up. xdist orders that queue by
-# the number of tests in a file, which put the few long script runs (test_embedded.py, test_memory_trace.py,
-# test_time_plan.py) last, and one worker ran them alone at the end. Here the queue is these files first, then the
-# rest in collection order: the many short files fill in at the end on whichever worker frees up first.
-LONG_FILES = ("test_scale.py", "test_lora.py", "test_embedded.py", "test_memory_trace.py", "test_sharding.py",
-              "test_crash.py", "test_rs_eval.py", "test_time_plan.py", "test_spo.py", "test_dpo_kto_dro.py",
-              "test_paper_defaults.py", "test_dqo.py")
+# The files that take longest (15 s or more each with one thread per worker on 2 cores; test_sharding.py and
+# test_scale.py about 150 s), longest first. CI runs the suite on 2 pytest-xdist workers with --dist loadfile: each
+# worker takes whole files from one queue as it frees up. xdist orders that queue by the number of tests in a file,
+# which put the few long script runs (test_embedded.py, test_memory_trace.py) last, and one worker ran them alone at the
+# end. Here the queue is these files first, then the rest in collection order: the many short files fill in at the end
+# on whichever worker frees up first.
+LONG_FILES = ("test_sharding.py", "test_scale.py", "test_embedded.py", "test_memory_trace.py", "test_spo.py",
+              "test_lora.py", "test_cli.py", "test_grading.py", "test_bad_input.py", "test_common.py", "test_crash.py")
 
 
 def pytest_configure(config):
