@@ -14,9 +14,10 @@ import pytest
 # Cores ÷ workers math-library threads per pytest worker (1 with `-n 2` on 2 cores), set before torch is first imported
 # (below, through common), so the warm runner and every script a test starts inherit it. torch otherwise gives each
 # process as many threads as the machine has cores: with `-n 2` on 2 cores that is 4 busy threads on 2 cores, and their
-# OpenMP threads spin while they wait for each other. Measured on 2 cores: the suite took 11 min 19 s (20.6 min of CPU)
-# that way, 6 min 30 s (11.2 min of CPU) with one thread per worker. A value you set yourself is kept; the one xdist's
-# controller sets here, before it knows the worker count, is set again in each worker (which inherits it).
+# OpenMP threads spin while they wait for each other. Measured from fresh clones on 2 cores: the suite took 10-11 min
+# (19-21 min of CPU) that way, 6 min 43 s to 7 min 15 s (12-13 min of CPU) with one thread per worker. A value you set
+# yourself is kept; the one xdist's controller sets here, before it knows the worker count, is set again in each
+# worker (which inherits it).
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if not os.environ.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS_FROM_CONFTEST"):

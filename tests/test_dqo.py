@@ -327,7 +327,7 @@ def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
         assert "<span style='background:" in f.read()
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f) == results
-    # conftest's one thread per core per pytest worker reaches this process and the runs it starts
+    # conftest's cores ÷ workers threads per pytest worker reach this process and the runs it starts
     if os.environ.get("OMP_NUM_THREADS_FROM_CONFTEST"):
         assert torch.get_num_threads() == max(1, CORES // WORKERS)
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])

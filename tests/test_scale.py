@@ -171,9 +171,9 @@ def test_precision_follows_the_launch(monkeypatch):
 
 def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch):
     """`ACCELERATE_MIXED_PRECISION=bf16 python dqo.py ...` runs bf16 autocast over fp32 master weights, and says so.
-    On the cache the other tests of this worker share: its bf16 samples and reference log-probs are cached under a key
-    that names the precision, so no fp32 run of the same settings reads them (tests/test_offline_data.py's round trip
-    compares cached log-probs with fp32 ones to 1e-5)."""
+    On the cache every test shares: its bf16 samples and reference log-probs are cached under a key that names the
+    precision, so no fp32 run of the same settings reads them (tests/test_offline_data.py's round trip compares
+    cached log-probs with fp32 ones to 1e-5)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = str(tmp_path / "run")
     run_script("dqo.py", tiny_cache, out, "--max_steps", "2", "--n_train_prompts", "8", "--n_test", "8")
