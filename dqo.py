@@ -45,82 +45,35 @@ from transformers import get_scheduler
 from common import (
     DataError,
     ValueModel,
-    arg,
     arith_first_wrong,
-    at_least,
-    between,
     build_offline_dataset,
-    cache_key,
+    cache_folder,
     collate,
     evaluate_reference,
     evaluate_run,
     generate_batch,
     grade,
     iterate_batches,
-    load_checkpoint,
     load_model_and_tokenizer,
     load_task,
     log_eval,
-    log_metrics,
     model_key,
-    one_of,
-    parse_args,
-    plan_steps,
-    positive,
-    read_json_checked,
     reference_mode,
-    report_outputs,
-    save_checkpoint,
-    save_model,
     segment_ends,
-    setup_accelerator,
     throughput,
     token_logprobs,
     unsharded,
-    validate_args,
-    write_json_checked,
 )
+from runtime.checkpoint import load_checkpoint, save_checkpoint, save_model
+from runtime.cli import Base, arg, at_least, between, one_of, positive
+from runtime.files import build_chunks, cache_key, read_chunk
+from runtime.launch import fit_to_data, log_metrics, report_outputs, start
 
 
 @dataclass
-class Args:
-    model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
-    task: str | None = arg(None, "arith (embedded), gsm8k, math or aime24 (default: arith with --model tiny, else gsm8k)")
-    train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
-    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
-    n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
-    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
-    seed: int = arg(1, "seed for sampling, data order and initialisation")
+class Args(Base):
     output_dir: str = arg("runs/dqo", "where checkpoints, the final model, metrics and results go")
-    cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
-    offline_data: str | None = arg(None, "your samples (JSONL/Parquet: question, response, answer[, reward]); no sampling")
-    save_offline_data: str | None = arg(None, "write the offline dataset here, JSONL (default: offline.jsonl in its cache)")
-    resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
-    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset")
-    temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
-    top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
-    top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
-    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
-    gen_batch_size: int | None = arg(None, "sequences per generate call (paper: sized for 80 GB GPUs)")
-    epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
-    lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int | None = arg(None, "linear warmup steps, then constant")
-    per_device_batch_size: int | None = arg(None, "micro-batch per process")
-    global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
-    grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
-    dist_timeout: int = arg(43200, "seconds a process waits at a collective (12 h: sampling the offline dataset has none)")
-    skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
-    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std")
-    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
-    report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps (0: run all epochs)")
-    lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β")
-    # Algorithm-specific arguments
     value_lr: float | None = arg(None, "value-network learning rate (the paper sweeps 5e-6 and 1e-6)")
     lam: float = arg(1.0, "λ of the λ-return (paper: 1.0, the Monte-Carlo return; Table 5 ablates it)")
     is_clip: float = arg(math.e, "importance weight min(is_clip, π/μ) per trajectory (paper: e); 0: no weights")
@@ -129,6 +82,9 @@ class Args:
     behavior: str = arg("ref", "behaviour policy μ: ref (the stored reference log-probs, paper) or sampler (warped)")
     process_rewards: bool = arg(False, "add process rewards from prefix completions by the reference (paper §5.5)")
     ps_samples: int = arg(20, "completions sampled per prefix for the process scores")
+
+    def memory_terms(self) -> dict:
+        return dict(super().memory_terms(), networks=2)  # the policy and the value network
 
 
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, value_lr=1e-3, per_device_batch_size=32, beta=0.3)
@@ -250,35 +206,28 @@ def score_segments(policy, tokenizer, rows: list[dict], task: str, ps_samples: i
 def build_process_scores(accelerator, model, tokenizer, rows: list[dict], task: str, ps_samples: int, sampling: dict,
                          max_new_tokens: int, gen_batch_size: int, seed: int, cache_dir: str, reference: str) -> list[dict]:
     """`score_segments` for every offline row, by the reference (`model` before training, prepared or not), cached
-    under `cache_dir/process_scores/<key>/`, keyed by the reference's identity (`reference`, common.model_key), the
-    offline rows themselves and the sampling parameters. Chunks of PS_CHUNK rows are written atomically when done (an
-    interrupted build resumes) and shared round-robin across processes (accelerator None: one process)."""
+    under `cache_dir/process_scores/<key>/` (runtime/files.py: chunks of PS_CHUNK rows shared across processes and runs,
+    verified), keyed by the reference's identity (`reference`, common.model_key), the offline rows themselves and the
+    sampling parameters (accelerator None: one process)."""
     key = dict(model=reference, task=task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
                ps_samples=ps_samples, temperature=sampling["temperature"], top_p=sampling["top_p"],
                top_k=sampling["top_k"], max_new_tokens=max_new_tokens, seed=seed, chunk=PS_CHUNK,
-               gen_batch_size=gen_batch_size, v=2)
-    root = os.path.join(cache_dir, "process_scores", cache_key(key))
-    os.makedirs(root, exist_ok=True)
+               gen_batch_size=gen_batch_size, v=3)
+    root = cache_folder(accelerator, os.path.join(cache_dir, "process_scores"), key)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     chunks = [range(s, min(s + PS_CHUNK, len(rows))) for s in range(0, len(rows), PS_CHUNK)]
-    mine = range(rank, len(chunks), world)
-    todo = [c for c in mine if read_json_checked(os.path.join(root, f"chunk-{c:05d}.json")) is None]  # damaged: again
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="process scores", disable=rank != 0)
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
-        for c in todo:
-            scores = score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], task, ps_samples, sampling,
-                                    max_new_tokens, gen_batch_size, seed * 1_000_003 + c)
-            write_json_checked(os.path.join(root, f"chunk-{c:05d}.json"), scores)
-            bar.update(1)
-    bar.close()
+        build_chunks(root, range(rank, len(chunks), world), {c: len(chunk) for c, chunk in enumerate(chunks)},
+                     lambda c: score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], task, ps_samples, sampling,
+                                              max_new_tokens, gen_batch_size, seed * 1_000_003 + c),
+                     "process scores", rank == 0)
     if accelerator:
         accelerator.wait_for_everyone()
     scores = []
-    for c in range(len(chunks)):
-        if (chunk := read_json_checked(os.path.join(root, f"chunk-{c:05d}.json"))) is None:
-            raise DataError(f"process scores: {os.path.join(root, f'chunk-{c:05d}.json')} is missing or damaged; "
-                            "run again to score it again")
-        scores += chunk
+    for c, chunk in enumerate(chunks):
+        if (part := read_chunk(root, c, len(chunk))) is None:
+            raise DataError(f"process scores: chunk {c} in {root} is missing or damaged; run again to score it again")
+        scores += part
     failed = [(r, s) for r, s in zip(rows, scores) if r["reward"] != 1.0]
     n_ok, n_seg = sum(s["correct_segments"] for _, s in failed), sum(len(s["segment_ends"]) for _, s in failed)
     msg = (f"process scores: {sum(s['correct_segments'] > 0 for _, s in failed)}/{len(failed)} failed responses have a "
@@ -292,11 +241,8 @@ def build_process_scores(accelerator, model, tokenizer, rows: list[dict], task: 
 
 
 def main():
-    args = parse_args(Args, TINY, PAPER)
-    validate_args(args, CHECKS)
-
     # setup
-    accelerator = setup_accelerator(args, "dqo")
+    args, accelerator = start(Args, TINY, PAPER, CHECKS)
     device = accelerator.device
 
     # models
@@ -331,7 +277,7 @@ def main():
     token_fields, seq_fields = ("ref_logps", "behavior_logps", "rewards"), ()
 
     # training loop
-    steps_per_epoch, total_steps = plan_steps(len(examples), args, accelerator)
+    steps_per_epoch, total_steps = fit_to_data(len(examples), args, accelerator)
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     accelerator.register_for_checkpointing(scheduler)
     value_scheduler = get_scheduler("constant_with_warmup", value_optimizer, num_warmup_steps=args.warmup_steps)

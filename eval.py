@@ -18,6 +18,7 @@ import html
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +26,22 @@ import torch
 
 from common import (
     EVAL_SAMPLING,
-    TASKS,
     TASK_MAX_NEW_TOKENS,
-    ArgumentError,
+    TASKS,
     ValueModel,
-    arg,
     arith_first_wrong,
+    collate,
+    encode_prompt,
+    evaluate,
+    format_results,
+    load_model_and_tokenizer,
+    load_task,
+    rollout,
+    segment_ends,
+)
+from runtime.cli import (
+    ArgumentError,
+    arg,
     at_least,
     between,
     check_model_arg,
@@ -38,21 +49,14 @@ from common import (
     check_rules,
     check_task_files,
     check_writable_dir,
-    collate,
     describe_run,
-    encode_prompt,
-    evaluate,
-    format_results,
-    load_model_and_tokenizer,
-    load_task,
+    one_line_errors,
     one_of,
     parse_args,
     positive,
-    rollout,
-    segment_ends,
-    setup_accelerator,
-    write_json_atomic,
 )
+from runtime.files import write_json_atomic
+from runtime.launch import setup_accelerator
 
 
 @dataclass
@@ -253,8 +257,9 @@ def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
 
 def main():
     args = parse_args(Args)
+    sys.excepthook = one_line_errors  # bad data found once it runs: one `error:` line, not a traceback
     ks = validate(args)
-    accelerator = setup_accelerator(args, "eval")
+    accelerator, _ = setup_accelerator(args, "eval")
     model, tokenizer = load_model_and_tokenizer(args, accelerator, trainable=False)
     model = accelerator.prepare(model)
     problems = load_task(args.task, "test", args.test_file, args.n_test)

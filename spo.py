@@ -45,79 +45,31 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import (
-    ArgumentError,
-    arg,
-    at_least,
-    between,
     build_offline_dataset,
     collate,
     evaluate_reference,
     evaluate_run,
     frozen_copy,
     iterate_batches,
-    load_checkpoint,
     load_model_and_tokenizer,
     load_task,
     log_eval,
-    log_metrics,
-    one_of,
-    parse_args,
-    plain_name,
-    plan_steps,
-    positive,
     reference_mode,
-    report_outputs,
     rollout_chunk,
-    save_checkpoint,
-    save_model,
     score_rows,
-    setup_accelerator,
     throughput,
     token_logprobs,
     unsharded,
-    validate_args,
 )
+from runtime.checkpoint import load_checkpoint, plain_name, save_checkpoint, save_model
+from runtime.cli import ArgumentError, Base, arg, at_least, between, one_of, positive
+from runtime.launch import fit_to_data, log_metrics, report_outputs, start
 
 
 @dataclass
-class Args:
-    model: str = arg("tiny", "hub id or local save_pretrained dir of the reference policy; `tiny` = the embedded default")
-    task: str | None = arg(None, "arith (embedded), gsm8k, math or aime24 (default: arith with --model tiny, else gsm8k)")
-    train_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub train split")
-    test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
-    n_train_prompts: int | None = arg(None, "number of training prompts (default: all; arith: 1000)")
-    n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
-    seed: int = arg(1, "seed for sampling, data order and initialisation")
+class Args(Base):
     output_dir: str = arg("runs/spo", "where checkpoints, the final model, metrics and results go")
-    cache_dir: str = arg(".cache", "where offline datasets, reference evaluations and file digests are cached")
-    offline_data: str | None = arg(None, "your samples (JSONL/Parquet: question, response, answer[, reward]); no sampling")
-    save_offline_data: str | None = arg(None, "write the offline dataset here, JSONL (default: offline.jsonl in its cache)")
-    resume: bool = arg(False, "resume from output_dir/checkpoint: model, optimizer, scheduler, RNG and data position")
-    n_samples: int | None = arg(None, "reference samples per training prompt in the offline dataset")
-    temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
-    top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
-    top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
-    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
-    gen_batch_size: int | None = arg(None, "sequences per generate call (paper: sized for 80 GB GPUs)")
-    epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
-    lr: float | None = arg(None, "policy learning rate")
-    warmup_steps: int | None = arg(None, "linear warmup steps, then constant")
-    per_device_batch_size: int | None = arg(None, "micro-batch per process")
-    global_batch_size: int | None = arg(None, "examples per optimizer step over all processes; sets --grad_accum")
-    grad_accum: int | None = arg(None, "accumulation steps (default: global_batch_size / (per_device_batch_size x processes))")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
-    dist_timeout: int = arg(43200, "seconds a process waits at a collective (12 h: sampling the offline dataset has none)")
-    skip_memory_check: bool = arg(False, "start even if the memory preflight says a step will not fit the GPU")
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
-    eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std")
-    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
-    report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps (0: run all epochs)")
-    lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
     beta: float | None = arg(None, "KL coefficient β: the soft-RL temperature (paper's 1/ln(100000) ≈ 0.087)")
-    # Algorithm-specific arguments
     loss_type: str | None = arg(None, "squared, bce (the paper's headline SPO), advantage_bce or reverse_q (tiny: squared)")
     online_fraction: float = arg(0.5, "share of each batch that is fresh rollouts (0: purely offline, 1: purely online)")
     model_update_interval: int = arg(10, "refresh the rollout policy from the trained one every N optimizer steps")
@@ -126,6 +78,10 @@ class Args:
     rollout_top_p: float = arg(0.95, "rollout top_p")
     pass_eval_problems: int | None = arg(None, "pass@1/pass@10 on the first N test problems (default: all; tiny: 200)")
     q0_samples: int = arg(0, "extra reference samples per prompt for Ŝ_0, pooled with the offline ones (paper: 800)")
+
+    def memory_terms(self) -> dict:  # a frozen copy of the policy makes the online rows, the reference scores them
+        online = len(online_slots(self.per_device_batch_size, self.online_fraction))
+        return dict(super().memory_terms(), frozen_reference=online > 0, rollout_policy=online > 0, online_rows=online)
 
 
 # Tiny: pass@k on the first 200 test problems (20 samples each on all 1000: ~9 minutes per evaluation on 2 cores)
@@ -304,12 +260,8 @@ def pending_rollouts(rollout_policy: RolloutPolicy, ref_model, tokenizer, batche
 
 
 def main():
-    args = parse_args(Args, TINY, PAPER)
-    check_flag_pairs(args)  # before validate_args, which claims the output dir once the input is good
-    validate_args(args, CHECKS)
-
     # setup
-    accelerator = setup_accelerator(args, "spo")
+    args, accelerator = start(Args, TINY, PAPER, CHECKS, check_flag_pairs)
     device = accelerator.device
 
     # models
@@ -345,7 +297,7 @@ def main():
     token_fields, seq_fields = ("ref_logps",), ("q0", "reward")
 
     # training loop
-    steps_per_epoch, total_steps = plan_steps(len(examples), args, accelerator)
+    steps_per_epoch, total_steps = fit_to_data(len(examples), args, accelerator)
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     accelerator.register_for_checkpointing(scheduler, *([rollout_policy] if rollout_policy is not None else []))
     state = load_checkpoint(accelerator, args.output_dir) if args.resume else None

@@ -1,0 +1,278 @@
+"""Files a kill cannot leave half-written, files that verify, and the one cache scheme every cache uses: a folder of
+chunks, each claimed under a lock while it is built, written atomically, then a check file with its row count and CRC-32.
+The offline dataset, DQO's process scores and the reference's evaluation are such caches."""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+
+def failpoint(name: str) -> None:
+    """Crash tests: with FAILPOINT=<name> (or <name>@<n>: the n-th time it is reached) the process dies here as a SIGKILL
+    would leave it (exit 137, no cleanup, no flush); a no-op otherwise."""
+    want = os.environ.get("FAILPOINT")
+    if not want or want.partition("@")[0] != name:
+        return
+    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+    if _FAILPOINT_HITS[name] == int(want.partition("@")[2] or 1):
+        os._exit(137)
+
+
+_FAILPOINT_HITS: dict[str, int] = {}
+OUTPUTS: list[tuple[str, str]] = []  # (what, path) of outputs written outside --output_dir, for `report_outputs`
+
+
+def file_hashes(paths: list[str]) -> list[str]:
+    """CRC-32 of each file's bytes as 8 hex digits, several files at once (zlib releases the GIL): it tells a damaged
+    file from an intact one (not an attacker's), at the disk's speed, so a 100 GB checkpoint is hashed at every save."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def crc(path: str) -> str:
+        value = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                value = zlib.crc32(chunk, value)
+        return f"{value:08x}"
+
+    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(crc, paths))
+
+
+class WriteError(SystemExit):
+    """A write that failed (disk full, file-size limit, permissions), as one line naming the file and the free space
+    left there, instead of a traceback from deep inside safetensors or torch."""
+
+    def __init__(self, path: str, e: BaseException, consequence: str = ""):
+        code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # safetensors and torch wrap the OSError in their own
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else os.strerror(int(code.group(1) or code.group(2)))
+                  if code else (str(e).strip().splitlines() or [""])[0] or type(e).__name__)
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if not isinstance(e, OSError) and limit != resource.RLIM_INFINITY:
+            reason += f" (this process may write files of at most {limit} bytes: ulimit -f)"
+        d = os.path.abspath(path)  # the nearest existing folder, not a temp folder that the failed write removes
+        while (not os.path.isdir(d) or ".tmp" in os.path.basename(d)) and os.path.dirname(d) != d:
+            d = os.path.dirname(d)
+        try:
+            free = f"{shutil.disk_usage(d).free / 1e9:.1f} GB free on {d}"
+        except OSError:
+            free = f"free space on {d} unknown"
+        super().__init__(f"error: cannot write {path}: {reason}; {free}" + (f". {consequence}" if consequence else ""))
+
+
+@contextmanager
+def writing(path: str, cleanup: str | None = None, consequence: str = ""):
+    """Turn any failure inside the block into a WriteError naming `path` (for a folder: the file being written there,
+    which safetensors and torch do not name), after removing `cleanup`, so nothing half-written stays to be trusted."""
+    try:
+        yield
+    except (WriteError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if os.path.isdir(path):  # the innermost traceback frame's path under it, else its newest file
+            tb, found = e.__traceback__, None
+            while tb is not None:
+                found = next((str(v) for v in tb.tb_frame.f_locals.values() if isinstance(v, str | os.PathLike)
+                              and str(v).startswith(path + os.sep)), found)
+                tb = tb.tb_next
+            files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+            path = found or (max(files, key=os.path.getmtime) if files else path)
+        err = WriteError(path, e, consequence)  # before the cleanup: the file it names may be inside it
+        if cleanup and os.path.isdir(cleanup):
+            shutil.rmtree(cleanup, ignore_errors=True)
+        elif cleanup and os.path.exists(cleanup):
+            os.remove(cleanup)
+        raise err from None
+
+
+def write_atomic(path: str, lines) -> None:
+    """Write `lines` (strings, streamed) to a temp file and rename it into place: a kill never leaves a truncated file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with writing(path, cleanup=tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_atomic(path, [json.dumps(obj)])
+
+
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    write_atomic(path, (json.dumps(r) + "\n" for r in rows))
+
+
+def clean_orphans(folder: str, min_age_s: float = 0.0) -> list[str]:
+    """Remove the temp files of atomic writes (`*.tmp-PID`) in `folder` whose process is gone and that are at least
+    `min_age_s` old (a PID alive on another host sharing the folder is not visible). Returns what it removed."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m, path = re.search(r"\.tmp-(\d+)$", name), os.path.join(folder, name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - os.path.getmtime(path) >= min_age_s:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Cache keys ---------------------------------------------------------------------------------------------------------
+def cache_key(obj) -> str:
+    """A short stable hash of a JSON-able description (model, task, sampling, ...): the name of a cache folder."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
+_DIGESTS: dict[str, str] = {}
+
+
+def content_digest(path: str, memo_path: str | None = None) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, REPORT_FILES left out): an input's identity in cache
+    keys. Each file's hash is remembered by (path, size, ctime, inode), per process and in `memo_path`, so a 17 GB
+    model is read once."""
+    memo = {}
+    if memo_path and os.path.exists(memo_path):
+        with open(memo_path) as f:
+            memo = json.load(f)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not REPORT_FILES.fullmatch(f))
+    h, changed = hashlib.sha256(), False
+    for file in files:
+        st = os.stat(file)
+        key = f"{os.path.abspath(file)}:{st.st_size}:{st.st_ctime_ns}:{st.st_ino}"  # any write or utime changes ctime
+        if key not in memo and key not in _DIGESTS:
+            fh = hashlib.sha256()
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    fh.update(chunk)
+            _DIGESTS[key], changed = fh.hexdigest(), True
+        h.update(f"{os.path.relpath(file, path)}:{memo.get(key) or _DIGESTS[key]}\n".encode())
+    if memo_path and changed:
+        os.makedirs(os.path.dirname(memo_path) or ".", exist_ok=True)
+        write_json_atomic(memo_path, {**memo, **_DIGESTS})
+    return h.hexdigest()[:16]
+
+
+# The chunked cache --------------------------------------------------------------------------------------------------
+def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
+    """Why chunk `c` in `root` cannot be used (missing, or its row count or CRC-32 differs from its check file, written
+    after it), or None if it verifies. A chunk without its check file was cut off and is never used."""
+    path, check = os.path.join(root, f"chunk-{c:05d}.jsonl"), os.path.join(root, f"check-{c:05d}.json")
+    if not os.path.exists(check):
+        return "missing" if not os.path.exists(path) else f"{path} has no check file (its write was cut off)"
+    try:
+        with open(check) as f:
+            want = json.load(f)
+        with open(path, "rb") as f:
+            rows = sum(1 for _ in f)
+        if rows != want["rows"] or rows != (want["rows"] if n_rows is None else n_rows):
+            return f"{path} has {rows} rows, {want['rows']} when it was written ({n_rows} expected)"
+        if file_hashes([path])[0] != want["crc32"]:
+            return f"{path}: its bytes do not match the CRC-32 written with it"
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{check} is damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def write_chunk(root: str, c: int, rows: list[dict]) -> None:
+    """Chunk `c` (atomic), then its check file: row count and CRC-32 (`chunk_problem` reads them)."""
+    path = os.path.join(root, f"chunk-{c:05d}.jsonl")
+    write_jsonl_atomic(path, rows)
+    failpoint("dataset.chunk.before_check")
+    write_json_atomic(os.path.join(root, f"check-{c:05d}.json"), {"rows": len(rows), "crc32": file_hashes([path])[0]})
+
+
+def read_chunk(root: str, c: int, n_rows: int | None = None) -> list[dict] | None:
+    """The rows of chunk `c` if it verifies; None if it is missing, or damaged: then it is named and must be built
+    again."""
+    problem = chunk_problem(root, c, n_rows)
+    if problem is None:
+        with open(os.path.join(root, f"chunk-{c:05d}.jsonl")) as f:
+            return [json.loads(line) for line in f]
+    if problem != "missing":
+        print(f"warning: {problem}: computing it again", file=sys.stderr)
+    return None
+
+
+def claim_chunks(root: str, todo: list[int], n_rows: dict) -> Iterator[int]:
+    """The chunks of `todo` this process must build, each under an exclusive flock (lock-NNNNN) while it builds it, so
+    two runs building one cache split the work: a chunk held elsewhere is waited for, and taken over only if its holder
+    died (the kernel drops a dead process's lock); one that then verifies is skipped."""
+    waiting = []
+    for blocking in (False, True):
+        for c in todo if not blocking else waiting:
+            fd = os.open(os.path.join(root, f"lock-{c:05d}"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    waiting.append(c)
+                    continue
+                except OSError:  # a filesystem without locks: no sharing with other runs, the chunk is still verified
+                    pass
+                if chunk_problem(root, c, n_rows[c]) is None:
+                    continue
+                for name in os.listdir(root):  # a killed writer's temp files: nobody else writes this chunk now
+                    if name.startswith((f"chunk-{c:05d}.jsonl.tmp-", f"check-{c:05d}.json.tmp-")):
+                        os.remove(os.path.join(root, name))
+                yield c
+            finally:
+                os.close(fd)  # releases the lock
+
+
+def build_chunks(root: str, mine: range, n_rows: dict, make: Callable[[int], list[dict]], desc: str, show: bool) -> None:
+    """Build the chunks of `mine` that are missing or do not verify (a damaged one is named): each made by `make(c)`
+    under its lock (`claim_chunks`) and written with its check file (`write_chunk`), with a progress bar `desc`."""
+    os.makedirs(root, exist_ok=True)
+    todo = []
+    for c in mine:
+        problem = chunk_problem(root, c, n_rows[c])
+        if problem and problem != "missing":
+            print(f"warning: {desc}: {problem}: sampling it again", file=sys.stderr)
+        todo += [c] if problem else []
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not show)
+    built = 0
+    for c in claim_chunks(root, todo, n_rows):  # another run building this cache may take some of them
+        write_chunk(root, c, make(c))
+        built += 1
+        bar.update(1)
+    bar.close()
+    if todo:  # after the bar is closed: on a line of its own
+        print(f"{desc}: sampled {built} of the {len(todo)} missing chunks here, {len(todo) - built} by another run "
+              f"({root})", flush=True)
+
+
+def on_main(accelerator, decide: Callable[[], object]) -> object:
+    """`decide()` run on the main process only, its result sent to every process: for a choice every process must make
+    the same way (which checkpoint to load, whether a cached result is there) from files that may change meanwhile."""
+    from accelerate.utils import broadcast_object_list
+
+    found = [decide() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    return found[0]

@@ -1,0 +1,321 @@
+"""Starting a run: `start` is the one call, and its docstring says all it does. Also the accelerator and precision, the
+output folder's lock, the schedule fitted to the data, and what a run logs and reports."""
+
+import atexit
+import fcntl
+import json
+import re
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from common import plan_steps
+from runtime.checkpoint import checkpoint_path
+from runtime.cli import ArgumentError, describe_run, grad_accum, one_line_errors, parse_args, validate_args
+from runtime.files import OUTPUTS, clean_orphans, write_json_atomic, writing
+from runtime.memory import host_ram_preflight, memory_preflight, read_model_config
+
+
+def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) -> tuple:
+    """Start a training run; returns (args, accelerator). In order, it:
+      1. parses the command line into `Args` (runtime/cli.py), fills the defaults that depend on the model (`tiny`,
+         `paper`), and sets sys.excepthook so that bad data found later (a DataError) ends as one `error:` line;
+      2. validates every flag and input file (`check(args)`: the file's checks that relate two flags; `rules`: its
+         own rules for single flags, over the shared ones), then sets args.grad_accum and args.global_batch_size;
+      3. on the first process, claims --output_dir: takes its lock (released at exit by atexit), checks it again under
+         the lock, removes the temp files killed runs left; prints what the run is;
+      4. sets up the accelerator (`setup_accelerator`: precision, FSDP, process group, seeds, trackers);
+      5. checks a resumed run is the same run (run.json), and runs the memory preflights (GPU memory and host RAM,
+         from `args.memory_terms()`), which stop a launch that will not fit before any weights load;
+      6. writes run.json: what was launched (tests read the world size from it)."""
+    args = parse_args(Args, tiny, paper)
+    sys.excepthook = one_line_errors
+    if check:
+        check(args)
+    validate_args(args, rules)
+    check_output_dir(args.output_dir, args.resume, quiet=os.environ.get("RANK", "0") != "0")
+    args.grad_accum = grad_accum(args)
+    args.global_batch_size = args.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1")) * args.grad_accum
+    if os.environ.get("RANK", "0") == "0":  # accelerate launch and torchrun set it; only the first process claims
+        claim_output_dir(args.output_dir, args.resume)
+    describe_run(args)
+    name = os.path.splitext(os.path.basename(sys.modules[Args.__module__].__file__))[0]  # the algorithm file's name
+    accelerator, launch = setup_accelerator(args, name)
+    config = run_config(args)
+    if args.resume:  # before run.json is written again: only the run that wrote it goes on
+        check_same_run(args.output_dir, name, config)
+    accelerator.print(preflight(args, name, accelerator, launch["sharding"]))
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": name, **launch, "args": config})
+    return args, accelerator
+
+
+def run_config(args) -> dict:
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
+
+
+def preflight(args, name: str, accelerator: Accelerator, sharding: str) -> str:
+    """This launch's memory plan on its GPUs and host RAM (runtime/memory.py), from the model's config and what the
+    algorithm declares (`args.memory_terms()`); raises if either will not fit, unless --skip_memory_check."""
+    config, terms = read_model_config(args.model), args.memory_terms()
+    sharding = None if sharding == "none" else "FSDP"
+    device_bytes = torch.cuda.mem_get_info(accelerator.device)[1] if accelerator.device.type == "cuda" else None
+    gpu = memory_preflight(name, terms, config, accelerator.num_processes, sharding, args.precision,
+                           args.per_device_batch_size, args.gen_batch_size, args.max_new_tokens, args.lora_r, device_bytes,
+                           args.skip_memory_check, n_samples=args.n_samples)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    host = host_ram_preflight(name, terms, config, local, sharding, args.precision, args.lora_r,
+                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), args.skip_memory_check)
+    return f"{gpu}\n{host}"
+
+
+def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
+    """The Accelerator this launch asked for, checked, with trackers (named `name`) and seeding (per-rank offset); sets
+    `args.precision` (`resolve_precision`). Returns it and what was launched (for run.json). What it decides, and why:
+      - bf16 reaches accelerate as mixed_precision (autocast; under FSDP a policy of bf16 compute, fp32 reduction over
+        fp32 master weights);
+      - under FSDP gradient accumulation reduce-scatters every micro-batch (`sync_each_batch`): with no_sync FSDP2 keeps
+        each layer's unsharded gradient, a whole model per GPU (+34 GB at 7B); DDP's gradients are full-size either way;
+      - the process-group timeout is --dist_timeout: the offline dataset, sampled by each process alone, has no
+        collective for hours, and NCCL's 10-minute default would kill the run."""
+    from datetime import timedelta
+
+    from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo needs cpu=True,
+    # or accelerate silently runs each process as a world of one.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = not torch.cuda.is_available() and world > 1
+    # accelerate launch --config_file configs/fsdp.yaml sets this; without GPUs accelerate either refuses the plugin or
+    # quietly runs plain data parallel (each process holding the whole model) instead
+    sharding = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
+    fsdp_version = int(os.environ.get("FSDP_VERSION", "1")) if sharding else 0
+    args.precision = resolve_precision(args.model, args.precision)
+    check_versions(sharding, fsdp_version)
+    no_sharding = ("the accelerate config asks for FSDP, which needs GPUs: accelerate does not shard on CPU processes. "
+                   "On a CPU machine run `python SCRIPT.py` (one process) or `accelerate launch --multi_gpu "
+                   "--num_processes N SCRIPT.py` (N gloo processes, data parallel); configs/fsdp.yaml is for GPU nodes")
+    kwargs = {}
+    if sharding and args.precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
+
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fsdp_version == 2 else
+                  MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16))
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)  # the rest from the env
+    accumulation = GradientAccumulationPlugin(num_steps=getattr(args, "grad_accum", 1) or 1,
+                                              sync_each_batch=sharding == "FSDP", sync_with_dataloader=False)
+    try:
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))
+        accelerator = Accelerator(gradient_accumulation_plugin=accumulation, log_with=args.report_to or None,
+                                  mixed_precision="bf16" if args.precision == "bf16" else "no", project_dir=args.output_dir,
+                                  cpu=cpu, kwargs_handlers=[timeout], **kwargs)
+    except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
+        if sharding and not torch.cuda.is_available():
+            raise ArgumentError(no_sharding) from e
+        raise
+    if sharding and accelerator.distributed_type.name != sharding:
+        raise ArgumentError(f"{no_sharding} (accelerate set up {accelerator.distributed_type.name} instead)")
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"{world} processes were launched, but accelerate runs a world of {accelerator.num_processes}")
+    set_seed(args.seed + accelerator.process_index)
+    torch.use_deterministic_algorithms(False)
+    if args.report_to:
+        accelerator.init_trackers(name, config=run_config(args))
+    launch = dict(precision=args.precision, world_size=accelerator.num_processes,
+                  sharding=f"FSDP{fsdp_version}" if sharding else "none",
+                  per_device_batch_size=getattr(args, "per_device_batch_size", None),
+                  grad_accum=getattr(args, "grad_accum", None), global_batch_size=getattr(args, "global_batch_size", None),
+                  threads=torch.get_num_threads())  # float results reproduce exactly only at the same thread count
+    accelerator.print(f"{name}: {accelerator.num_processes} process(es), device {accelerator.device}, "
+                      + ", ".join(f"{k} {v}" for k, v in launch.items() if k != "world_size" and v is not None))
+    return accelerator, launch
+
+
+def fit_to_data(n_examples: int, args, accelerator: Accelerator) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in all) for `n_examples`, as `common.plan_steps` plans them; sets
+    args.epochs, and when the examples do not fill one global batch lowers args.grad_accum (and the accelerator's) and
+    if need be args.per_device_batch_size, with a warning, recording what the run takes in run.json ("effective")."""
+    plan = plan_steps(n_examples, args.per_device_batch_size, accelerator.num_processes, args.grad_accum, args.epochs,
+                      args.max_steps)
+    if (plan["per_device_batch_size"], plan["grad_accum"]) != (args.per_device_batch_size, args.grad_accum):
+        per_step = plan["per_device_batch_size"] * accelerator.num_processes
+        accelerator.print(f"warning: {n_examples} training examples are less than one global batch of "
+                          f"{args.global_batch_size}: each step takes {plan['grad_accum'] * per_step} "
+                          f"({plan['grad_accum']} accumulation steps of {plan['per_device_batch_size']} per process)")
+        args.per_device_batch_size, args.grad_accum = plan["per_device_batch_size"], plan["grad_accum"]
+        accelerator.gradient_accumulation_steps = plan["grad_accum"]
+        if accelerator.is_main_process:
+            with open(os.path.join(args.output_dir, "run.json")) as f:
+                run = json.load(f)
+            write_json_atomic(os.path.join(args.output_dir, "run.json"), dict(run, effective={
+                "grad_accum": plan["grad_accum"], "global_batch_size": plan["grad_accum"] * per_step}))
+    args.epochs = plan["epochs"]
+    return plan["steps_per_epoch"], plan["total_steps"]
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoint", "checkpoint.old", "model")
+RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "eval_every", "report_to", "dist_timeout",
+                     "skip_memory_check")  # how long and how often, not what: a resumed run may change these flags
+
+
+def check_output_dir(output_dir: str, resume: bool, quiet: bool = False) -> None:
+    """A fresh run needs an output dir with no run in it; --resume a checkpoint there (sizes checked here, CRC-32 in
+    `load_checkpoint`) or the run.json of a run that stopped before its first one (it starts again in place)."""
+    if not output_dir:
+        raise ArgumentError("--output_dir is empty")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ArgumentError(f"--output_dir {output_dir}: a file, not a folder")
+    if resume:
+        if checkpoint_path(output_dir, hashes=False, quiet=quiet) is None:
+            run = _read_run_json(output_dir)
+            if not (isinstance(run, dict) and "algo" in run and "args" in run):
+                raise ArgumentError(f"--resume: no complete checkpoint in {output_dir} (expected "
+                                    f"{os.path.join(output_dir, 'checkpoint', 'trainer_state.json')}) and no run.json "
+                                    "of a run to start again in place; drop --resume for a fresh run in a new "
+                                    "--output_dir")
+            if os.path.exists(os.path.join(output_dir, "model")) and "final" in (_read_run_json(
+                    output_dir, "results.json") or {}):
+                raise ArgumentError(f"--resume: the run in {output_dir} has finished (model/ and the final results "
+                                    "are there) and kept no checkpoint; choose a new --output_dir")
+    elif os.path.isdir(output_dir) and (found := [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]):
+        raise ArgumentError(f"--output_dir {output_dir} holds another run ({', '.join(found)}): pass --resume to go on "
+                            "with it, or choose a new --output_dir")
+
+
+def claim_output_dir(output_dir: str, resume: bool) -> None:
+    """Make this process the only writer of `output_dir`: an exclusive flock on `output_dir/.lock`, which names its
+    holder, released by an atexit handler (and by the kernel when the process dies, even by SIGKILL: a dead run's lock
+    is taken over, with a note); a second launch stops with an error naming the holder. Then `check_output_dir` again
+    under the lock, and the temp files of killed runs' atomic writes are removed."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(output_dir, ".lock"))
+    if path not in _CLAIMS:  # this process claimed it already (e.g. two runs in one test process, one after the other)
+        _lock(output_dir, path)
+    check_output_dir(output_dir, resume, quiet=True)
+    for removed in clean_orphans(output_dir):
+        print(f"removed {removed}, left by a killed run")
+
+
+def check_same_run(output_dir: str, algo: str, config: dict) -> None:
+    """--resume goes on with the run in `output_dir` only if its run.json records this algorithm and these flags
+    (except RESUME_MAY_CHANGE); otherwise an error names every field that differs."""
+    run = _read_run_json(output_dir)
+    if run is None:
+        return
+    diff = [f"the algorithm ({run.get('algo')} there, {algo} here)"] if run.get("algo") != algo else []
+    old = run.get("args", {})
+    diff += [f"--{k} ({old.get(k, 'unset')!r} there, {config.get(k, 'unset')!r} here)" for k in sorted(set(old) | set(config))
+             if k not in RESUME_MAY_CHANGE and old.get(k) != config.get(k)]
+    if diff:
+        raise ArgumentError(f"--resume: {os.path.join(output_dir, 'run.json')} is another run's: {', '.join(diff)} "
+                            "differ; resume with that run's flags, or choose a new --output_dir")
+
+
+def _read_run_json(output_dir: str, name: str = "run.json"):
+    try:
+        with open(os.path.join(output_dir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+_CLAIMS: dict[str, int] = {}  # lock path -> the open file descriptor holding it
+
+
+def _lock(output_dir: str, path: str) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ArgumentError(f"--output_dir {output_dir} is in use by another run ({holder or 'starting'}, see "
+                         f"{path}): wait until it ends, or choose a new --output_dir") from None
+    except OSError as e:  # a filesystem without locks (some NFS mounts): go on, unprotected, and say so
+        print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second launch into {output_dir}",
+              file=sys.stderr)
+    if holder:  # the lock was free but not emptied: its holder died without its exit handler
+        print(f"{output_dir}: the run that held it ({holder}) is gone; taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"{' '.join(sys.argv)}\n".encode(), 0)
+    _CLAIMS[path] = fd
+    atexit.register(release_output_dir, path)
+
+
+def release_output_dir(path: str) -> None:
+    fd = _CLAIMS.pop(path, None)
+    if fd is not None:
+        os.ftruncate(fd, 0)  # empty: the next run takes it without a note
+        os.close(fd)  # releases the lock
+
+
+PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16"}  # accelerate's mixed_precision names -> ours
+# The versions whose FSDP2 internals `unsharded` and the sharded tests were run against (requirements.txt's floors)
+FSDP2_TESTED = {"torch": (2, 13), "accelerate": (1, 16)}
+
+
+def resolve_precision(model: str, precision: str | None) -> str:
+    """fp32 or bf16 for this run. An accelerate launch's mixed_precision (ACCELERATE_MIXED_PRECISION, from its
+    --config_file or --mixed_precision) is what the user launched, so it is never overridden: --precision may only
+    repeat it. Without a launch: --precision, else fp32 for the tiny CPU default and bf16 for any other model (the
+    papers' 7B runs; fp32 weights would double every gathered copy, frozen copy and KV cache)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None and precision not in ("fp32", "bf16"):
+        raise ArgumentError(f"--precision {precision!r}: must be one of 'fp32', 'bf16'")
+    if launched:
+        if launched not in PRECISIONS:
+            raise ArgumentError(f"the accelerate launch asks for mixed_precision {launched}: only bf16 or no (fp32) is "
+                                "supported (fp16 needs loss scaling, which these scripts do not do)")
+        if precision is not None and precision != PRECISIONS[launched]:
+            raise ArgumentError(f"--precision {precision} contradicts the accelerate launch's mixed_precision {launched}: "
+                                "drop --precision, or launch with --mixed_precision "
+                                f"{'no' if precision == 'fp32' else precision}")
+        return PRECISIONS[launched]
+    return precision or ("fp32" if model == "tiny" else "bf16")
+
+
+def check_versions(sharding: str | None, fsdp_version: int, versions: dict | None = None) -> None:
+    """Under FSDP2, `unsharded` reads private fully_shard state and `token_logprobs` needs accelerate's root wrapping (an
+    older one frees the head's weight after forward): stop at start, not at the first evaluation. `versions` defaults to
+    the installed ones."""
+    if sharding != "FSDP" or fsdp_version != 2:
+        return
+    import accelerate
+
+    versions = versions or {"torch": torch.__version__, "accelerate": accelerate.__version__}
+    for name, version in versions.items():
+        have = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+        need = FSDP2_TESTED[name]
+        if have < need:
+            raise ArgumentError(f"FSDP2 (configs/fsdp.yaml) needs {name} >= {need[0]}.{need[1]} (the version whose FSDP2 "
+                                f"internals this code was tested with); found {version}. Upgrade {name}, or launch "
+                                "with configs/ddp.yaml and --lora_r")
+
+
+def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: str) -> None:
+    """Log to the trackers and append to `output_dir/metrics.jsonl` (main process), one line per optimizer step."""
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with writing(os.path.join(output_dir, "metrics.jsonl")), open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")  # a line cut off by a kill is dropped on resume
+
+
+def report_outputs(accelerator: Accelerator, output_dir: str) -> None:
+    """The run's last lines: where every output went (each entry of --output_dir, and the exported offline dataset)."""
+    if not accelerator.is_main_process:
+        return
+    lines = [f"outputs in {os.path.abspath(output_dir)}:"]
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        lines.append(f"  {name}{'/' if os.path.isdir(os.path.join(output_dir, name)) else ''}")
+    lines += [f"{what}: {os.path.abspath(path)}" for what, path in dict.fromkeys(OUTPUTS)]
+    print("\n".join(lines), flush=True)
+

@@ -1,0 +1,160 @@
+"""The memory plan: bytes per GPU of every step of a run, by arithmetic on the model config, and the preflights that
+stop a launch that will not fit before any weights load. An algorithm declares what it holds (Base.memory_terms)."""
+
+from common import SCORE_MAX_TOKENS, TINY_SHIPPED
+from runtime.cli import ArgumentError
+
+
+def param_count(config: dict) -> tuple[int, int]:
+    """(parameters of the causal LM, parameters of one decoder layer) of a Llama/Gemma-style config: attention without
+    biases, a gated MLP, RMS norms, an output head unless it is tied to the embedding."""
+    V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    layer = 2 * H * q + 2 * H * kv + 3 * H * F + 2 * H  # q and o, k and v, gate/up/down, two norms
+    return L * layer + V * H * (1 if config.get("tie_word_embeddings", True) else 2) + H, layer
+
+
+def kv_bytes_per_token(config: dict, bytes_per_value: int = 2) -> int:
+    """KV-cache bytes per token: K and V of every layer, in bf16 by default."""
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * bytes_per_value
+
+
+def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: int, gen_batch_size: int,
+                prompt_tokens: int, max_new_tokens: int, sharded: bool = True, precision: str = "bf16", lora_r: int = 0,
+                n_samples: int = 20) -> dict[str, dict[str, float]]:
+    """Peak bytes on one GPU in each step of an algorithm, by component, from what it declares (`terms`, as
+    Base.memory_terms gives them), under configs/fsdp.yaml (FSDP2 full shard over `world` GPUs, bf16 parameters over
+    fp32 master weights and reduction, activation checkpointing, a reduce-scatter every micro-batch). Each component is
+    one the fake-tensor trace (benchmarks/memory_trace.py) measures, sized as it found it on Gemma-1.1-7B;
+    tests/test_memory_plan.py holds every step within 10% of the trace. Sequences are `prompt_tokens + max_new_tokens`.
+    Steps: "train" (a micro-batch's forward and backward), "generate" (the policy gathered, the KV cache), "score"
+    (score_rows on an offline chunk), "save" (one parameter gathered in fp32) and, with a rollout policy, "rollout" (it
+    generates `gen_batch_size` sequences, the frozen reference scores `online_rows`) and "refresh" (it is refreshed from
+    the gathered policy). `sharded` False: whole models on every GPU (DDP's fp32 gradient buckets when `world` > 1).
+    `precision` "fp32": everything in fp32. `lora_r`: frozen base weights in the compute dtype, LoRA adapters trained."""
+    V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    params, layer = param_count(config)
+    head = 0 if config.get("tie_word_embeddings", True) else V * H
+    value_params = params - head + H + 1  # the backbone and a scalar head
+    trained = [params] + [value_params] * (terms.get("networks", 1) - 1)
+    online_rows, rollout_policy = terms.get("online_rows", 0), terms.get("rollout_policy", False)
+    w = 2 if precision == "bf16" else 4  # bytes per parameter and activation in the compute dtype
+    shards = world if sharded else 1
+    T = prompt_tokens + max_new_tokens
+    N = per_device_batch_size * T * terms.get("rows_per_example", 1)  # e.g. pairs: chosen and rejected
+    adapters = lora_r * L * (2 * (H + q) + 2 * (H + kv) + 3 * (H + F))  # A and B of q, o, k, v, gate, up, down
+    if lora_r:  # the frozen base of each network (the value network's own copy of the backbone) and fp32 adapters
+        state = {"frozen base weights": sum(w * p / shards for p in trained),
+                 "LoRA adapters and Adam moments (fp32)": 12 * adapters * len(trained) / shards}
+        grads = {"LoRA gradients (fp32)": 4 * adapters * len(trained) / shards}
+    else:
+        state = {"weights (fp32" + (", sharded)" if sharded else ")"): sum(4 * p / shards for p in trained),
+                 "Adam moments (fp32)": sum(8 * p / shards for p in trained)}
+        grads = {"gradients (fp32)": sum(4 * p / shards for p in trained)}
+        if not sharded and world > 1:
+            grads["DDP gradient buckets (fp32)"] = sum(4 * p for p in trained)
+    if terms.get("frozen_reference") and not lora_r:  # with LoRA the reference is the base, adapters off
+        state["frozen reference"] = w * params
+    if rollout_policy:
+        state["frozen rollout policy"] = w * params + (4 * adapters if lora_r else 0)
+    gathered = {"policy gathered": w * params} if sharded else {}  # unsharded: the weights are already whole
+    kv_bytes = kv_bytes_per_token(config, w)
+
+    def generate(n: int) -> dict:  # the KV cache, growing one layer's K or V at a time, and the sampler's logits
+        return {"KV cache": n * T * kv_bytes * (1 + 1 / (2 * L)), "sampling logits and warps": n * V * 8}
+
+    def score(rows: int) -> dict:  # one forward of up to SCORE_MAX_TOKENS tokens: the MLP's three (tokens, F) tensors
+        tokens = min(rows, max(1, SCORE_MAX_TOKENS // T)) * T
+        return {"forward activations (no grad)": tokens * (3 * F + 4 * H) * w}
+
+    # the peak is at the backward of a network's embedding: its checkpointed layer inputs, accelerate's embedding/head/norm
+    # unit of every network gathered (it stays gathered through forward), that unit's gradient with the fp32 copy the
+    # reduce-scatter takes and, with two networks, the other one's embedding gradient and a layer's reduce-scatter
+    train = {**state, **grads, "checkpointed layer inputs and outputs": (1 if sharded else len(trained)) * (L + 6) * N * H * w}
+    if sharded:
+        train.update({"embedding/head units gathered": len(trained) * V * H * w,
+                      "embedding gradient and its fp32 reduce-scatter": V * H * (w + 4)})
+        if len(trained) > 1:
+            train["the other network's embedding gradient, a layer's reduce-scatter"] = V * H * w + 4 * layer
+    rows_per_chunk = max(1, gen_batch_size // n_samples) * n_samples  # an offline-dataset chunk: whole prompts
+    plan = {"train": train,
+            "generate": {**state, **gathered, **generate(gen_batch_size)},
+            "score": {**state, **gathered, **score(rows_per_chunk)},
+            "save": {**state, "one parameter gathered (fp32)": 4 * max(V * H, layer // L if L else 0)}}
+    if rollout_policy:
+        plan["rollout"] = {**state, **generate(gen_batch_size), **score(online_rows)}
+        plan["refresh"] = {**state, **gathered}
+    return plan
+
+
+MEMORY_MARGIN_BYTES = 8e9  # left free on each GPU for what no plan sees: CUDA context, NCCL, fragmentation, workspaces
+PREFLIGHT_PROMPT_TOKENS = 320  # the longest GSM8K prompt (template and chat markup included); MATH's are shorter
+
+
+def read_model_config(model: str) -> dict:
+    """The numbers `memory_plan` reads from a model's config, without loading its weights: `tiny` is assets/tiny;
+    anything else goes to transformers' AutoConfig (a local directory, or a hub id: its config.json only)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(TINY_SHIPPED if model == "tiny" else model).get_text_config()
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    out = {k: getattr(cfg, k) for k in keys}
+    out["num_key_value_heads"] = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    out["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out["tie_word_embeddings"] = bool(getattr(cfg, "tie_word_embeddings", True))
+    return out
+
+
+def memory_preflight(name: str, terms: dict, model_config: dict, world: int, sharding: str | None, precision: str,
+                     per_device_batch_size: int, gen_batch_size: int, max_new_tokens: int, lora_r: int,
+                     device_bytes: int | None, skip: bool, n_samples: int = 20,
+                     prompt_tokens: int = PREFLIGHT_PROMPT_TOKENS) -> str:
+    """This launch's memory plan before any weights load (`memory_plan`), as text to print: the peak GB per GPU of each
+    step, for `world` processes under `sharding` ("FSDP" or None) and `precision`. `device_bytes` None (no
+    GPU): nothing checked. Raises ArgumentError naming the step, the GB it needs and has (the GPU less
+    MEMORY_MARGIN_BYTES, or 10% of a GPU under 80 GB) and the fixes, when a step does not fit and not `skip`."""
+    plan = memory_plan(model_config, terms, world, per_device_batch_size, gen_batch_size, prompt_tokens, max_new_tokens,
+                       sharded=sharding is not None, precision=precision, lora_r=lora_r, n_samples=n_samples)
+    need = {step: sum(parts.values()) for step, parts in plan.items()}
+    how = f"{world} process(es), {sharding or 'no sharding'}, {precision}" + (f", LoRA r={lora_r}" if lora_r else "")
+    steps = ", ".join(f"{step} {b / 1e9:.1f}" for step, b in need.items())
+    if device_bytes is None:
+        return f"memory plan ({how}), GB per device: {steps}; no GPU: nothing checked"
+    avail = device_bytes - min(MEMORY_MARGIN_BYTES, 0.1 * device_bytes)
+    text = f"memory plan ({how}), GB per GPU of {device_bytes / 1e9:.0f}: {steps}"
+    step, worst = max(need.items(), key=lambda kv: kv[1])
+    if worst <= avail:
+        return text + f"; fits (at most {avail / 1e9:.1f} GB)"
+    fixes = []
+    if sharding is None and world > 1:
+        fixes.append("shard the models: `accelerate launch --config_file configs/fsdp.yaml`")
+    batch, gen = "a smaller --per_device_batch_size (the global batch stays)", "a smaller --gen_batch_size"
+    fixes += [gen, batch] if step == "generate" else [batch, gen]
+    if not lora_r:
+        fixes.append("--lora_r 16")
+    message = (f"{name}: the {step} step needs {worst / 1e9:.1f} GB per GPU, {avail / 1e9:.1f} GB available "
+               f"({how}; {steps}). Fixes: " + "; ".join(fixes) + ". --skip_memory_check runs it anyway")
+    if skip:
+        return text + f"; warning (--skip_memory_check): {message}"
+    raise ArgumentError(message)
+
+
+def host_ram_preflight(name: str, terms: dict, model_config: dict, local_world: int, sharding: str | None, precision: str,
+                       lora_r: int, host_bytes: int, skip: bool) -> str:
+    """Host RAM of one node while the models load, from the dtypes: every process loads the model itself
+    (configs/fsdp.yaml). Per process the trained weights in fp32 (FSDP2's `prepare` upcasts on the host), plus a value
+    network's copy (load dtype under FSDP, else fp32); with LoRA the frozen base and value copy in the load dtype.
+    ArgumentError above 90% of the RAM, unless `skip`."""
+    params, _ = param_count(model_config)
+    w = 2 if precision == "bf16" else 4
+    value = terms.get("networks", 1) > 1
+    per_process = (w * params * (2 if value else 1) if lora_r else
+                   4 * params + (params * (w if sharding else 4) if value else 0))
+    need, text = local_world * per_process, f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB"
+    text += f" = {local_world * per_process / 1e9:.1f} GB of {host_bytes / 1e9:.0f} GB"
+    if need <= 0.9 * host_bytes or skip:
+        return text + ("" if need <= 0.9 * host_bytes else " (over 90%: --skip_memory_check)")
+    raise ArgumentError(f"{name}: {text}: every process loads the model itself. Fixes: fewer processes per node, "
+                        "--lora_r 16; --skip_memory_check runs it anyway")
+
