@@ -37,14 +37,18 @@ def definitions() -> tuple[dict[str, set[str]], set[str]]:
     return {k: v & refs.keys() - {k} for k, v in refs.items()}, at_import & refs.keys()
 
 
-def imported_names(name: str) -> set[str]:
-    """What an entry point takes from common: `from common import X` and `common.X`."""
-    out = set()
+def imported_names(name: str, seen: set | None = None) -> set[str]:
+    """What an entry point takes from common: `from common import X` and `common.X`, itself or through the runtime/
+    modules it imports (runtime.launch's `start` uses common's plan_steps for every algorithm file)."""
+    out, seen = set(), seen if seen is not None else set()
     for node in ast.walk(_parse(name)):
         if isinstance(node, ast.ImportFrom) and node.module == "common":
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "common":
             out.add(node.attr)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("runtime.") and node.module not in seen:
+            seen.add(node.module)
+            out |= imported_names(node.module.replace(".", "/") + ".py", seen)
     return out
 
 

@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import runtime.checkpoint  # noqa: E402
 # name: (script, extra flags, evaluate every N optimizer steps: about 3 points along each curve)
 RUNS = {
     "RS": ("rs.py", [], 75),
@@ -67,7 +68,7 @@ def commands(name: str, seed: int, out: str, cache: str) -> list[list[str]]:
            "--report_to", "", "--save_every", "25", "--eval_every", str(eval_every), *extra]
     if trained(d):
         cmds = []  # only its value trace is missing
-    elif common.checkpoint_path(d):
+    elif runtime.checkpoint.checkpoint_path(d):
         cmds = [cmd + ["--resume"]]
     else:
         shutil.rmtree(d, ignore_errors=True)  # interrupted before its first checkpoint: start it again

@@ -1,9 +1,9 @@
-"""`common.memory_plan` (the arithmetic the launch preflight uses) at every algorithm's paper defaults, against the
+"""`runtime.memory.memory_plan` (the arithmetic the launch preflight uses) at every algorithm's paper defaults, against the
 fake-tensor trace (benchmarks/memory_trace.py, its results in benchmarks/results/memory_trace.json).
 
     python benchmarks/memory_plan.py            # per algorithm and step: the plan's GB, the trace's GB, their ratio
 
-Each algorithm file's PAPER defaults (micro-batch, generation batch) and the shared ones (common.RUN_DEFAULTS), on
+Each algorithm file's PAPER defaults (micro-batch, generation batch) and the shared ones (runtime.cli.RUN_DEFAULTS), on
 google/gemma-1.1-7b-it's config, GSM8K prompts of at most PROMPT_TOKENS tokens and the task's 512 new tokens.
 """
 
@@ -16,16 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import runtime.cli  # noqa: E402
+import runtime.memory  # noqa: E402
 from benchmarks.memory_trace import ALGOS, GEMMA_7B, GPU_GB, MARGIN_GB, PROMPT_TOKENS, RESULTS, WORLD  # noqa: E402, F401
 
 
 def paper_plan(algo: str, config: dict = GEMMA_7B, world: int = WORLD) -> dict[str, dict[str, float]]:
-    """`common.memory_plan` at the algorithm's paper defaults."""
+    """`runtime.memory.memory_plan` at the algorithm's paper defaults."""
     module = importlib.import_module(algo)
-    d = {**common.RUN_DEFAULTS["paper"], **module.PAPER}
-    online = len(module.online_slots(d["per_device_batch_size"], module.Args.online_fraction)) if algo == "spo" else 0
-    return common.memory_plan(config, algo, world, d["per_device_batch_size"], d["gen_batch_size"], PROMPT_TOKENS,
-                              common.TASK_MAX_NEW_TOKENS[d["task"]], online, n_samples=d["n_samples"])
+    d = {**runtime.cli.RUN_DEFAULTS["paper"], **module.PAPER}
+    terms = module.Args(per_device_batch_size=d["per_device_batch_size"]).memory_terms()  # what the algorithm declares
+    return runtime.memory.memory_plan(config, terms, world, d["per_device_batch_size"], d["gen_batch_size"], PROMPT_TOKENS,
+                                      common.TASK_MAX_NEW_TOKENS[d["task"]], n_samples=d["n_samples"])
 
 
 def trace_results(path: str = RESULTS) -> dict:

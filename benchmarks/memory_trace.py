@@ -58,6 +58,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import runtime.checkpoint  # noqa: E402
+import runtime.cli  # noqa: E402
+import runtime.files  # noqa: E402
 
 GEMMA_7B = dict(model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
                 num_attention_heads=16, num_key_value_heads=16, head_dim=256, tie_word_embeddings=True)  # its config.json
@@ -345,7 +348,7 @@ def micro_batch(algo: str, module, args, nets: dict, batch_rows: list[dict], gra
 def paper_settings(algo: str, world: int = WORLD) -> dict:
     """The algorithm's paper defaults: micro-batch, generation batch, accumulation steps, sampling and lengths."""
     module = importlib.import_module(algo)
-    d = {**common.RUN_DEFAULTS["paper"], **module.PAPER}
+    d = {**runtime.cli.RUN_DEFAULTS["paper"], **module.PAPER}
     args = module.Args()
     for k, v in d.items():
         setattr(args, k, v)
@@ -467,7 +470,7 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
                 step("refresh", refresh)
             (resident,) = tracker.get_tracker_snapshot("current").values()
         if "save" in steps:
-            # saving (common.save_model: accelerate's get_state_dict) gathers one parameter at a time in fp32 and copies it
+            # saving (runtime.checkpoint.save_model: accelerate's get_state_dict) gathers one parameter at a time in fp32 and copies it
             # to host memory: not traced (on CPU host and device are one), the largest parameter added to the resident state
             largest = max(p.numel() for m in trained for p in m.parameters()) * 4
             base = sum(v for k, v in resident.items() if k != "Total")
@@ -518,7 +521,7 @@ def main(algos=ALGOS, traced_micro_batches: int = TRACED_MICRO_BATCHES):
     fits = all(st["peak"] <= (GPU_GB - MARGIN_GB) * GB for r in results.values() for st in r["steps"].values())
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     if set(algos) == set(ALGOS):
-        common.write_json_atomic(RESULTS, {"model": "google/gemma-1.1-7b-it", "config": GEMMA_7B, "world": WORLD,
+        runtime.files.write_json_atomic(RESULTS, {"model": "google/gemma-1.1-7b-it", "config": GEMMA_7B, "world": WORLD,
                                            "gpu_gb": GPU_GB, "margin_gb": MARGIN_GB, "results": results,
                                            "seconds": time.time() - t0})
     print(table(results))

@@ -5,7 +5,7 @@
     python benchmarks/time_plan.py --waste          # the tiny offline dataset's useful-token fraction, and sorted by length
 
 The counting functions below follow the scripts' own batching (common._chunk_plan, the process-score rounds, SPO's
-refresh windows, iterate_batches/plan_steps) on each file's PAPER and common.RUN_DEFAULTS. Sequences, generate calls,
+refresh windows, iterate_batches/plan_steps) on each file's PAPER and runtime.cli.RUN_DEFAULTS. Sequences, generate calls,
 batch sizes, optimizer steps and checkpoints are exact given the data; token counts need mean lengths, success rates and
 process-score rounds, which are data: for the tiny run `--measure` reads them from the run itself and compares every
 count with what the run did; for the paper run they are the assumptions below.
@@ -54,6 +54,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import runtime.cli  # noqa: E402
+import runtime.memory  # noqa: E402
 import dqo  # noqa: E402  (its process scores: PS_CHUNK rows per cached chunk)
 from memory_plan import GEMMA_7B  # noqa: E402
 
@@ -73,7 +75,7 @@ PHASES = ("reference evaluation", "offline dataset", "process scores", "SPO roll
 # ---------------------------------------------------------------------------------------------------------------------
 def model_shape(config: dict) -> dict:
     """N (parameters that multiply: the tied embedding once, as the head), the value network's (no head), L, d."""
-    n, _ = common.param_count(config)
+    n, _ = runtime.memory.param_count(config)
     return dict(n=n, n_value=n - config["vocab_size"] * config["hidden_size"], layers=config["num_hidden_layers"],
                 d_attn=config["num_attention_heads"] * config["head_dim"])
 
@@ -191,7 +193,7 @@ def paper_args(algo: str, world: int = WORLD) -> dict:
     """The Args of `algo` as `python ALGO.py --model google/gemma-1.1-7b-it` resolves them on `world` processes."""
     module = importlib.import_module(algo)
     d = {k: f.default for k, f in module.Args.__dataclass_fields__.items()}
-    d.update({**common.RUN_DEFAULTS["paper"], **module.PAPER})
+    d.update({**runtime.cli.RUN_DEFAULTS["paper"], **module.PAPER})
     d["max_new_tokens"] = common.TASK_MAX_NEW_TOKENS[d["task"]]
     d["grad_accum"] = d["global_batch_size"] // (d["per_device_batch_size"] * world)
     return d

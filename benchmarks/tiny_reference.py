@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import runtime.files  # noqa: E402
 
 # The recipe: `--model tiny` refuses to run when assets/tiny/recipe.json is not this one (common.tiny_recipe_key)
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -108,7 +109,7 @@ def build_tiny_reference(path: str, steps: int | None = None, carry_slip: float 
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     # common.tiny_recipe_key reads it back
-    common.write_json_atomic(os.path.join(tmp, "recipe.json"), {"config": TINY_CONFIG, "sft": cfg})
+    runtime.files.write_json_atomic(os.path.join(tmp, "recipe.json"), {"config": TINY_CONFIG, "sft": cfg})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.exists(path):  # another process finished first: keep its copy
         shutil.rmtree(tmp)
@@ -180,7 +181,7 @@ def main():
     elif not os.path.exists(path):
         parser.error(f"{path}: no reference there; build one with --build")
     quality = measure(path, args.n)
-    common.write_json_atomic(os.path.join(path, "quality.json"), quality)
+    runtime.files.write_json_atomic(os.path.join(path, "quality.json"), quality)
     print(f"{path}: greedy {quality['greedy']:.3f}, sampled {quality['sampled']:.3f} on {args.n} test problems")
     for name in ("greedy", "sampled"):
         print(f"  {name} failures by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in quality[f"{name}_failures"].items()))

@@ -63,10 +63,13 @@ def tiny_cache(tmp_path_factory):
     """A cache dir for the runs' offline datasets and evaluations; `--model tiny` itself loads assets/tiny, the same
     weights on every machine. If the recipe changed and assets/tiny was not rebuilt, the session stops: a reference
     SFT'd on the host would make the tests depend on this CPU."""
-    try:
-        common.tiny_recipe_key()
-    except common.ArgumentError as e:
-        pytest.exit(str(e), returncode=1)
+    from benchmarks.tiny_reference import tiny_recipe
+
+    with open(os.path.join(common.TINY_SHIPPED, "recipe.json")) as f:
+        if json.load(f) != tiny_recipe():
+            pytest.exit(f"error: --model tiny: {common.TINY_SHIPPED} was built from another recipe than "
+                        "benchmarks/tiny_reference.py's: rebuild it with "
+                        "`python benchmarks/tiny_reference.py --build assets/tiny --force`", returncode=1)
     if os.environ.get("TEST_CACHE_DIR"):  # set it to reuse across runs
         return os.environ["TEST_CACHE_DIR"]
     # One cache for both pytest-xdist workers (the session's base temp dir is per worker, its parent is shared): a

@@ -4,7 +4,7 @@
 
 `accelerate launch` reads the config and sets the FSDP environment of each process exactly as on a GPU node (the config's
 mixed_precision included); the script then builds its Accelerator, FSDP plugin and mixed-precision policy from that
-environment (common.setup_accelerator) and `accelerator.prepare` wraps the models with accelerate's own FSDP1/FSDP2
+environment (runtime.launch.setup_accelerator) and `accelerator.prepare` wraps the models with accelerate's own FSDP1/FSDP2
 code. What accelerate cannot do on CPU, and this shim changes after `Accelerator.__init__`:
   - AcceleratorState sets distributed_type FSDP only for GPU-like devices: the shim sets it, with the plugin the script
     built (or one from the environment), on the gloo CPU state, in PartialState's shared state too, since every later

@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA, ROOT
 
 import common
+import runtime.launch
 import dpo
 import dqo
 import dro
@@ -145,7 +146,8 @@ def test_bad_input_fails_fast_and_names_the_problem(script, flags, message, tmp_
     def no_work(*_, **__):
         raise AssertionError("bad input got past validation: it started the accelerator or loaded a model")
 
-    monkeypatch.setattr(SCRIPTS[script], "setup_accelerator", no_work)
+    monkeypatch.setattr(runtime.launch, "setup_accelerator", no_work)  # what start() calls after validation
+    monkeypatch.setattr(SCRIPTS[script], "setup_accelerator", no_work, raising=False)  # eval.py calls it itself
     monkeypatch.setattr(SCRIPTS[script], "load_model_and_tokenizer", no_work)
     monkeypatch.setattr(sys, "argv", argv)
     start = time.time()

@@ -11,6 +11,8 @@ import pytest
 from conftest import ROOT
 
 import common
+import runtime.cli  # noqa: E402
+import runtime.launch  # noqa: E402
 import dpo
 import dqo
 import dro
@@ -24,7 +26,7 @@ ALGOS = {"rs": rs, "dpo": dpo, "kto": kto, "dro": dro, "dqo": dqo, "spo": spo}
 
 def flag_help(module, tiny=None, paper=None) -> dict[str, str]:
     """--help of a script, as {flag: its whole entry (flag, metavar and help text, lines joined)}."""
-    text = common.build_parser(module.Args, tiny, paper).format_help()
+    text = runtime.cli.build_parser(module.Args, tiny, paper).format_help()
     entries = re.split(r"\n  (?=--)", text.split("options:", 1)[1])
     return {e.split()[0]: " ".join(e.split()) for e in entries if e.startswith("--")}
 
@@ -58,7 +60,7 @@ def test_eval_help_has_no_training_flags_and_the_same_seed():
 ])
 def test_misspelled_flag_is_argparse_error_with_suggestion(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        common.build_parser(module.Args).parse_args(argv)
+        runtime.cli.build_parser(module.Args).parse_args(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -75,7 +77,8 @@ def _main_exits(module, argv, monkeypatch) -> str:
     def no_work(*_, **__):
         raise AssertionError("bad input got past validation")
 
-    monkeypatch.setattr(module, "setup_accelerator", no_work)
+    monkeypatch.setattr(runtime.launch, "setup_accelerator", no_work)  # what start() calls after validation
+    monkeypatch.setattr(module, "setup_accelerator", no_work, raising=False)  # eval.py calls it itself
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exc:
         module.main()
@@ -144,12 +147,12 @@ def test_the_run_line_names_model_task_data_and_only_changed_settings(monkeypatc
     """At start: model, task, data source, and the settings that differ from the file's defaults for this model: a flag
     given at its default value (--lr 5e-5 with tiny) is not a change."""
     monkeypatch.setattr(sys, "argv", ["dqo.py", "--lr", "5e-5", "--n_samples", "4", "--process_rewards"])
-    args = common.parse_args(dqo.Args, dqo.TINY, dqo.PAPER)
-    common.describe_run(args)
+    args = runtime.cli.parse_args(dqo.Args, dqo.TINY, dqo.PAPER)
+    runtime.cli.describe_run(args)
     assert capsys.readouterr().out == ("run: model tiny, task arith, offline data self-sampled by the reference; settings "
                                        "changed from the defaults: --n_samples 4, --process_rewards\n")
     monkeypatch.setattr(sys, "argv", ["eval.py", "--seed", "1"])
-    eval_script.validate(common.parse_args(eval_script.Args))  # ends with the run line, the task resolved
+    eval_script.validate(runtime.cli.parse_args(eval_script.Args))  # ends with the run line, the task resolved
     assert capsys.readouterr().out == "run: model tiny, task arith; every other setting at its default\n"
 
 
@@ -158,7 +161,7 @@ def test_flags_that_cannot_go_together_and_unbalanced_kto_data():
     weights need both correct and incorrect responses, a data error (one `error:` line at run time)."""
     from types import SimpleNamespace
 
-    with pytest.raises(common.ArgumentError, match="--data gold trains on the dataset's solutions"):
+    with pytest.raises(runtime.cli.ArgumentError, match="--data gold trains on the dataset's solutions"):
         rs.check_flag_pairs(SimpleNamespace(data="gold", offline_data="mine.jsonl"))
     rs.check_flag_pairs(SimpleNamespace(data="samples", offline_data="mine.jsonl"))
     rows = [{"reward": 1.0}] * 3

@@ -17,6 +17,7 @@ import torch
 from conftest import DATA, arith_ops, encode_response, needs_data
 
 import common
+import runtime.mathverify  # noqa: E402
 from benchmarks import tiny_reference
 
 GSM8K_TEST = os.path.join(DATA, "gsm8k", "test.jsonl")
@@ -74,7 +75,7 @@ def test_math500_solutions_grade_correct():
     assert failing == []
     # The boxed answers equal the `answer` field as strings, so grade() short-cuts them; check that math-verify
     # itself also accepts every pair, so the symbolic path is exercised on real MATH answers.
-    failing = [r["unique_id"] for r in rows if not common._math_equal(common.last_boxed(r["solution"]), r["answer"])]
+    failing = [r["unique_id"] for r in rows if not runtime.mathverify.math_equal(common.last_boxed(r["solution"]), r["answer"])]
     assert failing == []
 
 

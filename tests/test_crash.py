@@ -15,6 +15,10 @@ import torch
 from conftest import ROOT, SMOKE_ARGS, warm_runner
 
 import common
+import runtime.checkpoint  # noqa: E402
+import runtime.cli  # noqa: E402
+import runtime.files  # noqa: E402
+import runtime.launch  # noqa: E402
 
 # rs on gold solutions: no offline dataset to sample, a few steps; each run takes a second or two in a warm child
 ARGS = ["--data", "gold", "--max_steps", "5", "--n_test", "4", "--per_device_batch_size", "4"]
@@ -95,7 +99,7 @@ def test_kill_at_every_failpoint_then_resume_is_bitwise_equal(uninterrupted, tin
     for i, (point, name, step) in enumerate(CHAIN):
         rc, stdout, stderr = run(out, tiny_cache, "--save_every", "1", *(["--resume"] if i else []), failpoint=point)
         assert rc == 137, f"{point}: exited {rc}\n{stdout[-2000:]}\n{stderr[-3000:]}"
-        assert common.checkpoint_path(str(out)) == str(out / name), point
+        assert runtime.checkpoint.checkpoint_path(str(out)) == str(out / name), point
         with open(out / name / "trainer_state.json") as f:
             assert json.load(f)["step"] == step, point
         assert "final" not in (json.load(open(out / "results.json")) if (out / "results.json").exists() else {}), point
@@ -152,20 +156,20 @@ def test_checkpoint_write_failure_is_one_line_and_keeps_the_last_checkpoint(tmp_
 
     acc = Accelerator(cpu=True)
     model = acc.prepare(torch.nn.Linear(256, 256))
-    common.save_checkpoint(acc, str(tmp_path), {"step": 1})
+    runtime.checkpoint.save_checkpoint(acc, str(tmp_path), {"step": 1})
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # the weights (263 kB) no longer fit
     try:
         with torch.no_grad():
             model.weight.fill_(2.0)
-        with pytest.raises(common.WriteError) as e:
-            common.save_checkpoint(acc, str(tmp_path), {"step": 2})
+        with pytest.raises(runtime.files.WriteError) as e:
+            runtime.checkpoint.save_checkpoint(acc, str(tmp_path), {"step": 2})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(e.value.code).startswith(f"error: cannot write {tmp_path}/checkpoint.tmp/model.safetensors: ")
     assert f"GB free on {tmp_path}. " in str(e.value.code) and "the previous one, if any, is untouched" in str(e.value.code)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
-    assert common.load_checkpoint(acc, str(tmp_path))["step"] == 1 and not torch.all(model.weight == 2.0)
+    assert runtime.checkpoint.load_checkpoint(acc, str(tmp_path))["step"] == 1 and not torch.all(model.weight == 2.0)
 
 
 def test_corrupted_checkpoint_tensor_is_named_and_the_previous_one_taken(tmp_path, capsys):
@@ -177,24 +181,25 @@ def test_corrupted_checkpoint_tensor_is_named_and_the_previous_one_taken(tmp_pat
     model = acc.prepare(torch.nn.Linear(64, 64))
     with torch.no_grad():
         model.weight.fill_(1.0)
-    common.save_checkpoint(acc, str(tmp_path), {"step": 1})
+    runtime.checkpoint.save_checkpoint(acc, str(tmp_path), {"step": 1})
     shutil.copytree(tmp_path / "checkpoint", tmp_path / "step1")
     with torch.no_grad():
         model.weight.fill_(2.0)
-    common.save_checkpoint(acc, str(tmp_path), {"step": 2})
+    runtime.checkpoint.save_checkpoint(acc, str(tmp_path), {"step": 2})
     os.replace(tmp_path / "step1", tmp_path / "checkpoint.old")  # as a kill after the rename leaves it
     weights = tmp_path / "checkpoint" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100:-36] = bytes(b ^ 0xFF for b in data[-100:-36])
     weights.write_bytes(bytes(data))
-    assert common.checkpoint_path(str(tmp_path), hashes=False) == str(tmp_path / "checkpoint")  # sizes alone: fooled
+    found = runtime.checkpoint.checkpoint_path(str(tmp_path), hashes=False)
+    assert found == str(tmp_path / "checkpoint")  # sizes alone: fooled
     capsys.readouterr()
-    assert common.load_checkpoint(acc, str(tmp_path))["step"] == 1 and torch.all(model.weight == 1.0)
+    assert runtime.checkpoint.load_checkpoint(acc, str(tmp_path))["step"] == 1 and torch.all(model.weight == 1.0)
     assert (f"--resume: {weights} does not match the CRC-32 saved with it: the checkpoint is damaged; falling back to "
             f"{tmp_path / 'checkpoint.old'} (step 1), which verifies") in capsys.readouterr().err
     shutil.rmtree(tmp_path / "checkpoint.old")
-    with pytest.raises(common.ArgumentError, match=f"--resume: {weights} does not match the CRC-32 saved with it"):
-        common.load_checkpoint(acc, str(tmp_path))
+    with pytest.raises(runtime.cli.ArgumentError, match=f"--resume: {weights} does not match the CRC-32 saved with it"):
+        runtime.checkpoint.load_checkpoint(acc, str(tmp_path))
 
 
 def test_damaged_eval_cache_is_named_and_computed_again(tmp_path, monkeypatch, capsys):
@@ -208,15 +213,17 @@ def test_damaged_eval_cache_is_named_and_computed_again(tmp_path, monkeypatch, c
     acc, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
     ref = lambda: common.evaluate_reference(model, None, [{}, {}], args, acc)  # noqa: E731
     assert ref() == {"greedy": 0.5, "n_problems": 2} and ref() == {"greedy": 0.5, "n_problems": 2} and len(calls) == 1
-    (path,) = (tmp_path / "eval").iterdir()
+    (root,) = (tmp_path / "eval").iterdir()  # the shared chunked cache (runtime/files.py): one chunk of one row
+    path = root / "chunk-00000.jsonl"
     text = path.read_text()
-    for damage, problem in ((text[: len(text) // 2], "JSONDecodeError"),
-                            (text.replace("0.5", "0.75"), "its content does not match its CRC-32")):
+    for damage, problem in ((text[: len(text) // 2] + "\n", "its bytes do not match the CRC-32 written with it"),
+                            (text.replace("0.5", "0.75"), "its bytes do not match the CRC-32 written with it"),
+                            (text + text, "has 2 rows, 1 when it was written")):
         path.write_text(damage)
         capsys.readouterr()
         assert ref() == {"greedy": 0.5, "n_problems": 2}
-        assert f"warning: {path} is damaged ({problem}" in capsys.readouterr().err
-    assert len(calls) == 3 and path.read_text() == text
+        assert f"warning: {path}{':' if 'CRC' in problem else ''} {problem}" in capsys.readouterr().err
+    assert len(calls) == 4 and path.read_text() == text
 
 
 def test_models_are_saved_in_their_load_dtype(tiny_cache, tmp_path):
@@ -232,14 +239,14 @@ def test_models_are_saved_in_their_load_dtype(tiny_cache, tmp_path):
         value = common.ValueModel(lm).float()
         for name, model in (("model", lm), ("value_model", value)):
             path = tmp_path / saved / name
-            common.save_model(acc, model, None, str(path))
+            runtime.checkpoint.save_model(acc, model, None, str(path))
             tensors = load_file(path / "model.safetensors")
             assert {t.dtype for t in tensors.values()} == {getattr(torch, saved)}, (name, saved)
             assert json.load(open(path / "config.json"))["dtype"] == saved
             if name == "value_model":
                 assert {t.dtype for t in load_file(path / "value_head.safetensors").values()} == {getattr(torch, saved)}
             assert all(p.dtype == torch.float32 for p in model.parameters())  # training goes on in fp32
-        assert common.load_dtype(lm) == load  # the next save is in the same dtype
+        assert runtime.checkpoint.load_dtype(lm) == load  # the next save is in the same dtype
 
 
 def test_a_second_live_launch_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
@@ -254,20 +261,20 @@ def test_a_second_live_launch_is_refused_and_a_stale_lock_taken_over(tmp_path, c
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(common.ArgumentError, match=f"--output_dir {out} is in use by another run \\(pid {holder.pid} "
+        with pytest.raises(runtime.cli.ArgumentError, match=f"--output_dir {out} is in use by another run \\(pid {holder.pid} "
                                                       "on a node, see .*: wait until it ends, or choose a new --output_dir"):
-            common.check_output_dir(str(out), resume=False)
+            runtime.launch.claim_output_dir(str(out), resume=False)
     finally:
         holder.kill()  # SIGKILL: its lock is released by the kernel, its identity stays in the file
         holder.wait()
     (out / "metrics.jsonl.tmp-999999999").write_text("{}")  # a killed run's temp file
     capsys.readouterr()
-    common.check_output_dir(str(out), resume=False)
+    runtime.launch.claim_output_dir(str(out), resume=False)
     printed = capsys.readouterr().out
     assert f"the run that held it (pid {holder.pid} on a node) is gone; taking it over" in printed
     assert f"removed {out / 'metrics.jsonl.tmp-999999999'}, left by a killed run" in printed
     assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
-    common._release_output_dir(os.path.realpath(out / ".lock"))
+    runtime.launch.release_output_dir(os.path.realpath(out / ".lock"))
     assert (out / ".lock").read_text() == ""
 
 
@@ -288,18 +295,18 @@ def test_two_launches_into_one_folder_at_the_same_moment(uninterrupted, tiny_cac
 def test_resume_refuses_another_runs_folder_naming_the_fields(tmp_path):
     config = {"lr": 1e-5, "seed": 0, "max_steps": 5, "resume": False}
     (tmp_path / "run.json").write_text(json.dumps({"algo": "dpo", "args": dict(config, lr=1e-4, max_steps=2)}))
-    with pytest.raises(common.ArgumentError) as e:
-        common.check_same_run(str(tmp_path), "rs", dict(config, resume=True))
+    with pytest.raises(runtime.cli.ArgumentError) as e:
+        runtime.launch.check_same_run(str(tmp_path), "rs", dict(config, resume=True))
     assert str(e.value.code) == (f"error: --resume: {tmp_path / 'run.json'} is another run's: the algorithm (dpo there, "
                                  "rs here), --lr (0.0001 there, 1e-05 here) differ; resume with that run's flags, or "
                                  "choose a new --output_dir")
-    common.check_same_run(str(tmp_path), "dpo", dict(config, lr=1e-4, resume=True))  # --max_steps may grow
+    runtime.launch.check_same_run(str(tmp_path), "dpo", dict(config, lr=1e-4, resume=True))  # --max_steps may grow
 
 
 def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "losses/policy": s / 10}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
-    common._truncate_metrics(str(path), 3)
+    runtime.checkpoint._truncate_metrics(str(path), 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
@@ -318,7 +325,7 @@ def test_two_runs_share_a_cold_cache_and_one_is_killed_writing_a_chunk(tiny_cach
         (tmp_path / "b", str(cache), (), dict(args=args)))
     assert b_code == 0, b_err[-3000:]
     (root,) = (cache / "offline").iterdir()
-    assert [common.chunk_problem(str(root), c, 16) for c in range(6)] == [None] * 6
+    assert [runtime.files.chunk_problem(str(root), c, 16) for c in range(6)] == [None] * 6
 
     def sampled(stdout):
         return [int(line.split()[3]) for line in stdout.splitlines() if line.startswith("offline dataset: sampled ")]

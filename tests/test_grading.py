@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 
 import common
+import runtime.mathverify  # noqa: E402
 
 LIMIT_S = 3.0  # the time limit in these tests; four hostile answers in a row take four of them
 START_SLACK_S = 5.0  # starting helpers while others spin: about 3 s on a loaded 2-core machine
@@ -59,9 +60,9 @@ def _zombie_children() -> set[int]:
 
 
 def _assert_helpers_tidy(zombies_before: set[int]) -> None:
-    live = common._helpers["live"]
-    assert len(live) <= common.MAX_IDLE_HELPERS and all(p.poll() is None for p in live)
-    assert set(common._helpers["idle"]) == live  # nothing checked out between calls
+    live = runtime.mathverify._helpers["live"]
+    assert len(live) <= runtime.mathverify.MAX_IDLE_HELPERS and all(p.poll() is None for p in live)
+    assert set(runtime.mathverify._helpers["idle"]) == live  # nothing checked out between calls
     assert _zombie_children() <= zombies_before  # every killed helper was reaped
 
 
@@ -90,14 +91,14 @@ def test_helpers_killed_from_outside(monkeypatch):
     monkeypatch.setattr(common, "GRADE_TIMEOUT_S", 60.0)
     assert common.grade(*EASY, "math") == 1.0
     zombies = _zombie_children()
-    for proc in list(common._helpers["idle"]):
+    for proc in list(runtime.mathverify._helpers["idle"]):
         proc.kill()
         proc.wait()  # dead before the next call; the pool only learns of it at checkout
     assert common.grade(*EASY, "math") == 1.0
     with ThreadPoolExecutor(1) as pool:
         hostile = pool.submit(_timed_grade, (HOSTILE, "5", "math"))
         deadline = time.monotonic() + 60
-        while not (busy := common._helpers["live"] - set(common._helpers["idle"])) and time.monotonic() < deadline:
+        while not (busy := runtime.mathverify._helpers["live"] - set(runtime.mathverify._helpers["idle"])) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # started, or starting: either way it is killed while the call waits on it
         os.kill(busy.pop().pid, signal.SIGKILL)
@@ -111,10 +112,10 @@ HELPER_EXIT_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import common
-busy = common._checkout_helper()
+busy = runtime.mathverify._checkout_helper()
 busy.stdin.write(b'["10^{10^{10^{10}}}", "5", 600]\n')  # computing for hours; its own timer at 601 s
 assert common.grade(r"\boxed{\frac12}", "0.5", "math") == 1.0  # and an idle helper
-print(busy.pid, *[p.pid for p in common._helpers["idle"]], flush=True)
+print(busy.pid, *[p.pid for p in runtime.mathverify._helpers["idle"]], flush=True)
 """
 
 
@@ -133,7 +134,7 @@ def test_orphaned_helper_ends_itself():
     pid = os.fork()
     if pid == 0:  # the child: hand a helper a hostile answer, say which helper, and die
         try:
-            busy = common._checkout_helper()
+            busy = runtime.mathverify._checkout_helper()
             busy.stdin.write(b'["10^{10^{10^{10}}}", "5", 1.0]\n')
             os.write(write, str(busy.pid).encode())
             os.kill(os.getpid(), signal.SIGKILL)
@@ -160,13 +161,13 @@ def test_grading_with_more_than_1024_open_files():
     try:
         while not fds or fds[-1] < 1100:
             fds.append(os.open(os.devnull, os.O_RDONLY))
-        common._stop_all_helpers()  # the next helper's pipes get high numbers
+        runtime.mathverify._stop_all_helpers()  # the next helper's pipes get high numbers
         assert common.grade(*EASY, "math") == 1.0
-        assert min(p.stdout.fileno() for p in common._helpers["live"]) > 1024
+        assert min(p.stdout.fileno() for p in runtime.mathverify._helpers["live"]) > 1024
     finally:
         for fd in fds:
             os.close(fd)
-        common._stop_all_helpers()  # do not keep a helper whose numbers are past the limit we restore
+        runtime.mathverify._stop_all_helpers()  # do not keep a helper whose numbers are past the limit we restore
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
@@ -232,13 +233,13 @@ def test_unknown_task_is_a_programming_error(task):
 def test_forked_child_never_uses_its_parents_helpers():
     """A child forked while the parent holds idle helpers starts its own; the parent's still answer in step."""
     assert common.grade(*EASY, "math") == 1.0
-    parent_pids = {p.pid for p in common._helpers["live"]}
+    parent_pids = {p.pid for p in runtime.mathverify._helpers["live"]}
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its helpers' pids, and whether it graded right
         try:
-            ok = not common._helpers["live"] and common.grade(r"\boxed{(1,2)}", r"\left(1,2\right)", "math") == 1.0
-            os.write(write, f"{int(ok)} {' '.join(str(p.pid) for p in common._helpers['live'])}".encode())
+            ok = not runtime.mathverify._helpers["live"] and common.grade(r"\boxed{(1,2)}", r"\left(1,2\right)", "math") == 1.0
+            os.write(write, f"{int(ok)} {' '.join(str(p.pid) for p in runtime.mathverify._helpers['live'])}".encode())
         finally:
             os._exit(0)
     os.close(write)

@@ -15,6 +15,7 @@ from conftest import arith_rows, assert_accuracy, run_script
 from safetensors import safe_open
 
 import common
+import runtime.checkpoint  # noqa: E402
 import rs
 
 
@@ -73,7 +74,7 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges(tiny_model, tmp
 
     # The saved model is merged: the base's format (same tensor names, no adapter keys), the adapted model's log-probs
     path = str(tmp_path / "model")
-    common.save_model(Accelerator(cpu=True), policy, tokenizer, path)
+    runtime.checkpoint.save_model(Accelerator(cpu=True), policy, tokenizer, path)
     model.save_pretrained(str(tmp_path / "base"))
     assert _keys(path) == _keys(str(tmp_path / "base")) and not any("lora" in k for k in _keys(path))
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -158,7 +159,7 @@ def test_value_model_under_lora_trains_only_its_adapters_and_head(tiny_model, tm
     # Saved merged, in the format without LoRA: a plain backbone and the head, giving the trained values
     path = str(tmp_path / "value_model")
     accelerator = Accelerator(cpu=True)
-    common.save_model(accelerator, value_model, None, path)
+    runtime.checkpoint.save_model(accelerator, value_model, None, path)
     loaded = common.ValueModel.from_pretrained(path)
     model.base_model.save_pretrained(str(tmp_path / "base"))
     assert _keys(path) == _keys(str(tmp_path / "base")) and not any("lora" in k for k in _keys(path))

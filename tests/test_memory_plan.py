@@ -9,9 +9,14 @@ import torch
 import yaml
 from conftest import ROOT
 
-import common
+import dqo
+import rs
+import runtime.cli  # noqa: E402
+import runtime.memory  # noqa: E402
 from benchmarks import memory_plan as plan
 from benchmarks import memory_trace
+
+DQO = dqo.Args().memory_terms()  # what DQO declares: the policy and a value network
 
 
 @pytest.mark.parametrize("algo", plan.ALGOS)
@@ -28,15 +33,15 @@ def test_every_step_of_the_paper_run_fits_80gb(algo):
 
 def test_the_old_defaults_did_not_fit():
     """256 sequences per generate call (the old default) hold ~76 GB of KV cache beside the gathered weights."""
-    generate = common.memory_plan(plan.GEMMA_7B, "dqo", 8, 8, 256, 128, 512)["generate"]
+    generate = runtime.memory.memory_plan(plan.GEMMA_7B, DQO, 8, 8, 256, 128, 512)["generate"]
     assert generate["KV cache"] == pytest.approx(256 * 640 * 458_752 * (1 + 1 / 56)) and sum(generate.values()) > 80e9
 
 
 def test_gemma_7b_numbers():
-    params, layer = common.param_count(plan.GEMMA_7B)
+    params, layer = runtime.memory.param_count(plan.GEMMA_7B)
     assert params == 8_537_680_896  # gemma-1.1-7b-it's parameter count (its config on the meta device)
     # 458 KB of bf16 KV cache per token: 28 layers x 2 (K, V) x 16 heads x 256 dims x 2 bytes
-    assert common.kv_bytes_per_token(plan.GEMMA_7B) == 458_752
+    assert runtime.memory.kv_bytes_per_token(plan.GEMMA_7B) == 458_752
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama"])
@@ -47,17 +52,17 @@ def test_arithmetic_matches_real_models(arch):
     cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, tie_word_embeddings=arch == "gemma")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **cfg), dtype=torch.bfloat16)
-    params, layer = common.param_count(cfg)
+    params, layer = runtime.memory.param_count(cfg)
     assert params == sum(p.numel() for p in model.parameters())
     assert layer == sum(p.numel() for p in model.model.layers[0].parameters())
     with torch.no_grad():
         cache = model(input_ids=torch.zeros(2, 7, dtype=torch.long), use_cache=True).past_key_values
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert kv == 2 * 7 * common.kv_bytes_per_token(cfg)
+    assert kv == 2 * 7 * runtime.memory.kv_bytes_per_token(cfg)
 
 
 def test_plan_agrees_with_the_trace_on_every_step():
-    """`common.memory_plan` (what the preflight checks) within 10% of the fake-tensor trace, every algorithm and step."""
+    """`runtime.memory.memory_plan` (what the preflight checks) within 10% of the fake-tensor trace, every algorithm and step."""
     for algo, step, planned, traced in plan.comparison(plan.trace_results()):
         assert planned == pytest.approx(traced, rel=0.10), (algo, step, planned / 1e9, traced / 1e9)
 
@@ -71,9 +76,9 @@ def test_readme_table_is_the_traces_output():
 def test_host_ram_preflight_at_7b():
     """Every process loads the model itself: 8 DQO processes need 8 x (34.1 GB fp32 policy in `prepare` + 17.1 GB bf16
     value copy) = 410 GB of host RAM while loading; a node with 1 TB starts, one with 256 GB stops with the fixes."""
-    text = common.host_ram_preflight("dqo", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(1e12), skip=False)
+    text = runtime.memory.host_ram_preflight("dqo", DQO, plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(1e12), skip=False)
     assert "8 x 51.2 GB = 409.8 GB of 1000 GB" in text
-    assert "8 x 34.2 GB" in common.host_ram_preflight("rs", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(1e12), skip=False)
-    with pytest.raises(common.ArgumentError, match=r"host RAM while loading: 8 x 51.2 GB = 409.8 GB of 256 GB.*--lora_r"):
-        common.host_ram_preflight("dqo", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(256e9), skip=False)
-    assert "over 90%" in common.host_ram_preflight("dqo", plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(256e9), skip=True)
+    assert "8 x 34.2 GB" in runtime.memory.host_ram_preflight("rs", rs.Args().memory_terms(), plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(1e12), skip=False)
+    with pytest.raises(runtime.cli.ArgumentError, match=r"host RAM while loading: 8 x 51.2 GB = 409.8 GB of 256 GB.*--lora_r"):
+        runtime.memory.host_ram_preflight("dqo", DQO, plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(256e9), skip=False)
+    assert "over 90%" in runtime.memory.host_ram_preflight("dqo", DQO, plan.GEMMA_7B, 8, "FSDP", "bf16", 0, int(256e9), skip=True)

@@ -1,4 +1,4 @@
-"""The fake-tensor memory trace (benchmarks/memory_trace.py) and the launch preflight (common.memory_preflight): the
+"""The fake-tensor memory trace (benchmarks/memory_trace.py) and the launch preflight (runtime.memory.memory_preflight): the
 full-size DQO training step fits 80 GB, the trace of a tiny configuration agrees with the same code on real tensors,
 and the preflight refuses what cannot fit."""
 
@@ -11,29 +11,33 @@ import pytest
 from conftest import ROOT
 
 import common
+import dqo
+import runtime.cli  # noqa: E402
+import runtime.memory  # noqa: E402
 from benchmarks import memory_trace as mt
 
 GPU = 80 * 10**9
+DQO = dqo.Args().memory_terms()  # what DQO declares: the policy and a value network
 
 
 def test_preflight_refuses_unsharded_data_parallel_and_accepts_fsdp2():
     """`accelerate launch dqo.py --model google/gemma-1.1-7b-it` (8 processes, plain data parallel) on 8 x 80 GB stops
     before loading anything, naming the sharded config; the configs/fsdp.yaml launch passes."""
     settings = dict(precision="bf16", per_device_batch_size=8, gen_batch_size=32, max_new_tokens=512, lora_r=0)
-    with pytest.raises(common.ArgumentError) as e:
-        common.memory_preflight("dqo", mt.GEMMA_7B, 8, None, device_bytes=GPU, skip=False, **settings)
+    with pytest.raises(runtime.cli.ArgumentError) as e:
+        runtime.memory.memory_preflight("dqo", DQO, mt.GEMMA_7B, 8, None, device_bytes=GPU, skip=False, **settings)
     message = str(e.value)
     assert "configs/fsdp.yaml" in message and "--per_device_batch_size" in message and "--lora_r" in message
     assert "GB per GPU" in message and "72.0 GB available" in message
     step = message.split("the ")[1].split(" step")[0]
-    need = common.memory_plan(mt.GEMMA_7B, "dqo", 8, 8, 32, common.PREFLIGHT_PROMPT_TOKENS, 512, sharded=False)
+    need = runtime.memory.memory_plan(mt.GEMMA_7B, DQO, 8, 8, 32, runtime.memory.PREFLIGHT_PROMPT_TOKENS, 512, sharded=False)
     assert step in need and f"needs {sum(need[step].values()) / 1e9:.1f} GB" in message
-    text = common.memory_preflight("dqo", mt.GEMMA_7B, 8, "FSDP", device_bytes=GPU, skip=False, **settings)
+    text = runtime.memory.memory_preflight("dqo", DQO, mt.GEMMA_7B, 8, "FSDP", device_bytes=GPU, skip=False, **settings)
     assert "fits" in text and "FSDP" in text
     # --skip_memory_check: the same refusal, printed as a warning
-    assert "warning" in common.memory_preflight("dqo", mt.GEMMA_7B, 8, None, device_bytes=GPU, skip=True, **settings)
+    assert "warning" in runtime.memory.memory_preflight("dqo", DQO, mt.GEMMA_7B, 8, None, device_bytes=GPU, skip=True, **settings)
     # no GPU: nothing to check against
-    assert "nothing checked" in common.memory_preflight("dqo", mt.GEMMA_7B, 8, None, device_bytes=None, skip=False,
+    assert "nothing checked" in runtime.memory.memory_preflight("dqo", DQO, mt.GEMMA_7B, 8, None, device_bytes=None, skip=False,
                                                         **settings)
 
 
@@ -41,9 +45,9 @@ def test_read_model_config_of_tiny_matches_the_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = common.read_model_config("tiny")
+    cfg = runtime.memory.read_model_config("tiny")
     model = AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED, dtype=torch.float32)
-    assert common.param_count(cfg)[0] == sum(p.numel() for p in model.parameters())
+    assert runtime.memory.param_count(cfg)[0] == sum(p.numel() for p in model.parameters())
 
 
 def test_dqo_training_step_at_full_size_fits_80gb():
@@ -58,7 +62,7 @@ def test_dqo_training_step_at_full_size_fits_80gb():
     train = result["steps"]["train"]
     assert result["grad_accum"] == 4 and result["per_device_batch_size"] == 8
     b = train["breakdown"]
-    params = common.param_count(mt.GEMMA_7B)[0]
+    params = runtime.memory.param_count(mt.GEMMA_7B)[0]
     value = params + 3072 + 1  # the backbone (the tied head is the embedding) and a scalar head
     assert b["Sharded Param"] == pytest.approx(4 * (params + value) / 8, rel=1e-3)  # fp32 master weights, 1/8 each
     assert b["OptState"] >= 8 * (params + value) / 8 * 0.999  # both Adam moments of both networks

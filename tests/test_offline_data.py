@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, run_command
 
 import common
+import runtime.launch
 
 TRAIN = common.arith_problems("train", 6)
 
@@ -199,7 +200,7 @@ def test_bad_files_are_refused_in_validation(tmp_path, monkeypatch):
     def no_work(*_, **__):
         raise AssertionError("bad input got past validation")
 
-    monkeypatch.setattr(dqo, "setup_accelerator", no_work)
+    monkeypatch.setattr(runtime.launch, "setup_accelerator", no_work)  # what start() calls after validation
     for name, message in cases:
         path = str(tmp_path / name)
         monkeypatch.setattr(sys, "argv", ["dqo.py", "--offline_data", path, "--cache_dir", str(cache), "--output_dir",

@@ -9,6 +9,7 @@ import pytest
 from conftest import DATA, needs_data, run_command
 
 import common
+import runtime.cli  # noqa: E402
 import dqo
 import spo
 
@@ -44,11 +45,11 @@ def test_dqo_with_a_local_model_runs_the_papers_gsm8k_experiment(tiny_cache, tin
 
 def test_paper_defaults_per_algorithm():
     args = spo.Args(model="google/gemma-1.1-7b-it")
-    common.resolve_defaults(args, spo.TINY, spo.PAPER)
+    runtime.cli.resolve_defaults(args, spo.TINY, spo.PAPER)
     assert (args.task, args.loss_type, args.max_steps, args.epochs, args.global_batch_size) == ("gsm8k", "bce", 100_000,
                                                                                                None, 128)
     tiny = spo.Args()
-    common.resolve_defaults(tiny, spo.TINY, spo.PAPER)
+    runtime.cli.resolve_defaults(tiny, spo.TINY, spo.PAPER)
     assert (tiny.task, tiny.loss_type, tiny.n_samples, tiny.eval_seeds) == ("arith", "squared", 8, 1)
 
 
@@ -57,9 +58,11 @@ def test_global_batch_sets_grad_accum(world, per_device, grad_accum, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", str(world))
     args = dqo.Args(model="google/gemma-1.1-7b-it", per_device_batch_size=per_device, output_dir=str(tmp_path / "run"),
                     report_to="")
-    common.resolve_defaults(args, dqo.TINY, dqo.PAPER)
-    common.validate_args(args, dqo.CHECKS)
-    assert args.global_batch_size == 256 and args.grad_accum == grad_accum
+    runtime.cli.resolve_defaults(args, dqo.TINY, dqo.PAPER)
+    before = dict(vars(args))
+    runtime.cli.validate_args(args, dqo.CHECKS)
+    assert vars(args) == before  # validation changes nothing
+    assert args.global_batch_size == 256 and runtime.cli.grad_accum(args) == grad_accum
 
 
 def test_math_train_loads_the_seven_subjects(monkeypatch):

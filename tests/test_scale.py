@@ -14,6 +14,9 @@ import torch
 from conftest import ROOT, SMOKE_ARGS, launch, run_script
 
 import common
+import runtime.checkpoint  # noqa: E402
+import runtime.cli  # noqa: E402
+import runtime.launch  # noqa: E402
 
 SCRIPTS = ["rs.py", "dpo.py", "kto.py", "dro.py", "dqo.py", "spo.py"]
 DDP_CONFIG = os.path.join(ROOT, "configs", "ddp.yaml")  # the shipped config, with 2 processes and fp32 on this CPU
@@ -116,30 +119,29 @@ def test_checkpoint_swap_is_atomic(tmp_path):
     model = acc.prepare(torch.nn.Linear(3, 1))
     with torch.no_grad():
         model.weight.fill_(1.0)
-    common.save_checkpoint(acc, str(tmp_path), {"step": 1})
+    runtime.checkpoint.save_checkpoint(acc, str(tmp_path), {"step": 1})
     with torch.no_grad():
         model.weight.fill_(2.0)
     os.makedirs(tmp_path / "checkpoint.tmp")  # a save killed half-way
     (tmp_path / "checkpoint.tmp" / "model.safetensors").write_bytes(b"garbage")
-    assert common.load_checkpoint(acc, str(tmp_path))["step"] == 1
+    assert runtime.checkpoint.load_checkpoint(acc, str(tmp_path))["step"] == 1
     assert torch.all(model.weight == 1.0)
     with torch.no_grad():
         model.weight.fill_(3.0)
     os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")  # killed between the two renames
-    assert common.load_checkpoint(acc, str(tmp_path))["step"] == 1
+    assert runtime.checkpoint.load_checkpoint(acc, str(tmp_path))["step"] == 1
     assert torch.all(model.weight == 1.0)
     with torch.no_grad():
         model.weight.fill_(4.0)
-    common.save_checkpoint(acc, str(tmp_path), {"step": 2})  # the next save cleans up and wins
+    runtime.checkpoint.save_checkpoint(acc, str(tmp_path), {"step": 2})  # the next save cleans up and wins
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
-    assert common.load_checkpoint(acc, str(tmp_path))["step"] == 2
+    assert runtime.checkpoint.load_checkpoint(acc, str(tmp_path))["step"] == 2
 
 
-@pytest.mark.parametrize("config", ["ddp.yaml", "fsdp.yaml", "deepspeed_zero3.yaml"])
+@pytest.mark.parametrize("config", ["ddp.yaml", "fsdp.yaml"])
 def test_accelerate_configs_parse(config):
     """The YAML as accelerate reads it. ddp.yaml and fsdp.yaml also run for real on CPU: ddp.yaml in
-    test_two_processes_match_one, fsdp.yaml in tests/test_sharding.py. deepspeed_zero3.yaml is parsed only (no
-    deepspeed here)."""
+    test_two_processes_match_one, fsdp.yaml in tests/test_sharding.py (FSDP2 is the supported sharding)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(os.path.join(ROOT, "configs", config))
@@ -148,25 +150,23 @@ def test_accelerate_configs_parse(config):
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_reshard_after_forward"] is True
         assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
         assert cfg.fsdp_config["fsdp_activation_checkpointing"] is True
-    if config == "deepspeed_zero3.yaml":
-        assert cfg.deepspeed_config["zero_stage"] == 3
 
 
 def test_precision_follows_the_launch(monkeypatch):
     """An accelerate launch's mixed_precision is never overridden; without one, hub models default to bf16."""
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert common.resolve_precision("tiny", None) == "fp32"
-    assert common.resolve_precision("google/gemma-1.1-7b-it", None) == "bf16"
-    assert common.resolve_precision("google/gemma-1.1-7b-it", "fp32") == "fp32"
+    assert runtime.launch.resolve_precision("tiny", None) == "fp32"
+    assert runtime.launch.resolve_precision("google/gemma-1.1-7b-it", None) == "bf16"
+    assert runtime.launch.resolve_precision("google/gemma-1.1-7b-it", "fp32") == "fp32"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --config_file configs/fsdp.yaml` sets
-    assert common.resolve_precision("tiny", None) == "bf16"
-    with pytest.raises(common.ArgumentError, match="--precision fp32 contradicts the accelerate launch's mixed_precision"):
-        common.resolve_precision("tiny", "fp32")
+    assert runtime.launch.resolve_precision("tiny", None) == "bf16"
+    with pytest.raises(runtime.cli.ArgumentError, match="--precision fp32 contradicts the accelerate launch's mixed_prec"):
+        runtime.launch.resolve_precision("tiny", "fp32")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    assert common.resolve_precision("google/gemma-1.1-7b-it", None) == "fp32"
+    assert runtime.launch.resolve_precision("google/gemma-1.1-7b-it", None) == "fp32"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    with pytest.raises(common.ArgumentError, match="only bf16 or no"):
-        common.resolve_precision("tiny", None)
+    with pytest.raises(runtime.cli.ArgumentError, match="only bf16 or no"):
+        runtime.launch.resolve_precision("tiny", None)
 
 
 def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch):
@@ -190,13 +190,13 @@ def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch
 
 
 def test_fsdp2_needs_the_tested_versions():
-    common.check_versions("FSDP", 2, {"torch": "2.13.0+cu128", "accelerate": "1.16.0"})
-    common.check_versions("FSDP", 1, {"torch": "2.5.1", "accelerate": "1.10.0"})  # FSDP1 uses none of those internals
-    common.check_versions(None, 0, {"torch": "2.5.1", "accelerate": "1.10.0"})
-    with pytest.raises(common.ArgumentError, match=r"FSDP2 \(configs/fsdp.yaml\) needs torch >= 2.13 .* found 2.9.1"):
-        common.check_versions("FSDP", 2, {"torch": "2.9.1", "accelerate": "1.16.0"})
-    with pytest.raises(common.ArgumentError, match="needs accelerate >= 1.16"):
-        common.check_versions("FSDP", 2, {"torch": "2.13.0", "accelerate": "1.12.0"})
+    runtime.launch.check_versions("FSDP", 2, {"torch": "2.13.0+cu128", "accelerate": "1.16.0"})
+    runtime.launch.check_versions("FSDP", 1, {"torch": "2.5.1", "accelerate": "1.10.0"})  # FSDP1 uses none of those internals
+    runtime.launch.check_versions(None, 0, {"torch": "2.5.1", "accelerate": "1.10.0"})
+    with pytest.raises(runtime.cli.ArgumentError, match=r"FSDP2 \(configs/fsdp.yaml\) needs torch >= 2.13 .* found 2.9.1"):
+        runtime.launch.check_versions("FSDP", 2, {"torch": "2.9.1", "accelerate": "1.16.0"})
+    with pytest.raises(runtime.cli.ArgumentError, match="needs accelerate >= 1.16"):
+        runtime.launch.check_versions("FSDP", 2, {"torch": "2.13.0", "accelerate": "1.12.0"})
 
 
 def test_a_cache_written_by_another_run_mid_launch_is_read_by_all_processes_or_none(tmp_path):
@@ -209,26 +209,29 @@ def test_a_cache_written_by_another_run_mid_launch_is_read_by_all_processes_or_n
 from types import SimpleNamespace
 sys.path.insert(0, {ROOT!r})
 import common
+import runtime.files
+import runtime.launch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-common.asdict = vars  # a namespace stands in for the Args dataclass
+runtime.launch.asdict = vars  # a namespace stands in for the Args dataclass
 args = SimpleNamespace(model="tiny", precision=None, grad_accum=1, report_to="", output_dir={str(tmp_path / "out")!r},
                        seed=1, dist_timeout=60, cache_dir={str(tmp_path / "cache")!r}, task="arith", test_file=None,
                        max_new_tokens=16, eval_seeds=0, gen_batch_size=4)
-acc = common.setup_accelerator(args, "probe")
+acc, _ = runtime.launch.setup_accelerator(args, "probe")
 model = AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED)
 tokenizer = AutoTokenizer.from_pretrained(common.TINY_SHIPPED)
-read = common.read_json_checked
+read = common.read_chunk
 
-def racing_read(path):  # the other run's write lands between the two processes' reads
+def racing_read(root, c, n_rows=None):  # the other run's write lands between the two processes' reads
     if acc.process_index == 0:
-        found = read(path)
-        common.write_json_checked(path, {{"greedy": -1.0, "written_by": "another run"}})
+        found = read(root, c, n_rows)
+        os.makedirs(root, exist_ok=True)
+        runtime.files.write_chunk(root, c, [{{"greedy": -1.0, "written_by": "another run"}}])
         return found
-    while not os.path.exists(path):
+    while runtime.files.chunk_problem(root, c) is not None:
         time.sleep(0.01)
-    return read(path)
+    return read(root, c, n_rows)
 
-common.read_json_checked = racing_read
+common.read_chunk = racing_read
 out = common.evaluate_reference(model, tokenizer, common.load_task("arith", "test", limit=4), args, acc)
 with open(os.path.join({str(tmp_path)!r}, f"rank{{acc.process_index}}.json"), "w") as f:
     json.dump(out, f)
@@ -249,11 +252,12 @@ def test_dist_timeout_reaches_the_process_group(tmp_path):
 from types import SimpleNamespace
 import torch, torch.distributed as dist
 sys.path.insert(0, {ROOT!r})
-import common
-common.asdict = vars  # a namespace stands in for the Args dataclass
+import common  # noqa: F401
+import runtime.launch
+runtime.launch.asdict = vars  # a namespace stands in for the Args dataclass
 args = SimpleNamespace(model="tiny", precision=None, grad_accum=1, report_to="", output_dir={str(tmp_path / "out")!r},
                        seed=1, dist_timeout=1234)
-acc = common.setup_accelerator(args, "probe")
+acc, _ = runtime.launch.setup_accelerator(args, "probe")
 print("timeout", acc.process_index, dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds())
 """)
     proc = subprocess.run([*launch(), str(driver)], cwd=ROOT, capture_output=True, text=True, timeout=120)
