@@ -1117,7 +1117,8 @@ def plan_steps(n_examples: int, per_device_batch_size: int, world: int, grad_acc
     with fewer than one micro-batch on every process, smaller micro-batches. With `epochs` unset, as many as
     `max_steps` needs. Changes nothing: the caller applies the plan (runtime.launch.fit_to_data)."""
     if n_examples < world:
-        raise DataError(f"{n_examples} training examples cannot give each of {world} processes one")
+        raise DataError(f"{n_examples} training examples do not fill one micro-batch of {per_device_batch_size} on each "
+                        f"of {world} processes, not even one example on each")
     per_device_batch_size = min(per_device_batch_size, n_examples // world)
     micro = n_examples // (per_device_batch_size * world)
     grad_accum = min(grad_accum, micro)

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
 import runtime.checkpoint  # noqa: E402
 # name: (script, extra flags, evaluate every N optimizer steps: about 3 points along each curve)
 RUNS = {

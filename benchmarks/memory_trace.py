@@ -470,8 +470,9 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
                 step("refresh", refresh)
             (resident,) = tracker.get_tracker_snapshot("current").values()
         if "save" in steps:
-            # saving (runtime.checkpoint.save_model: accelerate's get_state_dict) gathers one parameter at a time in fp32 and copies it
-            # to host memory: not traced (on CPU host and device are one), the largest parameter added to the resident state
+            # saving (runtime.checkpoint.save_model: accelerate's get_state_dict) gathers one parameter at a time in fp32 and
+            # copies it to host memory: not traced (on CPU host and device are one), the largest parameter added to the
+            # resident state
             largest = max(p.numel() for m in trained for p in m.parameters()) * 4
             base = sum(v for k, v in resident.items() if k != "Total")
             out["save"] = {"peak": base + largest, "breakdown": {getattr(k, "value", k): v for k, v in resident.items() if v},

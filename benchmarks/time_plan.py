@@ -315,13 +315,13 @@ def measure(algo: str, argv: list[str]) -> dict:
         return batch
     module.collate = collate_counted
     tasks, plan = {}, {}
-    load_task, plan_steps = module.load_task, module.plan_steps
+    load_task, fit_to_data = module.load_task, module.fit_to_data
     module.load_task = lambda task, split, *a, **k: tasks.setdefault(split, load_task(task, split, *a, **k))
 
     def plan_captured(n_examples, args, accelerator):
         plan.update(n_examples=n_examples, args=args)
-        return plan_steps(n_examples, args, accelerator)
-    module.plan_steps = plan_captured
+        return fit_to_data(n_examples, args, accelerator)
+    module.fit_to_data = plan_captured
     sys.argv = [f"{algo}.py", *argv]
     t0 = time.perf_counter()
     module.main()

@@ -84,7 +84,7 @@ def _checkout_helper():
     return proc
 
 
-def math_equal(pred: str, ref: str, timeout_s: float) -> bool:
+def math_equal(pred: str, ref: str, timeout_s: float = 5.0) -> bool:
     """math-verify's equivalence of two answers, False if it takes over `timeout_s` (from when the helper has them)."""
     proc = _checkout_helper()
     if proc is None:

@@ -98,7 +98,8 @@ def test_helpers_killed_from_outside(monkeypatch):
     with ThreadPoolExecutor(1) as pool:
         hostile = pool.submit(_timed_grade, (HOSTILE, "5", "math"))
         deadline = time.monotonic() + 60
-        while not (busy := runtime.mathverify._helpers["live"] - set(runtime.mathverify._helpers["idle"])) and time.monotonic() < deadline:
+        helpers = runtime.mathverify._helpers
+        while not (busy := helpers["live"] - set(helpers["idle"])) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # started, or starting: either way it is killed while the call waits on it
         os.kill(busy.pop().pid, signal.SIGKILL)

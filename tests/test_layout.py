@@ -51,7 +51,8 @@ def test_each_args_lists_only_what_its_algorithm_adds_or_sets_differently():
     for name in ALGOS:
         Args = importlib.import_module(name[:-3]).Args
         assert issubclass(Args, Base) and Args.__bases__ == (Base,), name
-        own = [line.split(":")[0].strip() for line in diff_lines.lines(name)[diff_lines.lines(name).index("class Args(Base):"):]
+        lines = diff_lines.lines(name)
+        own = [line.split(":")[0].strip() for line in lines[lines.index("class Args(Base):"):]
                if line.startswith("    ") and ": " in line and " = arg(" in line]
         for field in own:
             if field in shared:  # redeclared: it must differ from the shared one

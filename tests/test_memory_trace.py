@@ -35,10 +35,10 @@ def test_preflight_refuses_unsharded_data_parallel_and_accepts_fsdp2():
     text = runtime.memory.memory_preflight("dqo", DQO, mt.GEMMA_7B, 8, "FSDP", device_bytes=GPU, skip=False, **settings)
     assert "fits" in text and "FSDP" in text
     # --skip_memory_check: the same refusal, printed as a warning
-    assert "warning" in runtime.memory.memory_preflight("dqo", DQO, mt.GEMMA_7B, 8, None, device_bytes=GPU, skip=True, **settings)
+    preflight = runtime.memory.memory_preflight
+    assert "warning" in preflight("dqo", DQO, mt.GEMMA_7B, 8, None, device_bytes=GPU, skip=True, **settings)
     # no GPU: nothing to check against
-    assert "nothing checked" in runtime.memory.memory_preflight("dqo", DQO, mt.GEMMA_7B, 8, None, device_bytes=None, skip=False,
-                                                        **settings)
+    assert "nothing checked" in preflight("dqo", DQO, mt.GEMMA_7B, 8, None, device_bytes=None, skip=False, **settings)
 
 
 def test_read_model_config_of_tiny_matches_the_model():
