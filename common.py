@@ -1208,7 +1208,7 @@ def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
         clean_orphans(root, min_age_s=3600)
-        write_chunk(root, 0, [out])
+        write_chunk(root, 0, [out], point="eval.chunk.before_check")
     return out
 
 

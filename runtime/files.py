@@ -199,11 +199,12 @@ def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
     return None
 
 
-def write_chunk(root: str, c: int, rows: list[dict]) -> None:
-    """Chunk `c` (atomic), then its check file: row count and CRC-32 (`chunk_problem` reads them)."""
+def write_chunk(root: str, c: int, rows: list[dict], point: str = "dataset.chunk.before_check") -> None:
+    """Chunk `c` (atomic), then its check file: row count and CRC-32 (`chunk_problem` reads them). `point`: the
+    failpoint between the two."""
     path = os.path.join(root, f"chunk-{c:05d}.jsonl")
     write_jsonl_atomic(path, rows)
-    failpoint("dataset.chunk.before_check")
+    failpoint(point)
     write_json_atomic(os.path.join(root, f"check-{c:05d}.json"), {"rows": len(rows), "crc32": file_hashes([path])[0]})
 
 
