@@ -4,7 +4,7 @@
     grading                grade(response, answer, task) -> 0 or 1 (math-verify for MATH and AIME, with a timeout)
     tokens and masks       prompt and response encoded separately; collate into (B, T) batches with exact masks
     log-probs              token_logprobs: per-token log-probs without the (B, T, V) logits
-    generation, rollouts   generate_batch, rollout, score_rows; `unsharded` generates from full parameters under FSDP
+    generation, rollouts   generate_batch, rollout, score_rows (under FSDP from full parameters: runtime.sharding)
     offline dataset        n reference samples per prompt, graded, with reference log-probs; import and export
     models                 loading (precision, LoRA), the value network, frozen copies, the reference's identity
     batches                each process's micro-batches, and how many optimizer steps the data gives
@@ -14,7 +14,8 @@ Nothing in here is part of an algorithm: losses, targets, pair building, process
 the algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO. Everything here is used by at
 least two of the seven entry points (tests/test_layout.py checks it). What keeps a run safe and launchable (the command
 line, checkpoints, memory plans, verified files and caches) is in runtime/, which a reader may skip: of it, this file
-uses only the cache (runtime/files.py) and math-verify's helper processes (runtime/mathverify.py).
+uses only the cache (runtime/files.py), math-verify's helper processes (runtime/mathverify.py) and
+`unsharded` (runtime/sharding.py: full parameters to generate from under FSDP).
 """
 
 import copy
@@ -40,6 +41,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from runtime.files import OUTPUTS, build_chunks, cache_key, clean_orphans, content_digest, on_main, read_chunk, \
     write_chunk, write_json_atomic, write_jsonl_atomic
 from runtime.mathverify import math_equal
+from runtime.sharding import unsharded
 
 TASKS = ("arith", "gsm8k", "math", "aime24")
 TASK_MAX_NEW_TOKENS = {"arith": 64, "gsm8k": 512, "math": 1024, "aime24": 2048}  # generation length per task
@@ -550,56 +552,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation and sharding: generate from full parameters, log-probs through any wrapper, consolidated state dicts
+# Generation and rollouts: graded samples, and the log-probs of given rows
 # ---------------------------------------------------------------------------------------------------------------------
-@contextmanager
-def unsharded(model):
-    """Yields a module that runs `generate` (and no-grad forwards) on full parameters with no communication, however
-    `model` was wrapped:
-      - FSDP1: `summon_full_params(writeback=False)`, every unit's forward routed straight to its module, so no unit
-        reshards and re-gathers between decoding steps;
-      - FSDP2 (`fully_shard`): every FSDP module unshards once, resharding after forward off inside; its settings come
-        back on exit;
-      - anything else (DDP, one process): the unwrapped module.
-    Entering and leaving are collective under sharding; inside, each process makes any number of calls. Peak memory
-    inside: the full parameters on every process."""
-    from accelerate.utils import extract_model_from_parallel
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    fsdp1 = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
-    fsdp2 = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if fsdp1 and fsdp1[0] is not model:
-        raise ValueError("unsharded() needs the prepared (FSDP-wrapped) model, not the module inside it")
-    if fsdp1:
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-            for unit in fsdp1:  # an instance attribute shadows FullyShardedDataParallel.forward: no unshard/reshard per call
-                unit.forward = unit.module.forward
-            try:
-                yield model.module
-            finally:
-                for unit in fsdp1:
-                    del unit.forward
-    elif fsdp2:
-        # set_reshard_after_forward has no getter: keep each parameter group's setting (private) to put it back
-        states = [m._get_fsdp_state() for m in fsdp2]
-        saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
-                 for s in states]
-        for m in fsdp2:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        try:
-            yield model
-        finally:
-            for m in fsdp2:
-                m.reshard()
-            for s, auto, groups in saved:
-                s._auto_reshard_after_forward = auto
-                for g, info in groups:
-                    g.post_forward_mesh_info = info
-    else:
-        yield extract_model_from_parallel(model)
-
-
 class RowTemperature(LogitsProcessor):
     """Divides each row's next-token logits by that row's temperature, as generate's temperature warper does with one."""
 

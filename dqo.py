@@ -62,12 +62,12 @@ from common import (
     segment_ends,
     throughput,
     token_logprobs,
-    unsharded,
 )
 from runtime.checkpoint import load_checkpoint, save_checkpoint, save_model
 from runtime.cli import Base, arg, at_least, between, one_of, positive
 from runtime.files import build_chunks, cache_key, read_chunk
 from runtime.launch import fit_to_data, log_metrics, report_outputs, start
+from runtime.sharding import unsharded
 
 
 @dataclass

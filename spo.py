@@ -59,11 +59,11 @@ from common import (
     score_rows,
     throughput,
     token_logprobs,
-    unsharded,
 )
-from runtime.checkpoint import load_checkpoint, plain_name, save_checkpoint, save_model
+from runtime.checkpoint import load_checkpoint, save_checkpoint, save_model
 from runtime.cli import ArgumentError, Base, arg, at_least, between, one_of, positive
 from runtime.launch import fit_to_data, log_metrics, report_outputs, start
+from runtime.sharding import plain_name, unsharded
 
 
 @dataclass

@@ -13,8 +13,8 @@ the scripts pass (bf16 parameters, fp32 reduction; trainable weights upcast to f
 FSDPMemTracker counts every byte allocated on the device, by category, and reports the peak of each step.
 
 The project's own code runs wherever it can under fake tensors: `common.token_logprobs` / `token_logprob_variants`,
-`common.ValueModel`, `common.collate`, `common.score_rows` (its token budget), `common.unsharded`, `common.frozen_copy`,
-`spo.RolloutPolicy.maybe_refresh`, `kto.mismatched_pairs`, and each file's loss function, then backward and
+`common.ValueModel`, `common.collate`, `common.score_rows` (its token budget), `runtime.sharding.unsharded`,
+`common.frozen_copy`, `spo.RolloutPolicy.maybe_refresh`, `kto.mismatched_pairs`, and each file's loss function, then backward and
 gradient clipping. What is replaced, and why:
   - generation: `model.generate` stops when every row has finished, which reads the sampled tokens. `decode` below is
     its prefill plus decode steps with the model's own KV cache (transformers' DynamicCache), every row running all
@@ -59,6 +59,7 @@ sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 import runtime.checkpoint  # noqa: E402
+import runtime.sharding  # noqa: E402
 import runtime.cli  # noqa: E402
 import runtime.files  # noqa: E402
 
@@ -440,12 +441,12 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
         def generate():  # an evaluation or offline-dataset call: the policy gathered in bf16 (`unsharded`)
-            with common.unsharded(model) as policy, common.reference_mode(policy):
+            with runtime.sharding.unsharded(model) as policy, common.reference_mode(policy):
                 decode(policy, gen, prompt_tokens, new, sampling, vocab)
 
         def score():  # the offline dataset's chunk: max(1, gen // n) prompts x n samples, under `unsharded`
             chunk = rows_of(max(1, gen // s["n_samples"]) * s["n_samples"], prompt_tokens, new, vocab)
-            with common.unsharded(model) as policy, common.reference_mode(policy):
+            with runtime.sharding.unsharded(model) as policy, common.reference_mode(policy):
                 common.score_rows(policy, chunk, 0, warp=sampling)
 
         def rollout():  # spo.pending_rollouts: the frozen rollout policy generates a call of gen_batch_size rows (a

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from common import merge_lora
 from runtime.cli import ArgumentError
 from runtime.files import failpoint, file_hashes, on_main, write_atomic, write_json_atomic, writing
+from runtime.sharding import full_state_dict
 
 CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")  # the current one, the one before, the one being saved
 
@@ -239,29 +240,3 @@ def _what_is_lost(path: str) -> str:
             "to go on from there" if steps else "there is no checkpoint (--save_every 0, or none saved yet): the training "
             "of this run is lost; rerun with --resume to train again in place")
     return f"{path} was not saved (nothing half-written was kept); {kept}"
-
-
-
-def full_state_dict(accelerator: Accelerator, model) -> dict:
-    """A prepared model's consolidated state dict (main process; collective under sharding), each tied weight under its
-    first name only, as save_pretrained writes it. FSDP1 without CUDA gathers in place: torch's gather with
-    offload_to_cpu=True, which accelerate always asks for, crashes there (torch 2.13)."""
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-
-    if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():
-        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
-            state_dict = model.state_dict()
-    else:
-        state_dict = accelerator.get_state_dict(model)
-    seen, aliases = set(), []  # a gathered tied weight comes back as separate copies under each name
-    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
-        aliases += [plain_name(name)] if id(p) in seen else []
-        seen.add(id(p))
-    return {k: v for k, v in state_dict.items() if k not in aliases}
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name in the plain model: without the FSDP1 and activation-checkpointing wrappers' prefixes."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-

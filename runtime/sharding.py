@@ -1,0 +1,79 @@
+"""Sharding: full parameters to generate from under FSDP1 or FSDP2, and a sharded model's consolidated state dict."""
+
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+
+
+@contextmanager
+def unsharded(model):
+    """Yields a module that runs `generate` (and no-grad forwards) on full parameters with no communication, however
+    `model` was wrapped:
+      - FSDP1: `summon_full_params(writeback=False)`, every unit's forward routed straight to its module, so no unit
+        reshards and re-gathers between decoding steps;
+      - FSDP2 (`fully_shard`): every FSDP module unshards once, resharding after forward off inside; its settings come
+        back on exit;
+      - anything else (DDP, one process): the unwrapped module.
+    Entering and leaving are collective under sharding; inside, each process makes any number of calls. Peak memory
+    inside: the full parameters on every process."""
+    from accelerate.utils import extract_model_from_parallel
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    fsdp1 = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+    fsdp2 = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if fsdp1 and fsdp1[0] is not model:
+        raise ValueError("unsharded() needs the prepared (FSDP-wrapped) model, not the module inside it")
+    if fsdp1:
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            for unit in fsdp1:  # an instance attribute shadows FullyShardedDataParallel.forward: no unshard/reshard per call
+                unit.forward = unit.module.forward
+            try:
+                yield model.module
+            finally:
+                for unit in fsdp1:
+                    del unit.forward
+    elif fsdp2:
+        # set_reshard_after_forward has no getter: keep each parameter group's setting (private) to put it back
+        states = [m._get_fsdp_state() for m in fsdp2]
+        saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
+                 for s in states]
+        for m in fsdp2:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield model
+        finally:
+            for m in fsdp2:
+                m.reshard()
+            for s, auto, groups in saved:
+                s._auto_reshard_after_forward = auto
+                for g, info in groups:
+                    g.post_forward_mesh_info = info
+    else:
+        yield extract_model_from_parallel(model)
+
+
+def full_state_dict(accelerator: Accelerator, model) -> dict:
+    """A prepared model's consolidated state dict (main process; collective under sharding), each tied weight under its
+    first name only, as save_pretrained writes it. FSDP1 without CUDA gathers in place: torch's gather with
+    offload_to_cpu=True, which accelerate always asks for, crashes there (torch 2.13)."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+    if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+            state_dict = model.state_dict()
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    seen, aliases = set(), []  # a gathered tied weight comes back as separate copies under each name
+    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        aliases += [plain_name(name)] if id(p) in seen else []
+        seen.add(id(p))
+    return {k: v for k, v in state_dict.items() if k not in aliases}
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain model: without the FSDP1 and activation-checkpointing wrappers' prefixes."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
