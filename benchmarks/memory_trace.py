@@ -14,8 +14,8 @@ FSDPMemTracker counts every byte allocated on the device, by category, and repor
 
 The project's own code runs wherever it can under fake tensors: `common.token_logprobs` / `token_logprob_variants`,
 `common.ValueModel`, `common.collate`, `common.score_rows` (its token budget), `runtime.sharding.unsharded`,
-`common.frozen_copy`, `spo.RolloutPolicy.maybe_refresh`, `kto.mismatched_pairs`, and each file's loss function, then backward and
-gradient clipping. What is replaced, and why:
+`common.frozen_copy`, `spo.RolloutPolicy.maybe_refresh`, `kto.mismatched_pairs`, and each file's loss function, then
+backward and gradient clipping. What is replaced, and why:
   - generation: `model.generate` stops when every row has finished, which reads the sampled tokens. `decode` below is
     its prefill plus decode steps with the model's own KV cache (transformers' DynamicCache), every row running all
     `max_new_tokens` (the worst case). The cache only grows, so the peak is at the last steps: the steps between the
