@@ -47,7 +47,6 @@ from common import (
     ValueModel,
     arith_first_wrong,
     build_offline_dataset,
-    cache_folder,
     collate,
     evaluate_reference,
     evaluate_run,
@@ -57,7 +56,6 @@ from common import (
     load_model_and_tokenizer,
     load_task,
     log_eval,
-    model_key,
     reference_mode,
     segment_ends,
     throughput,
@@ -65,7 +63,7 @@ from common import (
 )
 from runtime.checkpoint import load_checkpoint, save_checkpoint, save_model
 from runtime.cli import Base, arg, at_least, between, one_of, positive
-from runtime.files import build_chunks, cache_key, read_chunk
+from runtime.files import build_chunks, cache_folder, cache_key, model_key, read_chunk
 from runtime.launch import fit_to_data, log_metrics, report_outputs, start
 from runtime.sharding import unsharded
 
@@ -207,7 +205,7 @@ def build_process_scores(accelerator, model, tokenizer, rows: list[dict], task: 
                          max_new_tokens: int, gen_batch_size: int, seed: int, cache_dir: str, reference: str) -> list[dict]:
     """`score_segments` for every offline row, by the reference (`model` before training, prepared or not), cached
     under `cache_dir/process_scores/<key>/` (runtime/files.py: chunks of PS_CHUNK rows shared across processes and runs,
-    verified), keyed by the reference's identity (`reference`, common.model_key), the offline rows themselves and the
+    verified), keyed by the reference's identity (`reference`, runtime.files.model_key), the offline rows themselves and the
     sampling parameters (accelerator None: one process)."""
     key = dict(model=reference, task=task, rows=cache_key([[r["prompt_ids"], r["response_ids"]] for r in rows]),
                ps_samples=ps_samples, temperature=sampling["temperature"], top_p=sampling["top_p"],

@@ -176,6 +176,36 @@ def content_digest(path: str, memo_path: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def model_key(model: str, cache_dir: str | None = None, precision: str = "fp32") -> str:
+    """The reference's identity in cache keys: for tiny the hash of the recipe it was built from (assets/tiny/recipe.json;
+    tests/test_tiny_reference.py checks it is benchmarks/tiny_reference.py's), for a hub id the id, for a local folder
+    the digest of its contents: a model saved again in place never reuses results of the old one, and a copy elsewhere
+    reuses them. A bf16 run's samples differ from an fp32 run's: bf16 is part of the identity ("@bf16")."""
+    if model == "tiny":
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny",
+                               "recipe.json")) as f:
+            key = f"tiny/shipped-{cache_key(json.load(f))}"  # "shipped-": the key the shipped weights have always had
+    elif os.path.isdir(path := os.path.expanduser(model)):
+        key = f"local:{content_digest(path, cache_dir and os.path.join(cache_dir, 'digests.json'))}"
+    else:
+        key = model
+    return key if precision == "fp32" else f"{key}@{precision}"
+
+
+def data_key(path: str | None, cache_dir: str | None = None) -> str | None:
+    """The identity of a local JSONL data file in cache keys (its contents' digest); None for the hub or `arith`."""
+    return content_digest(path, cache_dir and os.path.join(cache_dir, "digests.json")) if path else None
+
+
+def cache_folder(accelerator, parent: str, key_fields: dict) -> str:
+    """`parent/<cache_key(key_fields)>`, created, with key.json saying what the key stands for."""
+    root = os.path.join(parent, cache_key(key_fields))
+    os.makedirs(root, exist_ok=True)
+    if accelerator is None or accelerator.is_main_process:
+        write_json_atomic(os.path.join(root, "key.json"), key_fields)
+    return root
+
+
 # The chunked cache --------------------------------------------------------------------------------------------------
 def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
     """Why chunk `c` in `root` cannot be used (missing, or its row count or CRC-32 differs from its check file, written

@@ -17,6 +17,7 @@ import torch
 from conftest import DATA, arith_ops, encode_response, needs_data
 
 import common
+import runtime.files  # noqa: E402
 import runtime.mathverify  # noqa: E402
 from benchmarks import tiny_reference
 
@@ -456,32 +457,34 @@ def test_cache_keys_follow_the_contents_not_the_path(tiny_model, tmp_path, monke
     model, tok = tiny_model
     # the tiny model: the same key from a relative or an absolute cache dir
     monkeypatch.chdir(tmp_path)
-    assert common.model_key("tiny", ".cache") == common.model_key("tiny", str(tmp_path / ".cache"))
+    assert runtime.files.model_key("tiny", ".cache") == runtime.files.model_key("tiny", str(tmp_path / ".cache"))
     # a local folder: the same key by a relative or an absolute path, and for a copy elsewhere; a new key once a
     # different model is saved into the same folder, even with the same sizes and times
     path = tmp_path / "ckpt"
     model.save_pretrained(path)
-    key = common.model_key("ckpt", ".cache")
-    assert key == common.model_key(str(path), ".cache")
+    key = runtime.files.model_key("ckpt", ".cache")
+    assert key == runtime.files.model_key(str(path), ".cache")
     shutil.copytree(path, tmp_path / "copy")
-    assert common.model_key(str(tmp_path / "copy"), ".cache") == key
+    assert runtime.files.model_key(str(tmp_path / "copy"), ".cache") == key
     weights = path / "model.safetensors"
     stat, data = weights.stat(), bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert common.model_key(str(path), ".cache") != key
-    assert common.model_key("google/gemma-1.1-7b-it", ".cache") == "google/gemma-1.1-7b-it"  # a hub id
+    assert runtime.files.model_key(str(path), ".cache") != key
+    assert runtime.files.model_key("google/gemma-1.1-7b-it", ".cache") == "google/gemma-1.1-7b-it"  # a hub id
     # bf16 samples and log-probs are not fp32 ones: the precision is part of every key, and fp32 keys stay as they were
-    assert common.model_key("google/gemma-1.1-7b-it", precision="bf16") == "google/gemma-1.1-7b-it@bf16"
-    assert common.model_key(str(tmp_path / "copy"), ".cache", "bf16") == key + "@bf16"
-    assert common.model_key("tiny", precision="bf16") != common.model_key("tiny", precision="fp32") == common.model_key("tiny")
+    assert runtime.files.model_key("google/gemma-1.1-7b-it", precision="bf16") == "google/gemma-1.1-7b-it@bf16"
+    assert runtime.files.model_key(str(tmp_path / "copy"), ".cache", "bf16") == key + "@bf16"
+    model_key = runtime.files.model_key
+    assert model_key("tiny", precision="bf16") != model_key("tiny", precision="fp32") == model_key("tiny")
     # a data file edited in place: a new key
     data_file = tmp_path / "test.jsonl"
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
-    before = common.data_key(str(data_file), str(tmp_path / ".cache"))
+    before = runtime.files.data_key(str(data_file), str(tmp_path / ".cache"))
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 2"}) + "\n")
-    assert common.data_key(str(data_file), str(tmp_path / ".cache")) != before and common.data_key(None, ".cache") is None
+    data_key = runtime.files.data_key
+    assert data_key(str(data_file), str(tmp_path / ".cache")) != before and data_key(None, ".cache") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

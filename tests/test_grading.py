@@ -113,6 +113,7 @@ HELPER_EXIT_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import common
+import runtime.mathverify
 busy = runtime.mathverify._checkout_helper()
 busy.stdin.write(b'["10^{10^{10^{10}}}", "5", 600]\n')  # computing for hours; its own timer at 601 s
 assert common.grade(r"\boxed{\frac12}", "0.5", "math") == 1.0  # and an idle helper

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import ROOT, SMOKE_ARGS, launch, run_script
 
-import common
 import runtime.checkpoint  # noqa: E402
 import runtime.cli  # noqa: E402
 import runtime.launch  # noqa: E402
@@ -185,8 +184,8 @@ def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch
         if os.path.exists(key := os.path.join(tiny_cache, "offline", d, "key.json")):
             with open(key) as f:
                 keys.append(json.load(f))
-    bf16 = [k for k in keys if k["model"] == common.model_key("tiny", precision="bf16") and k.get("n_prompts") == 8]
-    assert len(bf16) == 1 and common.model_key("tiny", precision="bf16") == common.model_key("tiny") + "@bf16"
+    bf16 = [k for k in keys if k["model"] == runtime.files.model_key("tiny", precision="bf16") and k.get("n_prompts") == 8]
+    assert len(bf16) == 1 and runtime.files.model_key("tiny", precision="bf16") == runtime.files.model_key("tiny") + "@bf16"
 
 
 def test_fsdp2_needs_the_tested_versions():

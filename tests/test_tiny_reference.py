@@ -33,7 +33,7 @@ def test_shipped_reference_is_the_default(monkeypatch):
     with open(os.path.join(common.TINY_SHIPPED, "recipe.json")) as f:
         assert json.load(f) == tiny_reference.tiny_recipe(), f"assets/tiny is stale: {rebuild}"
     key = runtime.files.cache_key(tiny_reference.tiny_recipe())
-    assert common.model_key("tiny") == f"tiny/shipped-{key}"
+    assert runtime.files.model_key("tiny") == f"tiny/shipped-{key}"
     monkeypatch.setitem(tiny_reference.TINY_SFT, "steps", tiny_reference.TINY_SFT["steps"] + 1)
     assert runtime.files.cache_key(tiny_reference.tiny_recipe()) != key  # what the key is recomputed from changes it
     monkeypatch.undo()
