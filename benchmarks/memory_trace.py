@@ -497,7 +497,7 @@ TABLE_STEPS = ("train", "generate", "score", "rollout", "refresh", "save")
 
 
 def table(results: dict) -> str:
-    """The README's table: per algorithm, its paper batch sizes and the traced peak GB per GPU of each step."""
+    """docs/memory-and-time.md's table: per algorithm, its paper batch sizes and the traced peak GB per GPU of each step."""
     lines = ["| algorithm | micro-batch per GPU x accumulation | generate batch | " + " | ".join(
                  ("SPO " + s if s in ("rollout", "refresh") else s) for s in TABLE_STEPS) + " | peak of 80 GB |",
              "| --- " * (4 + len(TABLE_STEPS)) + "|"]

@@ -1,6 +1,6 @@
 """Time plan: the work in every algorithm's paper run on 8 GPUs, phase by phase, and an estimate of how long it takes.
 
-    python benchmarks/time_plan.py                  # counted work and the GPU estimate at paper defaults (the README table)
+    python benchmarks/time_plan.py                  # counted work and GPU estimate at paper defaults (docs/memory-and-time.md)
     python benchmarks/time_plan.py --measure spo    # one algorithm's tiny default on this CPU: measured vs counted
     python benchmarks/time_plan.py --waste          # the tiny offline dataset's useful-token fraction, and sorted by length
 
@@ -234,7 +234,7 @@ def human(x: float) -> str:
 
 
 def paper_table(world: int = WORLD) -> str:
-    """The README's time plan: work per phase and the estimated hours, then steps, checkpoints and totals."""
+    """docs/memory-and-time.md's time plan: work per phase and the estimated hours, then steps, checkpoints and totals."""
     shape = model_shape(GEMMA_7B)
     lines = ["| algorithm | phase | sequences | generate calls × batch | tokens generated | tokens scored | tokens trained "
              "| PFLOPs | est. hours |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -1,6 +1,7 @@
 """The memory plan: every step of every algorithm's paper run fits an 80 GB GPU (less the 8 GB margin) at
 gemma-1.1-7b's size on 8 GPUs with configs/fsdp.yaml; the plan agrees with the fake-tensor trace within 10% on every
-step and its arithmetic with real models built tiny from their configs; the README's table is the trace's output."""
+step and its arithmetic with real models built tiny from their configs; docs/memory-and-time.md's table is the trace's
+output."""
 
 import os
 
@@ -67,10 +68,10 @@ def test_plan_agrees_with_the_trace_on_every_step():
         assert planned == pytest.approx(traced, rel=0.10), (algo, step, planned / 1e9, traced / 1e9)
 
 
-def test_readme_table_is_the_traces_output():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def test_docs_table_is_the_traces_output():
+    with open(os.path.join(ROOT, "docs", "memory-and-time.md")) as f:
         assert memory_trace.table(plan.trace_results()) in f.read(), \
-            "README's memory table is stale: paste the table `python benchmarks/memory_trace.py` prints"
+            "docs/memory-and-time.md's memory table is stale: paste the table `python benchmarks/memory_trace.py` prints"
 
 
 def test_host_ram_preflight_at_7b():

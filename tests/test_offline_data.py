@@ -17,7 +17,7 @@ import runtime.launch
 
 TRAIN = common.arith_problems("train", 6)
 
-OFFLINE_FIELDS = ("question", "response", "answer", "reward")  # the import schema the README gives
+OFFLINE_FIELDS = ("question", "response", "answer", "reward")  # the import schema docs/your-samples.md gives
 
 
 def _wrong(p: dict) -> str:
@@ -262,10 +262,11 @@ def test_round_trip_export_then_import_trains_to_the_same_losses(tiny_cache, tmp
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x[k], y[k])
 
 
-def test_readme_example_rows_read_and_grade(tmp_path):
-    """The README's three example rows are a valid file, and their rewards are the grader's (the third's is left out)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        section = f.read().split("## Your own samples", 1)[1]
+def test_docs_example_rows_read_and_grade(tmp_path):
+    """docs/your-samples.md's three example rows are a valid file, and their rewards are the grader's (the third's is
+    left out)."""
+    with open(os.path.join(ROOT, "docs", "your-samples.md")) as f:
+        section = f.read()
     lines = section.split("```json\n", 1)[1].split("```", 1)[0].splitlines()
     assert len(lines) == 3
     rows = common.read_offline_data(write_jsonl(tmp_path / "example.jsonl", lines))
