@@ -27,9 +27,10 @@ def _sig(x):
 
 def _per_token(seq_logps):
     """(B,) sequence log-probs as the losses take them: (B, 3) per-token log-probs and their mask, a padding column of
-    garbage the mask must drop, then the sequence's log-prob split over two response tokens (s/2 + s/2 = s exactly)."""
+    garbage the mask must drop (no gradient, and different for the policy and the reference, so it cannot cancel in a
+    log-ratio), then the sequence's log-prob split over two response tokens (s/2 + s/2 = s exactly)."""
     half = seq_logps[:, None] / 2  # (B, 1)
-    logps = torch.cat([torch.full_like(half, 1e3), half, half], 1)  # (B, 3)
+    logps = torch.cat([100 + 7 * half.detach(), half, half], 1)  # (B, 3)
     return logps, torch.tensor([[0.0, 1.0, 1.0]], dtype=logps.dtype).expand_as(logps)
 
 
