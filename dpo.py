@@ -73,21 +73,29 @@ def check_flag_pairs(args) -> None:
 
 
 # ALGO LOGIC: loss
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
-    """The DPO loss, a pair mean (a loss to minimise):
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, dict]:
+    """The DPO loss, a pair mean (a loss to minimise). With π_c[b], π_r[b] (ref_c[b], ref_r[b]) the sequence log-probs
+    (sums over response tokens) of pair b's chosen (correct) and rejected (incorrect) response under π_θ (π_ref):
 
         L = mean_b [ -log σ( β · ((π_c[b] - ref_c[b]) - (π_r[b] - ref_r[b])) ) ]
 
-    All four arguments are (B,) sequence log-probs (sums over response tokens) of the chosen (correct) and rejected
-    (incorrect) response of each pair, under the policy π_θ and the reference. At π_θ = π_ref the loss is log 2.
+    Arguments, in the order all six losses share (per-token tensors, then `mask`, then scalars): policy_logps,
+    ref_logps: (2B, T) per-token log-probs under π_θ and π_ref of the B pairs' rows, interleaved: row 2b is pair b's
+    chosen response, row 2b + 1 its rejected one; mask: (2B, T), 1 on response tokens. DPO is sequence-level by
+    nature: the loss sums each row over its response tokens first. At π_θ = π_ref the loss is log 2.
     Metrics (TRL's names): the implicit rewards β(π - ref) of chosen and rejected, the fraction of pairs whose chosen
-    reward is higher (rewards/accuracies) and the mean reward margin (rewards/margins). Returns (loss, metrics)."""
+    reward is higher (rewards/accuracies) and the mean reward margin (rewards/margins).
+    Returns (loss, metrics), as all six losses do: `loss` the scalar to minimise; `metrics` floats, except `losses/*`,
+    the loss terms as scalar tensors (the training loop averages them over processes before logging)."""
+    policy_seq_logps, ref_seq_logps = (policy_logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2B,), (2B,)
+    policy_chosen_logps, policy_rejected_logps = policy_seq_logps[0::2], policy_seq_logps[1::2]  # (B,), (B,)
+    ref_chosen_logps, ref_rejected_logps = ref_seq_logps[0::2], ref_seq_logps[1::2]  # (B,), (B,)
     logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
     loss = -torch.nn.functional.logsigmoid(beta * logits).mean()  # scalar
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
-    return loss, {"losses/policy": loss.item(), "rewards/chosen": chosen_rewards.mean().item(),
+    return loss, {"losses/policy": loss, "rewards/chosen": chosen_rewards.mean().item(),
                   "rewards/rejected": rejected_rewards.mean().item(),
                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
                   "rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
@@ -162,10 +170,8 @@ def main():
             with accelerator.accumulate(model):
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
-                policy_seq_logps = (policy_logps * batch["mask"]).sum(-1)  # (2B,) chosen and rejected interleaved
-                ref_seq_logps = (batch["ref_logps"] * batch["mask"]).sum(-1)  # (2B,)
-                loss, metrics = dpo_loss(policy_seq_logps[0::2], policy_seq_logps[1::2], ref_seq_logps[0::2],
-                                         ref_seq_logps[1::2], args.beta)  # a pair mean: DDP's gradient mean is exact
+                loss, metrics = dpo_loss(policy_logps, batch["ref_logps"], batch["mask"],  # rows: chosen, rejected, ...
+                                         args.beta)  # a pair mean: DDP's gradient mean is exact
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
@@ -176,11 +182,13 @@ def main():
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({k: accelerator.reduce(v.detach(), "mean").item()  # each loss term, averaged over processes
+                                for k, v in metrics.items() if k.startswith("losses/")})
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
+                bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4f}" for k in ("losses/policy", "rewards/margins",
+                                                                                 "rewards/accuracies")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

@@ -112,18 +112,22 @@ def lambda_returns(delta: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
 
 def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps: torch.Tensor, values: torch.Tensor,
              rewards: torch.Tensor, mask: torch.Tensor, beta: float, lam: float, is_clip: float | None,
-             is_policy: bool = True, is_value: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+             is_policy: bool = True, is_value: bool = True) -> tuple[torch.Tensor, dict]:
     """DQO's policy and value losses (both to minimise). A bar means detached; ℓ = policy_logps, ℓ_ref = ref_logps,
     μ = behavior_logps, V = values, r = rewards:
         δ_h = r_h − β (ℓ̄_h − ℓ_ref,h),    G_h = δ_h + (1 − λ) V̄_{h+1} + λ G_{h+1},   G_{H+1} = V̄_{H+1} = 0
         w   = exp(min(log is_clip, Σ_h (ℓ̄_h − μ_h)))           (per trajectory; w = 1 if is_clip is None)
         value_loss  = mean_τ [ w · Σ_h (Ḡ_h − V_h)² ]                              (gradient only into V)
         policy_loss = mean_τ [ w · Σ_h (β (ℓ_h − ℓ_ref,h) − (r_h + Ḡ_{h+1} − V̄_h))² ]   (gradient only into ℓ)
-    All tensors (B, T), aligned to sequence positions: position t holds log p(x_t | x_<t), V(s_t) of the state before
-    token t, and r_t the reward for token t (the outcome on the last response token, plus process rewards). mask: 1 on
-    one contiguous run of response tokens per row. `is_policy` / `is_value` False drop w from that loss (Table 6).
+    Arguments, in the order all six losses share (per-token tensors, then `mask`, then scalars): all tensors (B, T),
+    aligned to sequence positions: position t holds log p(x_t | x_<t), V(s_t) of the state before token t, and r_t the
+    reward for token t (the outcome on the last response token, plus process rewards). mask: 1 on one contiguous run
+    of response tokens per row. `is_policy` / `is_value` False drop w from that loss (Table 6).
     With λ = 1 the two residuals are the same number with opposite signs (G_h = δ_h + G_{h+1}), so the losses are equal
-    in value whenever both or neither carry w; they differ in where the gradient goes. Returns (policy, value, metrics)."""
+    in value whenever both or neither carry w; they differ in where the gradient goes.
+    Returns (loss, metrics), as all six losses do: `loss` = policy_loss + value_loss, the scalar to minimise (each term
+    reaches only its own network); `metrics` floats, except `losses/policy` and `losses/value`, the two terms as scalar
+    tensors (the training loop averages them over processes before logging)."""
     mask = mask.to(policy_logps.dtype)
     log_ratio = (policy_logps - ref_logps) * mask  # (B, T)
     delta = (rewards - beta * log_ratio.detach()) * mask  # (B, T) KL-shaped reward
@@ -139,7 +143,7 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
     policy_loss = ((w if is_policy else ones) * policy_err).mean()
     first = mask.argmax(1, keepdim=True)  # (B, 1) first response position
     v_first = v_bar.gather(1, first).squeeze(1)  # (B,) V(s_1)
-    metrics = {"losses/policy": policy_loss.item(), "losses/value": value_loss.item(), "charts/is_weight": w.mean().item(),
+    metrics = {"losses/policy": policy_loss, "losses/value": value_loss, "charts/is_weight": w.mean().item(),
                "rewards/return": (rewards * mask).sum(1).mean().item(), "rewards/kl": log_ratio.detach().sum(1).mean().item(),
                "charts/is_clipped": (log_w >= math.log(is_clip)).float().mean().item() if is_clip else 0.0,
                "charts/value_first": v_first.mean().item(), "charts/G_first": G.gather(1, first).mean().item()}
@@ -150,7 +154,7 @@ def dqo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, behavior_logps
         if sel.any():
             metrics[f"charts/is_weight_{name}"] = w[sel].mean().item()
             metrics[f"charts/value_first_{name}"] = v_first[sel].mean().item()
-    return policy_loss, value_loss, metrics
+    return policy_loss + value_loss, metrics
 
 
 # Process rewards (DQO paper §5.5): the correct leading segments of each response, from prefix completions
@@ -298,10 +302,10 @@ def main():
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
                 values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T) V(s_t), aligned with policy_logps
-                loss, value_loss, metrics = dqo_loss(policy_logps, batch["ref_logps"], batch["behavior_logps"], values,
-                                                     batch["rewards"], batch["mask"], args.beta, args.lam,
-                                                     args.is_clip or None, not args.no_is_policy, not args.no_is_value)
-                accelerator.backward(loss + value_loss)  # each loss reaches only its own network
+                loss, metrics = dqo_loss(policy_logps, batch["ref_logps"], batch["behavior_logps"], values, batch["rewards"],
+                                         batch["mask"], args.beta, args.lam, args.is_clip or None, not args.no_is_policy,
+                                         not args.no_is_value)
+                accelerator.backward(loss)  # policy_loss + value_loss: each reaches only its own network
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                     metrics["charts/value_grad_norm"] = accelerator.clip_grad_norm_(value_model.parameters(),
@@ -316,12 +320,13 @@ def main():
                 value_scheduler.step()
                 step += 1
                 bar.update(1)
-                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
-                metrics["losses/value"] = accelerator.reduce(value_loss.detach(), "mean").item()
+                metrics.update({k: accelerator.reduce(v.detach(), "mean").item()  # each loss term, averaged over processes
+                                for k, v in metrics.items() if k.startswith("losses/")})
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
+                bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4f}" for k in ("losses/policy", "rewards/kl",
+                                                                                 "charts/is_weight")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

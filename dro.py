@@ -66,20 +66,33 @@ CHECKS = dict(value_lr=positive())
 
 # ALGO LOGIC: loss
 def dro_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor, rewards: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """DRO-V's two losses (Richemond et al. 2024, Algorithm 1, 1/τ-rescaled), each a row mean to minimise:
+             mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """DRO-V's two losses (Richemond et al. 2024, Algorithm 1, 1/τ-rescaled), each a row mean to minimise. With π[b],
+    ref[b] the sequence log-probs (sums over response tokens) under π_θ and π_ref:
         policy_loss = mean_b [ -π[b] · sg(r[b] - V[b]) + β/2 · (π[b] - ref[b])² ]
         value_loss  = mean_b [ 1/2 · (r[b] - V[b] - β · sg(π[b] - ref[b]))² ]
-    policy_logps (π), ref_logps (ref): (B,) sequence log-probs (sums over response tokens) under π_θ and π_ref;
-    values (V): (B,) V_φ(x) of each row's prompt; rewards (r): (B,). sg is stop-gradient: the policy loss sends no
-    gradient into `values`, the value loss none into `policy_logps`. Returns (policy_loss, value_loss, metrics)."""
-    logratios = policy_logps - ref_logps  # (B,)
-    policy_loss = (-policy_logps * (rewards - values).detach() + beta / 2 * logratios**2).mean()  # scalar
+    Arguments, in the order all six losses share (tensors, then `mask`, then scalars): policy_logps, ref_logps: (B, T)
+    per-token log-probs under π_θ and π_ref; values (V): (B,) V_φ(x), one per row, of its prompt (`prompt_values`
+    reads it); rewards (r): (B,) the outcome of each row; mask: (B, T), 1 on response tokens. DRO is sequence-level by
+    nature: the loss sums each row over its response tokens first. sg is stop-gradient: the policy loss sends no
+    gradient into `values`, the value loss none into `policy_logps`.
+    Returns (loss, metrics), as all six losses do: `loss` = policy_loss + value_loss, the scalar to minimise (each term
+    reaches only its own network); `metrics` floats, except `losses/policy` and `losses/value`, the two terms as scalar
+    tensors (the training loop averages them over processes before logging)."""
+    policy_seq_logps, ref_seq_logps = (policy_logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (B,) π, (B,) ref
+    logratios = policy_seq_logps - ref_seq_logps  # (B,)
+    policy_loss = (-policy_seq_logps * (rewards - values).detach() + beta / 2 * logratios**2).mean()  # scalar
     value_loss = (0.5 * (rewards - values - beta * logratios.detach()) ** 2).mean()  # scalar
-    return policy_loss, value_loss, {
-        "losses/policy": policy_loss.item(), "losses/value": value_loss.item(), "rewards/mean": rewards.mean().item(),
+    return policy_loss + value_loss, {
+        "losses/policy": policy_loss, "losses/value": value_loss, "rewards/mean": rewards.mean().item(),
         "rewards/value": values.mean().item(), "rewards/advantage_abs": (rewards - values).abs().mean().item(),
         "rewards/logratio": logratios.mean().item()}
+
+
+def prompt_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """DRO's V(x) from the value model's (B, T) output (position t: V(s_t), the state before token t), read at each row's
+    first response position: the state after the prompt. mask: (B, T), 1 on response tokens. Returns (B,)."""
+    return values.gather(1, mask.argmax(1, keepdim=True)).squeeze(1)  # (B,)
 
 
 def main():
@@ -133,10 +146,10 @@ def main():
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
                 values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T) V(s_t), aligned with policy_logps
-                values = values.gather(1, batch["mask"].argmax(1, keepdim=True)).squeeze(1)  # (B,) V(x): before the response
-                loss, value_loss, metrics = dro_loss((policy_logps * batch["mask"]).sum(-1), (batch["ref_logps"] * batch[
-                    "mask"]).sum(-1), values, batch["reward"], args.beta)  # row means: DDP's gradient mean is exact
-                accelerator.backward(loss + value_loss)  # each loss reaches only its own network
+                values = prompt_values(values, batch["mask"])  # (B,) V(x): the state before the response
+                loss, metrics = dro_loss(policy_logps, batch["ref_logps"], values, batch["reward"], batch["mask"],
+                                         args.beta)  # row means: DDP's gradient mean is exact
+                accelerator.backward(loss)  # policy_loss + value_loss: each reaches only its own network
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                     metrics["charts/value_grad_norm"] = accelerator.clip_grad_norm_(value_model.parameters(),
@@ -151,12 +164,13 @@ def main():
                 value_scheduler.step()
                 step += 1
                 bar.update(1)
-                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
-                metrics["losses/value"] = accelerator.reduce(value_loss.detach(), "mean").item()
+                metrics.update({k: accelerator.reduce(v.detach(), "mean").item()  # each loss term, averaged over processes
+                                for k, v in metrics.items() if k.startswith("losses/")})
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
+                bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4f}" for k in ("losses/policy", "losses/value",
+                                                                                 "rewards/logratio")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

@@ -68,22 +68,26 @@ CHECKS = dict(per_device_batch_size=(lambda v: v >= 2, "≥ 2: z0 pairs each row
 
 
 # ALGO LOGIC: loss
-def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, kl_policy_logps: torch.Tensor,
-             kl_ref_logps: torch.Tensor, desirable: torch.Tensor, beta: float, desirable_weight: float,
-             undesirable_weight: float) -> tuple[torch.Tensor, dict]:
-    """The KTO loss, a row mean (a loss to minimise). With h = policy_logps - ref_logps and the reference point
-    z0 = max(0, mean(kl_policy_logps - kl_ref_logps)), detached:
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, kl_policy_seq_logps: torch.Tensor,
+             kl_ref_seq_logps: torch.Tensor, desirable: torch.Tensor, mask: torch.Tensor, beta: float,
+             desirable_weight: float, undesirable_weight: float) -> tuple[torch.Tensor, dict]:
+    """The KTO loss, a row mean (a loss to minimise). With h[b] = Σ_t mask (policy_logps - ref_logps)[b, t], the
+    sequence log-ratio, and the reference point z0 = max(0, mean(kl_policy_seq_logps - kl_ref_seq_logps)), detached:
         L = mean_b [ λ_D (1 - σ(β (h[b] - z0)))  if desirable[b],  λ_U (1 - σ(β (z0 - h[b])))  otherwise ]
-    policy_logps, ref_logps: (B,) sequence log-probs (sums over response tokens) under π_θ and π_ref; kl_policy_logps,
-    kl_ref_logps: (B_kl,) the same for mismatched (prompt, completion) pairs, gathered from all processes; desirable:
-    (B,) bool. Returns (loss, metrics)."""
-    z0 = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()  # scalar
-    logratios = policy_logps - ref_logps  # (B,)
+    Arguments, in the order all six losses share (tensors, then `mask`, then scalars): policy_logps, ref_logps: (B, T)
+    per-token log-probs under π_θ and π_ref; kl_policy_seq_logps, kl_ref_seq_logps: (B_kl,) sequence log-probs (sums
+    over response tokens) of mismatched (prompt, completion) pairs, gathered from all processes (sequence-level: the
+    processes' rows have different lengths); desirable: (B,) bool, the label (in the rewards' place); mask: (B, T), 1
+    on response tokens. KTO is sequence-level by nature: the loss sums each row over its response tokens first.
+    Returns (loss, metrics), as all six losses do: `loss` the scalar to minimise; `metrics` floats, except `losses/*`,
+    the loss terms as scalar tensors (the training loop averages them over processes before logging)."""
+    z0 = (kl_policy_seq_logps - kl_ref_seq_logps).mean().clamp(min=0).detach()  # scalar
+    logratios = (policy_logps * mask).sum(-1) - (ref_logps * mask).sum(-1)  # (B,)
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))  # (B,)
     loss = losses.mean()  # scalar
     rewards, share = beta * logratios.detach(), desirable.float().mean().item()  # (B,), scalar
-    metrics = {"losses/policy": loss.item(), "rewards/kl": z0.item(), "rewards/desirable_fraction": share}
+    metrics = {"losses/policy": loss, "rewards/kl": z0.item(), "rewards/desirable_fraction": share}
     for name, rows in (("desirable", desirable), ("undesirable", ~desirable)):
         metrics.update({f"rewards/{name}": rewards[rows].mean().item()} if rows.any() else {})
     return loss, metrics
@@ -157,12 +161,12 @@ def main():
                 kl = {k: v.to(device) for k, v in collate(mismatched_pairs(batch_rows, accelerator),
                                                          tokenizer.pad_token_id).items()}  # z0's pairs
                 with torch.no_grad(), reference_mode(ref := ref_model or accelerator.unwrap_model(model)):  # z0: detached
-                    kl_ref_logps = (token_logprobs(ref, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
+                    kl_ref_seq_logps = (token_logprobs(ref, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
                 with torch.no_grad():
-                    kl_policy_logps = (token_logprobs(model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
-                loss, metrics = kto_loss((policy_logps * batch["mask"]).sum(-1), (batch["ref_logps"] * batch["mask"]).sum(-1),
-                                         accelerator.gather(kl_policy_logps), accelerator.gather(kl_ref_logps),
-                                         batch["reward"] == 1.0, args.beta, desirable_weight, undesirable_weight)
+                    kl_policy_seq_logps = (token_logprobs(model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
+                loss, metrics = kto_loss(policy_logps, batch["ref_logps"], accelerator.gather(kl_policy_seq_logps),
+                                         accelerator.gather(kl_ref_seq_logps), batch["reward"] == 1.0, batch["mask"],
+                                         args.beta, desirable_weight, undesirable_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
@@ -173,11 +177,12 @@ def main():
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({k: accelerator.reduce(v.detach(), "mean").item()  # each loss term, averaged over processes
+                                for k, v in metrics.items() if k.startswith("losses/")})
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
+                bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4f}" for k in ("losses/policy", "rewards/kl")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

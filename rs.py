@@ -70,10 +70,12 @@ def rs_loss(policy_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
         L = -Σ_{b,t} mask[b,t] · log π_θ(y_t | x, y_<t) / Σ_{b,t} mask[b,t]
 
-    policy_logps: (B, T) per-token log-probs of the policy; mask: (B, T), 1 on response tokens (EOS included).
-    Returns (loss, metrics)."""
+    Arguments, in the order all six losses share (per-token tensors, then `mask`, then scalars): policy_logps: (B, T)
+    per-token log-probs of the policy; mask: (B, T), 1 on response tokens (EOS included).
+    Returns (loss, metrics), as all six losses do: `loss` the scalar to minimise; `metrics` floats, except `losses/*`,
+    the loss terms as scalar tensors (the training loop averages them over processes before logging)."""
     loss = -(policy_logps * mask).sum() / mask.sum()  # scalar
-    return loss, {"losses/policy": loss.item(), "charts/response_tokens": mask.sum().item()}
+    return loss, {"losses/policy": loss, "charts/response_tokens": mask.sum().item()}
 
 
 def global_token_scale(accelerator, mask: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ def main():
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
                 loss, metrics = rs_loss(policy_logps, batch["mask"])
-                loss = loss * global_token_scale(accelerator, batch["mask"])  # token mean over all processes
+                loss = metrics["losses/policy"] = loss * global_token_scale(accelerator, batch["mask"])  # global token mean
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     metrics["charts/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
@@ -144,11 +146,12 @@ def main():
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({k: accelerator.reduce(v.detach(), "mean").item()  # each loss term, averaged over processes
+                                for k, v in metrics.items() if k.startswith("losses/")})
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
+                bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4f}" for k in ("losses/policy",)})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

@@ -110,7 +110,7 @@ def check_flag_pairs(args) -> None:
 
 
 # ALGO LOGIC: loss
-def soft_q(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, q0: torch.Tensor,
+def soft_q(policy_logps: torch.Tensor, ref_logps: torch.Tensor, q0: torch.Tensor, mask: torch.Tensor,
            beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The cumulative Q-parameterisation. policy_logps, ref_logps, mask: (B, T); q0: (B,). Returns (advantages, q),
     both (B, T): A_t = β mask_t (ℓ_t − ℓ_ref,t) and Q_t = Q̂_0 + Σ_{t' ≤ t} A_t' (Q̂_0 before the response)."""
@@ -118,8 +118,8 @@ def soft_q(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tens
     return advantages, q0[:, None] + advantages.cumsum(-1)  # (B, T), (B, T)
 
 
-def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, q0: torch.Tensor,
-             rewards: torch.Tensor, beta: float, loss_type: str = "squared",
+def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, q0: torch.Tensor, rewards: torch.Tensor,
+             mask: torch.Tensor, beta: float, loss_type: str = "squared",
              max_logp: float = -1e-4) -> tuple[torch.Tensor, dict]:
     """SPO's terminal regression of the cumulative Q onto the reward, as a mean over the batch (a loss to minimise).
     With Q_T = q0 + β Σ_t mask (ℓ_t − ℓ_ref,t), per sequence:
@@ -130,9 +130,13 @@ def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Te
         advantage_bce:  the same cross-entropy between σ(Σ_t A_t / β) and σ((r − q0) / β): both sides of
                         Σ_t A_t = r − q0 warped by a sigmoid
         reverse_q:      Σ_t mask_t (Q_t − R_t)², R_t = r − Σ_{t' > t} A_t' (detached): every Q_t regressed
-    policy_logps, ref_logps: (B, T) per-token log-probs of the policy and the reference; mask: (B, T), 1 on response
-    tokens; q0: (B,) Q̂_0 of each prompt; rewards: (B,) r ∈ {0, −1}. Returns (loss, metrics)."""
-    advantages, q = soft_q(policy_logps, ref_logps, mask, q0, beta)  # (B, T), (B, T)
+    Arguments, in the order all six losses share (tensors, then `mask`, then scalars): policy_logps, ref_logps: (B, T)
+    per-token log-probs of the policy and the reference; q0: (B,) Q̂_0 of each prompt, the soft value before the
+    response (in the values' place); rewards: (B,) r ∈ {0, −1}, the outcome of each row; mask: (B, T), 1 on response
+    tokens.
+    Returns (loss, metrics), as all six losses do: `loss` the scalar to minimise; `metrics` floats, except `losses/*`,
+    the loss terms as scalar tensors (the training loop averages them over processes before logging)."""
+    advantages, q = soft_q(policy_logps, ref_logps, q0, mask, beta)  # (B, T), (B, T)
     q_T = q[:, -1]  # (B,) padding after the response adds nothing
     if loss_type == "squared":
         losses = (q_T - rewards) ** 2  # (B,)
@@ -151,7 +155,7 @@ def spo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Te
     else:
         raise ValueError(f"--loss_type {loss_type!r}: expected squared, bce, advantage_bce or reverse_q")
     loss = losses.mean()
-    metrics = {"losses/policy": loss.item(), "rewards/q_T": q_T.mean().item(), "rewards/q0": q0.mean().item(),
+    metrics = {"losses/policy": loss, "rewards/q_T": q_T.mean().item(), "rewards/q0": q0.mean().item(),
                "rewards/kl": (advantages.sum(-1) / beta).mean().item()}
     return loss, metrics
 
@@ -325,7 +329,7 @@ def main():
             with accelerator.accumulate(model):
                 policy_logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
                 # ALGO LOGIC: loss
-                loss, metrics = spo_loss(policy_logps, batch["ref_logps"], batch["mask"], batch["q0"], batch["reward"] - 1,
+                loss, metrics = spo_loss(policy_logps, batch["ref_logps"], batch["q0"], batch["reward"] - 1, batch["mask"],
                                          args.beta, args.loss_type)  # r_spo = reward - 1 in {0, -1}; mean over sequences
                 online = torch.tensor([bool(r.get("online")) for r in batch_rows], device=device)  # (B,)
                 metrics.update({"charts/online_fraction": online.float().mean().item(), "rewards/online": batch["reward"][
@@ -343,11 +347,12 @@ def main():
                 if n_online:
                     rollout_policy.maybe_refresh(model, step)
                 bar.update(1)
-                metrics["losses/policy"] = accelerator.reduce(loss.detach(), "mean").item()
+                metrics.update({k: accelerator.reduce(v.detach(), "mean").item()  # each loss term, averaged over processes
+                                for k, v in metrics.items() if k.startswith("losses/")})
                 metrics.update({"charts/lr": scheduler.get_last_lr()[0], "charts/epoch": epoch + (b + 1) / (
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
-                bar.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("losses/")})
+                bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4f}" for k in ("losses/policy", "rewards/kl")})
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:

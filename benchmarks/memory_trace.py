@@ -318,31 +318,28 @@ def micro_batch(algo: str, module, args, nets: dict, batch_rows: list[dict], gra
     if algo == "rs":
         loss, _ = module.rs_loss(policy_logps, mask)
     elif algo == "dpo":
-        seq, ref = (policy_logps * mask).sum(-1), (batch["ref_logps"] * mask).sum(-1)
-        loss, _ = module.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], args.beta)
+        loss, _ = module.dpo_loss(policy_logps, batch["ref_logps"], mask, args.beta)
     elif algo == "kto":
         kl = common.collate(module.mismatched_pairs(batch_rows), pad)
         with torch.no_grad(), common.reference_mode(nets["ref"]):
             kl_ref = (common.token_logprobs(nets["ref"], kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
         with torch.no_grad():
             kl_policy = (common.token_logprobs(model, kl["input_ids"], kl["attention_mask"]) * kl["mask"]).sum(-1)
-        loss, _ = module.kto_loss((policy_logps * mask).sum(-1), (batch["ref_logps"] * mask).sum(-1),
-                                  torch.cat([kl_policy] * WORLD), torch.cat([kl_ref] * WORLD), batch["reward"] == 1.0,
-                                  args.beta, 1.0, args.undesirable_weight)
+        loss, _ = module.kto_loss(policy_logps, batch["ref_logps"], torch.cat([kl_policy] * WORLD),
+                                  torch.cat([kl_ref] * WORLD), batch["reward"] == 1.0, mask, args.beta, 1.0,
+                                  args.undesirable_weight)
     elif algo == "spo":
-        loss, _ = module.spo_loss(policy_logps, batch["ref_logps"], mask, batch["q0"], batch["reward"] - 1, args.beta,
+        loss, _ = module.spo_loss(policy_logps, batch["ref_logps"], batch["q0"], batch["reward"] - 1, mask, args.beta,
                                   args.loss_type)
     else:
         values = nets["value"](ids, attn)  # (B, T)
         if algo == "dro":
-            values = values.gather(1, mask.argmax(1, keepdim=True)).squeeze(1)  # (B,)
-            loss, value_loss, _ = module.dro_loss((policy_logps * mask).sum(-1), (batch["ref_logps"] * mask).sum(-1),
-                                                  values, batch["reward"], args.beta)
+            loss, _ = module.dro_loss(policy_logps, batch["ref_logps"], module.prompt_values(values, mask), batch["reward"],
+                                      mask, args.beta)
         else:
-            loss, value_loss, _ = module.dqo_loss(policy_logps, batch["ref_logps"], batch["behavior_logps"], values,
-                                                  batch["rewards"], mask, args.beta, args.lam, args.is_clip or None,
-                                                  not args.no_is_policy, not args.no_is_value)
-        loss = loss + value_loss
+            loss, _ = module.dqo_loss(policy_logps, batch["ref_logps"], batch["behavior_logps"], values, batch["rewards"],
+                                      mask, args.beta, args.lam, args.is_clip or None, not args.no_is_policy,
+                                      not args.no_is_value)
     (loss / grad_accum).backward()  # accelerator.backward: FSDP2 reduce-scatters each micro-batch (sync_each_batch)
 
 

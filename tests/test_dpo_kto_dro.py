@@ -25,12 +25,27 @@ def _sig(x):
     return 1 / (1 + math.exp(-x))
 
 
+def _per_token(seq_logps):
+    """(B,) sequence log-probs as the losses take them: (B, 3) per-token log-probs and their mask, a padding column of
+    garbage the mask must drop (no gradient, and different for the policy and the reference, so it cannot cancel in a
+    log-ratio), then the sequence's log-prob split over two response tokens (s/2 + s/2 = s exactly)."""
+    half = seq_logps[:, None] / 2  # (B, 1)
+    logps = torch.cat([100 + 7 * half.detach(), half, half], 1)  # (B, 3)
+    return logps, torch.tensor([[0.0, 1.0, 1.0]], dtype=logps.dtype).expand_as(logps)
+
+
+def _pairs(chosen, rejected):
+    """DPO's row layout: pair b's chosen row at 2b, its rejected one at 2b + 1."""
+    return torch.stack([chosen, rejected], 1).flatten()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DPO
 # ---------------------------------------------------------------------------------------------------------------------
 def test_dpo_loss_values_and_gradients():
     pc, pr, rc, rr, beta = _t(-3.0, -10.0), _t(-5.0, -2.0), _t(-4.0, -9.0), _t(-4.5, -3.0), 0.5
-    loss, metrics = dpo.dpo_loss(pc, pr, rc, rr, beta)
+    (policy, mask), (ref, _) = _per_token(_pairs(pc, pr)), _per_token(_pairs(rc, rr))
+    loss, metrics = dpo.dpo_loss(policy, ref, mask, beta)
     # pair 0: (pc - rc) - (pr - rr) = 1 - (-0.5) = 1.5; pair 1: -1 - 1 = -2
     z = [1.5, -2.0]
     expected = sum(-math.log(_sig(beta * zi)) for zi in z) / 2
@@ -47,14 +62,15 @@ def test_dpo_loss_values_and_gradients():
     assert metrics["rewards/rejected"] == pytest.approx(0.125)
     assert metrics["rewards/accuracies"] == pytest.approx(0.5)
     assert metrics["rewards/margins"] == pytest.approx((0.75 - 1.0) / 2)
-    assert metrics["losses/policy"] == pytest.approx(expected)
+    assert metrics["losses/policy"].item() == pytest.approx(expected)
 
 
 def test_dpo_loss_at_initialisation_is_log2():
     torch.manual_seed(0)
     chosen, rejected = -50 * torch.rand(16, dtype=torch.float64), -50 * torch.rand(16, dtype=torch.float64)
     for beta in (0.01, 0.1, 3.0):
-        loss, metrics = dpo.dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta)
+        (policy, mask), (ref, _) = _per_token(_pairs(chosen, rejected)), _per_token(_pairs(chosen.clone(), rejected.clone()))
+        loss, metrics = dpo.dpo_loss(policy, ref, mask, beta)
         assert loss.item() == math.log(2)
         assert metrics["rewards/margins"] == 0.0
 
@@ -97,7 +113,8 @@ def test_kto_loss_values_and_gradients():
     kl_policy, kl_ref = _t(-10.0, -8.0, -6.0), _t(-10.5, -8.5, -6.5)  # mean(kl_policy - kl_ref) = 0.5 = z0
     desirable = torch.tensor([True, False, True])
     beta, wd, wu = 0.2, 1.5, 0.75
-    loss, metrics = kto.kto_loss(policy, ref, kl_policy, kl_ref, desirable, beta, wd, wu)
+    (policy_t, mask), (ref_t, _) = _per_token(policy), _per_token(ref)
+    loss, metrics = kto.kto_loss(policy_t, ref_t, kl_policy, kl_ref, desirable, mask, beta, wd, wu)
     h, z0 = [1.0, -1.0, 0.5], 0.5
     per_row = [wd * (1 - _sig(beta * (h[0] - z0))), wu * (1 - _sig(beta * (z0 - h[1]))), wd * (1 - _sig(beta * (h[2] - z0)))]
     assert loss.item() == pytest.approx(sum(per_row) / 3, abs=1e-12)
@@ -114,7 +131,9 @@ def test_kto_loss_values_and_gradients():
 
 def test_kto_reference_point_is_clamped_at_zero():
     policy, ref = _t(-2.0, -5.0), _t(-2.0, -5.0)
-    loss, metrics = kto.kto_loss(policy, ref, _t(-9.0, -9.0), _t(-8.0, -8.0), torch.tensor([True, False]), 1.0, 1.0, 1.0)
+    (policy_t, mask), (ref_t, _) = _per_token(policy), _per_token(ref)
+    loss, metrics = kto.kto_loss(policy_t, ref_t, _t(-9.0, -9.0), _t(-8.0, -8.0), torch.tensor([True, False]), mask, 1.0,
+                                 1.0, 1.0)
     assert metrics["rewards/kl"] == 0.0  # mean KL estimate -1 clamps to 0
     assert loss.item() == pytest.approx(0.5, abs=1e-12)  # h = 0 = z0: both rows give 1 - σ(0)
 
@@ -144,13 +163,15 @@ def test_kto_weights_balance():
 def test_dro_loss_values_and_gradients():
     beta = 0.3
     pi, ref, v, r = _t(-2.0, -6.0), _t(-3.0, -5.0), _t(0.25, 0.5), _t(1.0, 0.0)
-    policy_loss, value_loss, metrics = dro.dro_loss(pi, ref, v, r, beta)
+    (pi_t, mask), (ref_t, _) = _per_token(pi), _per_token(ref)
+    loss, metrics = dro.dro_loss(pi_t, ref_t, v, r, mask, beta)
+    policy_loss, value_loss = metrics["losses/policy"], metrics["losses/value"]
     # row 0: π - ref = 1, r - V = 0.75; row 1: π - ref = -1, r - V = -0.5
     exp_policy = (2.0 * 0.75 + beta / 2 * 1 + (6.0 * -0.5) + beta / 2 * 1) / 2
     exp_value = (0.5 * (0.75 - beta) ** 2 + 0.5 * (-0.5 + beta) ** 2) / 2
     assert policy_loss.item() == pytest.approx(exp_policy, abs=1e-12)
     assert value_loss.item() == pytest.approx(exp_value, abs=1e-12)
-    assert metrics["losses/policy"] == pytest.approx(exp_policy) and metrics["losses/value"] == pytest.approx(exp_value)
+    assert loss.item() == pytest.approx(exp_policy + exp_value, abs=1e-12)  # what the training loop minimises
     g_pi, g_ref, g_v, g_r = torch.autograd.grad(policy_loss, (pi, ref, v, r), retain_graph=True, allow_unused=True)
     assert g_pi.tolist() == pytest.approx([(-0.75 + beta * 1) / 2, (0.5 + beta * -1) / 2], abs=1e-12)
     assert g_ref.tolist() == pytest.approx([-beta * 1 / 2, -beta * -1 / 2], abs=1e-12)
@@ -174,8 +195,12 @@ def _batch_rows(model, tokenizer, n_prompts=4):
     return rows
 
 
+def _logps(model, batch):
+    return common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T)
+
+
 def _seq_logps(model, batch):
-    return (common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]) * batch["mask"]).sum(-1)
+    return (_logps(model, batch) * batch["mask"]).sum(-1)  # (B,)
 
 
 def test_dpo_one_step_lowers_loss_and_starts_at_log2(tiny_model):
@@ -183,11 +208,9 @@ def test_dpo_one_step_lowers_loss_and_starts_at_log2(tiny_model):
     pairs, dropped = dpo.build_pairs(_batch_rows(model, tokenizer), 12, 0)
     assert dropped == 0 and len(pairs) == 4
     batch = common.collate([r for pair in pairs for r in pair], tokenizer.pad_token_id, ("ref_logps",))
-    ref = (batch["ref_logps"] * batch["mask"]).sum(-1)
 
     def loss_fn():
-        policy = _seq_logps(model, batch)
-        return dpo.dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], 0.1)[0]
+        return dpo.dpo_loss(_logps(model, batch), batch["ref_logps"], batch["mask"], 0.1)[0]
 
     before, _ = gradient_step_lowers(loss_fn, model.parameters())
     assert before == pytest.approx(math.log(2), abs=1e-4)  # stored ref log-probs line up with the training ones
@@ -202,8 +225,8 @@ def test_kto_one_step_lowers_loss(tiny_model):
         kl_policy = kl_ref = _seq_logps(model, kl)
 
     def loss_fn():
-        return kto.kto_loss(_seq_logps(model, batch), (batch["ref_logps"] * batch["mask"]).sum(-1), kl_policy, kl_ref,
-                            batch["reward"] == 1.0, 0.1, 1.0, 1.0)[0]
+        return kto.kto_loss(_logps(model, batch), batch["ref_logps"], kl_policy, kl_ref, batch["reward"] == 1.0,
+                            batch["mask"], 0.1, 1.0, 1.0)[0]
 
     before, _ = gradient_step_lowers(loss_fn, model.parameters())
     assert before == pytest.approx(0.5, abs=1e-4)  # policy = reference: h = 0 and z0 = 0, every row 1 - σ(0)
@@ -229,9 +252,8 @@ def test_dro_reads_the_value_after_the_prompt(tiny_model):
 
 
 def dro_values(value_model, batch):
-    """dro.py's read of V(x), as written in its training loop."""
-    values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T)
-    return values.gather(1, batch["mask"].argmax(1, keepdim=True)).squeeze(1)  # (B,)
+    """dro.py's read of V(x) (`prompt_values`), as its training loop calls it."""
+    return dro.prompt_values(value_model(batch["input_ids"], batch["attention_mask"]), batch["mask"])  # (B,)
 
 
 def test_dro_one_step_lowers_both_losses(tiny_model):
@@ -239,15 +261,17 @@ def test_dro_one_step_lowers_both_losses(tiny_model):
     model, tokenizer = copy.deepcopy(tiny_model[0]), tiny_model[1]
     value_model = common.ValueModel(model)
     batch = common.collate(_batch_rows(model, tokenizer), tokenizer.pad_token_id, ("ref_logps",), ("reward", "prompt_idx"))
-    ref = (batch["ref_logps"] * batch["mask"]).sum(-1)
     values = dro_values(value_model, batch)
-    _, value_loss, _ = dro.dro_loss(_seq_logps(model, batch), ref, values, batch["reward"], 0.03)
+
+    def losses(policy_logps, values):  # DRO's two terms, each still differentiable
+        metrics = dro.dro_loss(policy_logps, batch["ref_logps"], values, batch["reward"], batch["mask"], 0.03)[1]
+        return metrics["losses/policy"], metrics["losses/value"]
+
+    _, value_loss = losses(_logps(model, batch), values)
     assert value_loss.item() == pytest.approx(0.25, abs=1e-4)  # V = 0, rewards half 1, π = ref: mean 0.5 r² = 0.25
-    gradient_step_lowers(lambda: dro.dro_loss(_seq_logps(model, batch), ref, values.detach(), batch["reward"], 0.03)[0],
-                         model.parameters())
-    policy = _seq_logps(model, batch).detach()
-    gradient_step_lowers(lambda: dro.dro_loss(policy, ref, dro_values(value_model, batch), batch["reward"], 0.03)[1],
-                         value_model.parameters())
+    gradient_step_lowers(lambda: losses(_logps(model, batch), values.detach())[0], model.parameters())
+    policy = _logps(model, batch).detach()
+    gradient_step_lowers(lambda: losses(policy, dro_values(value_model, batch))[1], value_model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

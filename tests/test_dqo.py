@@ -41,6 +41,15 @@ def reference_dqo(pl, rl, bl, v, r, mask, beta, lam, is_clip, is_policy=True, is
     return sum(policy_terms) / len(policy_terms), sum(value_terms) / len(value_terms)
 
 
+def dqo_terms(*args, **kwargs):
+    """dqo_loss's two terms, its metrics' `losses/policy` and `losses/value` (still differentiable, so each is checked
+    on its own), and the metrics; the loss it returns, the one the training loop minimises, must be their sum."""
+    loss, metrics = dqo.dqo_loss(*args, **kwargs)
+    policy_loss, value_loss = metrics["losses/policy"], metrics["losses/value"]
+    assert torch.equal(loss, policy_loss + value_loss)
+    return policy_loss, value_loss, metrics
+
+
 def ragged_batch(seed=0, B=5, T=9):
     """Rows with different prompt lengths and response lengths (one of length 1, one running to the last column).
     Off-mask positions hold garbage, which the loss must ignore."""
@@ -66,11 +75,11 @@ def test_dqo_loss_matches_plain_loop(lam, is_clip):
     log_w = ((pl.detach() - bl) * mask).sum(1)
     if is_clip is not None:  # the batch exercises both sides of the clip
         assert (log_w > 1).any() and (log_w < 1).any()
-    policy_loss, value_loss, metrics = dqo.dqo_loss(pl, rl, bl, v, r, mask, beta, lam, is_clip)
+    policy_loss, value_loss, metrics = dqo_terms(pl, rl, bl, v, r, mask, beta, lam, is_clip)
     ref_policy, ref_value = reference_dqo(pl, rl, bl, v, r, mask, beta, lam, is_clip)
     torch.testing.assert_close(policy_loss, ref_policy)
     torch.testing.assert_close(value_loss, ref_value)
-    assert metrics["losses/policy"] == pytest.approx(ref_policy.item())
+    assert metrics["losses/policy"].item() == pytest.approx(ref_policy.item())
     # gradients, each loss into its own network only
     for loss, ref, wrt, other in ((policy_loss, ref_policy, pl, v), (value_loss, ref_value, v, pl)):
         (grad,) = torch.autograd.grad(loss, wrt, retain_graph=True)
@@ -86,7 +95,7 @@ def test_dqo_loss_matches_plain_loop(lam, is_clip):
 def test_dqo_loss_drops_importance_weight_from_one_loss(no_is):
     pl, rl, bl, v, r, mask = ragged_batch(seed=1)
     flags = dict(is_policy=no_is != "policy", is_value=no_is != "value")
-    policy_loss, value_loss, _ = dqo.dqo_loss(pl, rl, bl, v, r, mask, 0.1, 0.95, math.e, **flags)
+    policy_loss, value_loss, _ = dqo_terms(pl, rl, bl, v, r, mask, 0.1, 0.95, math.e, **flags)
     ref_policy, ref_value = reference_dqo(pl, rl, bl, v, r, mask, 0.1, 0.95, math.e, **flags)
     torch.testing.assert_close(policy_loss, ref_policy)
     torch.testing.assert_close(value_loss, ref_value)
@@ -109,7 +118,7 @@ def test_horizon_one_reduces_to_dro():
     v = torch.randn(B, T, generator=g, dtype=torch.float64).requires_grad_()
     r = torch.bernoulli(torch.full((B, T), 0.5, dtype=torch.float64), generator=g)
     for lam in (1.0, 0.5):
-        policy_loss, value_loss, metrics = dqo.dqo_loss(pl, rl, pl.detach(), v, r, mask, beta, lam, math.e)
+        policy_loss, value_loss, metrics = dqo_terms(pl, rl, pl.detach(), v, r, mask, beta, lam, math.e)
         assert metrics["charts/is_weight"] == 1.0
         sel = mask.bool()
         delta_, r_, v_ = (pl - rl)[sel], r[sel], v[sel]  # (B,) the one action of each trajectory
@@ -123,14 +132,14 @@ def test_horizon_one_reduces_to_dro():
 
 def test_lambda_one_losses_equal_in_value_not_in_gradient():
     """With λ = 1, Ḡ_h − V_h = −(βΔ_h − (r_h + Ḡ_{h+1} − V̄_h)) token by token: the two losses are the same number
-    (which is why the progress bar shows loss = value_loss), yet each still trains only its own network. With λ < 1
+    (which is why the progress bar leaves the value loss out), yet each still trains only its own network. With λ < 1
     they differ."""
     pl, rl, bl, v, r, mask = ragged_batch(seed=4)
-    policy_loss, value_loss, _ = dqo.dqo_loss(pl, rl, bl, v, r, mask, 0.3, 1.0, math.e)
+    policy_loss, value_loss, _ = dqo_terms(pl, rl, bl, v, r, mask, 0.3, 1.0, math.e)
     torch.testing.assert_close(policy_loss, value_loss)
     assert torch.autograd.grad(policy_loss, v, retain_graph=True, allow_unused=True)[0] is None
     assert torch.autograd.grad(value_loss, pl, retain_graph=True, allow_unused=True)[0] is None
-    policy_loss, value_loss, _ = dqo.dqo_loss(pl, rl, bl, v, r, mask, 0.3, 0.5, math.e)
+    policy_loss, value_loss, _ = dqo_terms(pl, rl, bl, v, r, mask, 0.3, 0.5, math.e)
     assert not torch.isclose(policy_loss, value_loss)
 
 
@@ -199,8 +208,8 @@ def test_one_step_lowers_both_losses(tiny_model):
         ref_logps = common.token_logprobs(model, ids, attn)
 
     def losses():
-        return dqo.dqo_loss(common.token_logprobs(policy, ids, attn), ref_logps, ref_logps, vm(ids, attn), rewards, mask,
-                            beta, lam, math.e)
+        return dqo_terms(common.token_logprobs(policy, ids, attn), ref_logps, ref_logps, vm(ids, attn), rewards, mask,
+                         beta, lam, math.e)
 
     gradient_step_lowers(lambda: losses()[1], vm.parameters())
     with torch.no_grad():  # the detached parts at the start; policy = behaviour: w = 1
@@ -384,13 +393,13 @@ def test_metrics_split_correct_and_failed():
     pl = torch.full((B, T), -1.0, dtype=torch.float64)
     mu = pl - torch.tensor([0.1, -0.3, 0.6, 0.2], dtype=torch.float64)[:, None]  # per-token log π/μ of each row
     values = torch.arange(B * T, dtype=torch.float64).reshape(B, T) / 100
-    _, _, m = dqo.dqo_loss(pl, pl, mu, values, rewards, mask, 0.1, 1.0, math.e)
+    _, _, m = dqo_terms(pl, pl, mu, values, rewards, mask, 0.1, 1.0, math.e)
     w = [min(math.e, math.exp(0.1 * 3)), math.exp(-0.3 * 3), min(math.e, math.exp(0.6 * 2)), math.exp(0.2 * 2)]
     assert m["charts/is_weight_correct"] == pytest.approx((w[0] + w[2]) / 2)
     assert m["charts/is_weight_failed"] == pytest.approx((w[1] + w[3]) / 2)
     assert m["charts/value_first_correct"] == pytest.approx((values[0, 1] + values[2, 0]).item() / 2)
     assert m["charts/value_first_failed"] == pytest.approx((values[1, 2] + values[3, 1]).item() / 2)
-    _, _, m = dqo.dqo_loss(pl[:2], pl[:2], mu[:2], values[:2], rewards[:2] * 0, mask[:2], 0.1, 1.0, math.e)
+    _, _, m = dqo_terms(pl[:2], pl[:2], mu[:2], values[:2], rewards[:2] * 0, mask[:2], 0.1, 1.0, math.e)
     assert "charts/is_weight_correct" not in m and m["charts/is_weight_failed"] == pytest.approx((w[0] + w[1]) / 2)
 
 

@@ -23,8 +23,8 @@ def test_rs_loss_hand_computed_value_and_grad():
     assert loss.item() == pytest.approx((2.0 + 3.0 + 0.5) / 3)  # token mean over the batch, not mean of row means
     loss.backward()
     assert torch.allclose(policy_logps.grad, -mask / 3)  # -mask / (number of response tokens)
-    assert metrics["losses/policy"] == pytest.approx(loss.item()) and metrics["charts/response_tokens"] == 3
-    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["losses/policy"] is loss and metrics["charts/response_tokens"] == 3
+    assert all(isinstance(v, float) for k, v in metrics.items() if k != "losses/policy")  # losses/*: the loss tensors
 
 
 def test_rs_loss_matches_plain_loop():

@@ -78,14 +78,14 @@ def random_batch(seed, B=5, T=9):
 def test_spo_loss_matches_plain_loop(loss_type, beta):
     policy_logps, ref_logps, mask, q0, rewards = random_batch(0)
     policy_logps.requires_grad_(True)
-    loss, metrics = spo.spo_loss(policy_logps, ref_logps, mask, q0, rewards, beta, loss_type)
+    loss, metrics = spo.spo_loss(policy_logps, ref_logps, q0, rewards, mask, beta, loss_type)
     loss.backward()
     want, want_grad = loop_spo_loss(policy_logps.tolist(), ref_logps.tolist(), mask.tolist(), q0.tolist(),
                                     rewards.tolist(), beta, loss_type)
     assert loss.item() == pytest.approx(want, rel=1e-9)
     torch.testing.assert_close(policy_logps.grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-8, atol=1e-12)
     assert policy_logps.grad.abs().sum() > 0
-    assert metrics["losses/policy"] == pytest.approx(want, rel=1e-6)
+    assert metrics["losses/policy"].item() == pytest.approx(want, rel=1e-6)
 
 
 def test_bce_never_pushes_above_zero():
@@ -93,18 +93,19 @@ def test_bce_never_pushes_above_zero():
     one is pushed down (straight through the clip) with a finite loss."""
     policy_logps = torch.tensor([[0.0, 0.3, 0.3]], requires_grad=True)
     ref_logps, mask, q0 = torch.zeros(1, 3), torch.tensor([[0.0, 1.0, 1.0]]), torch.zeros(1)
-    loss, _ = spo.spo_loss(policy_logps, ref_logps, mask, q0, torch.zeros(1), 0.5, "bce")
+    loss, _ = spo.spo_loss(policy_logps, ref_logps, q0, torch.zeros(1), mask, 0.5, "bce")
     loss.backward()
     assert torch.isfinite(loss) and policy_logps.grad.abs().max() < 1e-3  # x = 1: only e^{r/β}-free terms, no push up
     policy_logps.grad = None
-    loss, _ = spo.spo_loss(policy_logps, ref_logps, mask, q0, -torch.ones(1), 0.5, "bce")
+    loss, _ = spo.spo_loss(policy_logps, ref_logps, q0, -torch.ones(1), mask, 0.5, "bce")
     loss.backward()
     assert torch.isfinite(loss) and (policy_logps.grad[0, 1:] > 0).all()  # gradient descent lowers ŷ
 
 
 def test_unknown_loss_type_raises():
     with pytest.raises(ValueError, match="loss_type"):
-        spo.spo_loss(*random_batch(0), 0.5, "hinge")
+        policy_logps, ref_logps, mask, q0, rewards = random_batch(0)
+        spo.spo_loss(policy_logps, ref_logps, q0, rewards, mask, 0.5, "hinge")
 
 
 def test_soft_value_q0():
@@ -125,7 +126,7 @@ def test_soft_value_q0():
 def test_path_consistency():
     """Theorem 2.3: Σ_{t=t1..tk} A_t = Q_tk − Q_{t1−1} for every response span, padding and prompt included."""
     policy_logps, ref_logps, mask, q0, _ = random_batch(1)
-    advantages, q = spo.soft_q(policy_logps, ref_logps, mask, q0, 0.3)
+    advantages, q = spo.soft_q(policy_logps, ref_logps, q0, mask, 0.3)
     B, T = mask.shape
     for b in range(B):
         resp = mask[b].nonzero().flatten().tolist()
@@ -160,8 +161,8 @@ def test_bellman_consistency_by_construction(tiny_model):
         ids = torch.tensor(seqs)
         attn, mask = torch.ones_like(ids), torch.zeros(ids.shape)
         mask[:, len(prompt) :] = 1
-        _, q = spo.soft_q(common.token_logprobs(policy, ids, attn), common.token_logprobs(ref, ids, attn), mask,
-                          torch.full((len(seqs),), q0), beta)
+        _, q = spo.soft_q(common.token_logprobs(policy, ids, attn), common.token_logprobs(ref, ids, attn),
+                          torch.full((len(seqs),), q0), mask, beta)
         return q[:, -1]
 
     q_path = []
@@ -350,7 +351,7 @@ def test_one_step_lowers_loss(tiny_model, loss_type):
 
     def loss_fn():
         lp = common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
-        return spo.spo_loss(lp, ref_logps, batch["mask"], batch["q0"], batch["reward"] - 1, 0.5, loss_type)[0]
+        return spo.spo_loss(lp, ref_logps, batch["q0"], batch["reward"] - 1, batch["mask"], 0.5, loss_type)[0]
 
     if loss_type != "reverse_q":
         gradient_step_lowers(loss_fn, policy.parameters())
@@ -359,12 +360,12 @@ def test_one_step_lowers_loss(tiny_model, loss_type):
     # the same squares with R held at the start, and a small step lowers that objective by its first-order prediction.
     with torch.no_grad():
         _, q = spo.soft_q(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), ref_logps,
-                          batch["mask"], batch["q0"], 0.5)
+                          batch["q0"], batch["mask"], 0.5)
         targets = (batch["reward"] - 1)[:, None] - (q[:, -1:] - q)
 
     def frozen():
         lp = common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
-        _, q = spo.soft_q(lp, ref_logps, batch["mask"], batch["q0"], 0.5)
+        _, q = spo.soft_q(lp, ref_logps, batch["q0"], batch["mask"], 0.5)
         return ((q - targets) ** 2 * batch["mask"]).sum(-1).mean()
 
     params = list(policy.parameters())
