@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import runtime.cli  # noqa: E402
 import runtime.memory  # noqa: E402
-from benchmarks.memory_trace import ALGOS, GEMMA_7B, GPU_GB, MARGIN_GB, PROMPT_TOKENS, RESULTS, WORLD  # noqa: E402, F401
+from benchmarks.memory_trace import ALGOS, GEMMA_7B, GPU_GB, MARGIN_GB, PROMPT_TOKENS, RESULTS, WORLD, stale  # noqa: E402,F401
 
 
 def paper_plan(algo: str, config: dict = GEMMA_7B, world: int = WORLD) -> dict[str, dict[str, float]]:
@@ -46,6 +46,8 @@ def comparison(results: dict) -> list[tuple[str, str, float, float]]:
 
 
 if __name__ == "__main__":
+    if why := stale():
+        print(f"warning: {why}\n")
     print(f"{'algo':5} {'step':9} {'plan GB':>8} {'trace GB':>9} {'plan/trace':>10}")
     for algo, step, plan, traced in comparison(trace_results()):
         print(f"{algo:5} {step:9} {plan / 1e9:8.2f} {traced / 1e9:9.2f} {plan / traced:10.3f}")

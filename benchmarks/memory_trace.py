@@ -40,14 +40,22 @@ workspaces (cuBLAS, flash attention). `MARGIN_GB` of the 80 GB is left for them;
 `torch.cuda.max_memory_allocated` with this trace.
 
 Prints `<algo> <step> peak_gb <x>` and the tracker's breakdown per step, writes benchmarks/results/memory_trace.json,
-and ends with `fits 80 GB: yes|no` (every step within 80 - MARGIN_GB).
+and ends with `fits 80 GB: yes|no` (every step within 80 - MARGIN_GB). The JSON carries the `fingerprint` of what it was
+traced from (this file, configs/fsdp.yaml, the resolved paper settings and `traced_code`, the project code the trace
+runs): tests/test_memory_plan.py fails, naming this command, when any of them changed and the trace was not run again.
+What is copied rather than run (the micro-batch, `decode`) is checked against the scripts' own code on real tensors at
+a tiny size by tests/test_memory_trace.py.
 """
 
+import dataclasses
+import hashlib
 import importlib
+import inspect
+import json
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -343,10 +351,11 @@ def micro_batch(algo: str, module, args, nets: dict, batch_rows: list[dict], gra
     (loss / grad_accum).backward()  # accelerator.backward: FSDP2 reduce-scatters each micro-batch (sync_each_batch)
 
 
-def paper_settings(algo: str, world: int = WORLD) -> dict:
-    """The algorithm's paper defaults: micro-batch, generation batch, accumulation steps, sampling and lengths."""
+def paper_settings(algo: str, world: int = WORLD, overrides: dict | None = None) -> dict:
+    """The algorithm's paper defaults: micro-batch, generation batch, accumulation steps, sampling and lengths;
+    `overrides` (flags) replace some."""
     module = importlib.import_module(algo)
-    d = {**runtime.cli.RUN_DEFAULTS["paper"], **module.PAPER}
+    d = {**runtime.cli.RUN_DEFAULTS["paper"], **module.PAPER, **(overrides or {})}
     args = module.Args()
     for k, v in d.items():
         setattr(args, k, v)
@@ -362,19 +371,20 @@ def paper_settings(algo: str, world: int = WORLD) -> dict:
 def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_batch_size: int | None = None,
           gen_batch_size: int | None = None, grad_accum: int | None = None, prompt_tokens: int = PROMPT_TOKENS,
           max_new_tokens: int | None = None, steps: tuple = ("train", "generate", "score", "rollout", "refresh", "save"),
-          acc=None, traced_micro_batches: int = TRACED_MICRO_BATCHES, fake: bool = True) -> dict:
-    """Peak bytes on rank 0 of each step of `algo`'s run (by default its paper settings) with the sharding of
-    configs/fsdp.yaml: {step: {"peak": bytes, "breakdown": {category: bytes}, "added": {term: bytes}}}. Steps:
+          acc=None, traced_micro_batches: int = TRACED_MICRO_BATCHES, overrides: dict | None = None) -> dict:
+    """Peak bytes on rank 0 of each step of `algo`'s run (by default its paper settings, `overrides` replacing some
+    flags) with the sharding of configs/fsdp.yaml, in "steps": {step: {"peak": bytes, "start": bytes in use as it
+    began, "breakdown": {category: bytes} at the peak, "added": {term: bytes}}}, and "first_micro_batch": {"start",
+    "peak", "end": {category: bytes}} of the first micro-batch of "train" (tests/test_memory_trace.py compares it with
+    each script's own loop). Steps:
     "train" (grad_accum micro-batches and the optimizer steps), "generate" (a generate call of gen_batch_size rows),
     "score" (score_rows on one offline chunk), "save" (formula), and SPO's "rollout" (its frozen rollout policy
     generating a micro-batch's fresh rollouts, scored by the frozen reference) and "refresh" (the rollout policy copied
-    from the gathered policy). Training state (optimizer moments) is resident in every step after "train".
-    `fake` False: real tensors on the process group already started (tests/memory_trace_driver.py), as a check that
-    the fake trace follows the same code."""
+    from the gathered policy). Training state (optimizer moments) is resident in every step after "train"."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    s = paper_settings(algo, world)
+    s = paper_settings(algo, world, overrides)
     module, args = s["module"], s["args"]
     per = per_device_batch_size or s["per_device_batch_size"]
     gen = gen_batch_size or s["gen_batch_size"]
@@ -384,7 +394,7 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
     cfg = AutoConfig.for_model(**config)
     vocab = config["vocab_size"]
     out = {}
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+    with FakeTensorMode(allow_non_fake_inputs=True):
         # Under fake tensors a module can be built but not deep-copied or moved (torch refuses to swap a parameter the
         # fake mode's memo holds a weak reference to), so each copy the scripts make from the loaded model is built as
         # that copy ends up: frozen_copy's (bf16, eval, no gradients) and ValueModel's (the backbone and a zero head, as
@@ -419,15 +429,21 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
                 return
             t0 = time.time()
             begin_step(tracker)
-            with fake_reads() if fake else nullcontext():
+            start = snapshot(tracker, "current")["Total"]
+            with fake_reads():
                 fn()
             peak = snapshot(tracker)
-            out[name] = {"peak": peak["Total"], "breakdown": peak, "added": {}, "seconds": time.time() - t0}
+            out[name] = {"peak": peak["Total"], "start": start, "breakdown": peak, "added": {}, "seconds": time.time() - t0}
+
+        first = {}  # the first micro-batch of "train": {category: bytes} in use before it, at its peak and after it
 
         def train():
             rows = rows_of(per * (2 if algo == "dpo" else 1), prompt_tokens, new, vocab)
-            for _ in range(min(accum, traced_micro_batches)):
+            first["start"] = snapshot(tracker, "current")
+            for i in range(min(accum, traced_micro_batches)):
                 micro_batch(algo, module, args, nets, rows, accum)
+                if i == 0:  # the step begins with it, so the step's peak so far is its own
+                    first.update(peak=snapshot(tracker), end=snapshot(tracker, "current"))
             for o in optimizers:
                 o.clip_grad_norm_(args.max_grad_norm)
             for o in optimizers:
@@ -477,7 +493,113 @@ def trace(algo: str, config: dict = GEMMA_7B, world: int = WORLD, per_device_bat
                            "added": {"largest parameter gathered in fp32 (not traced)": largest}, "seconds": 0.0}
     return {"algo": algo, "world": world, "per_device_batch_size": per, "gen_batch_size": gen, "grad_accum": accum,
             "traced_micro_batches": min(accum, traced_micro_batches),
-            "prompt_tokens": prompt_tokens, "max_new_tokens": new, "online_rows": s["online_rows"], "steps": out}
+            "prompt_tokens": prompt_tokens, "max_new_tokens": new, "online_rows": s["online_rows"], "steps": out,
+            "first_micro_batch": first}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a trace came from: the stored results are checked against the code and settings that would trace them now
+# ---------------------------------------------------------------------------------------------------------------------
+REGENERATE = "python benchmarks/memory_trace.py"  # traces all six algorithms and writes RESULTS
+NOT_TRACED = ("main", "report", "table", "fingerprint", "stale")  # this file's functions that trace nothing
+
+
+def _names(code) -> set[str]:
+    """The global and attribute names read by a code object and by the code nested in it (functions, comprehensions)."""
+    names = {n for n in code.co_names if not n.startswith("__")}  # not a module's __doc__ or __name__
+    for c in code.co_consts:
+        if isinstance(c, type(code)):
+            names |= _names(c)
+    return names
+
+
+def _plain(value) -> bool:
+    """Data whose canonical JSON is the same in every process: None, numbers, strings and containers of them."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _codes(obj) -> list:
+    """The code objects of a function (decorators unwrapped) or of every method, property and nested function of a class."""
+    if isinstance(obj, type):
+        members = [m.__func__ if isinstance(m, staticmethod | classmethod) else m for m in vars(obj).values()]
+        members += [f for m in vars(obj).values() if isinstance(m, property) for f in (m.fget, m.fset) if f]
+        return [c for m in members if callable(m) and not isinstance(m, type) for c in _codes(m)]
+    obj = inspect.unwrap(obj)
+    return [obj.__code__] if hasattr(obj, "__code__") else []
+
+
+def traced_code() -> dict[str, str]:
+    """{name: source} of the project code a trace runs: the functions and classes (whole, methods included) of common.py,
+    the algorithm files and the project modules they import (runtime/, ...), found by name from this file's tracing
+    functions and then from each one found, and the module-level constants they read (chunk sizes, PAPER, ...). Found
+    by name, so it over-approximates (a name defined in several files counts in each); an algorithm file's `main` is
+    not reached (the trace copies its micro-batch instead: tests/test_memory_trace.py runs the scripts' own against it).
+    Paths under the repository are written relative to it, so the text is the same in every checkout."""
+    modules = {m.__name__: m for m in map(importlib.import_module, ("common", *ALGOS))}
+    todo = list(modules.values())
+    while todo:  # the project modules they import, by module object or by the module of what they import
+        for v in list(vars(todo.pop()).values()):
+            name = v.__name__ if inspect.ismodule(v) else getattr(v, "__module__", None)
+            m = sys.modules.get(name) if isinstance(name, str) else None
+            if m and name not in modules and os.path.abspath(getattr(m, "__file__", None) or "/").startswith(ROOT + os.sep):
+                modules[name] = m
+                todo.append(m)
+    here = [v for k, v in globals().items() if k not in NOT_TRACED and (inspect.isfunction(v) or inspect.isclass(v))
+            and v.__module__ == __name__]
+    names = set().union(*(_names(c) for v in here for c in _codes(v)))
+    found, seen = {}, set()
+    while names - seen:
+        name = min(names - seen)
+        seen.add(name)
+        for mod_name, m in modules.items():
+            v = vars(m).get(name)
+            if (inspect.isfunction(v) or inspect.isclass(v)) and v.__module__ in modules:
+                key = f"{v.__module__}.{v.__qualname__}"
+                if key not in found:
+                    found[key] = inspect.getsource(v)
+                    names = names.union(*(_names(c) for c in _codes(v)))
+                    names |= {b.__name__ for b in getattr(v, "__mro__", ())[1:] if b.__module__ in modules}  # bases
+            elif v is not None and not inspect.ismodule(v) and not callable(v) and _plain(v):
+                found[f"{mod_name}.{name}"] = json.dumps(v, sort_keys=True, default=sorted).replace(ROOT, "<repo>")
+    return dict(sorted(found.items()))
+
+
+def fingerprint() -> dict:
+    """sha256 of what the stored trace depends on besides torch, transformers and accelerate: this file, configs/fsdp.yaml
+    (the launch it follows), each algorithm's resolved paper settings, and `traced_code`. {"sha256": all of it,
+    "parts": {name: sha256 of that part}}; `stale` compares the parts."""
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    files = {}
+    for f in ("benchmarks/memory_trace.py", "configs/fsdp.yaml"):
+        with open(os.path.join(ROOT, f), encoding="utf-8") as fh:
+            files[f] = fh.read()
+    settings = {}
+    for algo in ALGOS:
+        s = paper_settings(algo)
+        settings[algo] = {**{k: v for k, v in s.items() if k not in ("module", "args")}, "args": dataclasses.asdict(s["args"])}
+    parts = {**{f: sha(t) for f, t in files.items()}, "paper settings": sha(json.dumps(settings, sort_keys=True, default=str)),
+             **{k: sha(v) for k, v in traced_code().items()}}
+    return {"sha256": sha(json.dumps(parts, sort_keys=True)), "parts": parts}
+
+
+def stale(path: str = RESULTS) -> str | None:
+    """Why the trace stored at `path` is not what this code and these settings trace (None: it is)."""
+    with open(path) as f:
+        stored = json.load(f).get("fingerprint") or {"sha256": None, "parts": {}}
+    now = fingerprint()
+    if stored["sha256"] == now["sha256"]:
+        return None
+    changed = sorted(k for k in now["parts"].keys() | stored["parts"].keys() if now["parts"].get(k) != stored["parts"].get(k))
+    what = (", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            if stored["parts"] else "it has no fingerprint")
+    return (f"{os.path.relpath(path, ROOT)} was traced from other code or settings ({what}): run `{REGENERATE}` "
+            "(about 150 s on 2 cores) and commit the JSON it writes, and the table it prints into the README")
 
 
 def report(result: dict) -> list[str]:
@@ -512,6 +634,7 @@ def table(results: dict) -> str:
 
 def main(algos=ALGOS, traced_micro_batches: int = TRACED_MICRO_BATCHES):
     t0 = time.time()
+    traced_from = fingerprint()  # before tracing: the code this process runs, whatever changes on disk meanwhile
     acc = launch(WORLD)
     results = {}
     for algo in algos:
@@ -520,9 +643,13 @@ def main(algos=ALGOS, traced_micro_batches: int = TRACED_MICRO_BATCHES):
     fits = all(st["peak"] <= (GPU_GB - MARGIN_GB) * GB for r in results.values() for st in r["steps"].values())
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     if set(algos) == set(ALGOS):
+        import accelerate
+        import transformers
+
         runtime.files.write_json_atomic(RESULTS, {"model": "google/gemma-1.1-7b-it", "config": GEMMA_7B, "world": WORLD,
                                            "gpu_gb": GPU_GB, "margin_gb": MARGIN_GB, "results": results,
-                                           "seconds": time.time() - t0})
+                                           "seconds": time.time() - t0, "fingerprint": traced_from,
+                                           "versions": {m.__name__: m.__version__ for m in (torch, transformers, accelerate)}})
     print(table(results))
     print(f"traced in {time.time() - t0:.0f} s")
     print(f"fits {GPU_GB} GB: {'yes' if fits else 'no'}")

@@ -62,6 +62,17 @@ def test_arithmetic_matches_real_models(arch):
     assert kv == 2 * 7 * runtime.memory.kv_bytes_per_token(cfg)
 
 
+def test_the_stored_trace_is_what_this_code_traces():
+    """benchmarks/results/memory_trace.json, which the tests below and the README's table read, carries the fingerprint
+    of what it was traced from: benchmarks/memory_trace.py (its decode, micro-batch and sizes), configs/fsdp.yaml, every
+    algorithm's paper settings and the project code the trace runs (log-probs, the value network, collate, scoring,
+    `unsharded`, each loss, ...). Any of them changed without tracing again fails here, naming what changed and the
+    command that traces again (tests/test_memory_trace.py re-traces DQO's training step and generate call at full size
+    against the file)."""
+    why = memory_trace.stale()
+    assert why is None, why
+
+
 def test_plan_agrees_with_the_trace_on_every_step():
     """`runtime.memory.memory_plan` (what the preflight checks) within 10% of the fake-tensor trace, every step."""
     for algo, step, planned, traced in plan.comparison(plan.trace_results()):
