@@ -46,6 +46,16 @@ def _init_fsdp_on_cpu(self, *args, **kwargs):
 
 accelerate.Accelerator.__init__ = _init_fsdp_on_cpu
 
+if os.environ.get("SHIM_RANK1_GRAD_SCALE"):
+    # A planted bug for the equivalence tests: rank 1's loss, hence every gradient it contributes to the reduction, is
+    # scaled (0.5: a half gradient on one rank, as a wrong token scale or a dropped micro-batch there would give).
+    _backward, _scale = accelerate.Accelerator.backward, float(os.environ["SHIM_RANK1_GRAD_SCALE"])
+
+    def _backward_scaled(self, loss, **kwargs):
+        return _backward(self, loss * _scale if self.process_index == 1 else loss, **kwargs)
+
+    accelerate.Accelerator.backward = _backward_scaled
+
 if os.environ.get("SHIM_GRAD_MEMORY"):
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.fsdp import FSDPModule

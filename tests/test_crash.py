@@ -1,7 +1,7 @@
 """Crashes and faults. A kill at every failpoint of a save (FAILPOINT=<name> makes the process exit 137 there), then
-a rerun with --resume, ends bitwise equal to an uninterrupted run. Damaged checkpoints, dataset chunks and evaluation
-caches are named and never used; a failed write is one line naming the file and the free space; two launches into one
-folder, and two runs sharing a cold cache, do not step on each other."""
+a rerun with --resume, ends bitwise equal to an uninterrupted run, also when dropout draws from the RNG. Damaged
+checkpoints, dataset chunks and evaluation caches are named and never used; a failed write is one line naming the file
+and the free space; two launches into one folder, and two runs sharing a cold cache, do not step on each other."""
 
 import json
 import os
@@ -109,6 +109,48 @@ def test_kill_at_every_failpoint_then_resume_is_bitwise_equal(uninterrupted, tin
     assert "resumed from" in stdout and f"{out / 'checkpoint'} at step 5" in stdout
     _assert_same_run(str(out), uninterrupted)
     assert sorted(os.listdir(out)) == [".lock", "checkpoint", "metrics.jsonl", "model", "results.json", "run.json"]
+
+
+def test_resume_restores_the_rng_that_dropout_draws_from(uninterrupted, tiny_cache, tmp_path, run):
+    """A copy of the tiny model with attention dropout 0.3, so every training step draws masks from torch's RNG (the tiny
+    model has no dropout, and generation reseeds, so elsewhere a resume that lost the RNG would end the same). Killed
+    after its step-2 checkpoint and resumed, the run ends byte for byte the uninterrupted one: the checkpoint restores
+    the RNG each process draws its masks from. (Planted: `set_seed(0)` after `accelerator.load_state` in
+    common.load_checkpoint; this test failed, on the model's weights.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "tiny-dropout"
+    shutil.copytree(common.TINY_SHIPPED, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(dict(config, attention_dropout=0.3)))
+    model, ids = AutoModelForCausalLM.from_pretrained(model_dir), torch.arange(3, 19).unsqueeze(0)  # (1, 16)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, model(ids).logits)  # deterministic in eval mode
+        torch.manual_seed(0)
+        first = model.train()(ids).logits
+        assert not torch.equal(first, model(ids).logits)  # in train mode each forward draws new masks
+        torch.manual_seed(0)
+        assert torch.equal(first, model(ids).logits)  # ... from torch's global RNG
+
+    # a model by path takes the paper's defaults: those that differ from the tiny default's, set back by hand
+    args = [*ARGS, "--model", str(model_dir), "--task", "arith", "--lr", "3e-4", "--global_batch_size", "4",
+            "--eval_seeds", "1", "--save_every", "1"]
+    full, out = tmp_path / "full", tmp_path / "run"
+    # The reference evaluation first, cached, by a run killed at its first checkpoint: evaluating samples after
+    # torch.manual_seed, so a run that evaluates starts training from another RNG state than one that reads the cache.
+    code, _, stderr = run(tmp_path / "warm", tiny_cache, args=args, failpoint="checkpoint.save.before_manifest")
+    assert code == 137, stderr[-3000:]
+    code, _, stderr = run(full, tiny_cache, args=args)
+    assert code == 0, stderr[-3000:]
+    weights = [load_file(os.path.join(d, "model", "model.safetensors")) for d in (full, uninterrupted)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[1])  # the dropout changed the training
+    code, _, stderr = run(out, tiny_cache, args=args, failpoint="checkpoint.save.after_manifest@2")
+    assert code == 137, stderr[-3000:]
+    code, stdout, stderr = run(out, tiny_cache, "--resume", args=args)
+    assert code == 0, stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint.tmp'} at step 2" in stdout
+    _assert_same_run(str(out), str(full))
 
 
 def test_kill_between_the_model_and_the_value_model_then_resume_in_place(tiny_cache, tmp_path, run):

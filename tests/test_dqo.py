@@ -9,11 +9,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
-from conftest import (CORES, WORKERS, arith_rows, assert_accuracy, encode_response, gradient_step_lowers, run_command,
-                      run_script)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import (CORES, WORKERS, arith_rows, assert_accuracy, assert_rises, correct_minus_failed, encode_response,
+                      gradient_step_lowers, log_ratios, run_command, run_script)
 
 import common
+import runtime.files
 import dqo
 import eval as eval_script
 
@@ -313,17 +314,20 @@ def test_segments_and_process_scores(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Smoke runs
 # ---------------------------------------------------------------------------------------------------------------------
-def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
+def test_smoke_run_and_value_trace(tiny_cache, tiny_model, tmp_path, reference_greedy, monkeypatch):
     """A DQO run with process rewards saves its value model; eval.py --value_model prints its value trace, with its
-    statistics, in the run's precision, and writes the HTML page."""
-    out = str(tmp_path / "dqo")
+    statistics, in the run's precision, and writes the HTML page. On the rows it trained on (the offline dataset it
+    exported) the run moved what its losses target the right way: the log-ratio log π/π_ref rises on correct responses
+    over failed ones of the prompt, and the value loss falls from the reference's (V ≡ 0, π = π_ref)."""
+    out, data = str(tmp_path / "dqo"), str(tmp_path / "offline.jsonl")
     results, metrics = run_script("dqo.py", tiny_cache, out, "--process_rewards", "--ps_samples", "2", "--lam", "0.95",
-                                  "--behavior", "sampler")
+                                  "--behavior", "sampler", "--save_offline_data", data)
     assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
     assert_accuracy(results["final"]["greedy"], 32)
     assert metrics and all(math.isfinite(m["losses/policy"]) and math.isfinite(m["losses/value"]) for m in metrics)
     assert os.path.exists(os.path.join(out, "value_model", "value_head.safetensors"))
     assert os.listdir(os.path.join(tiny_cache, "process_scores"))
+    assert_dqo_learned(out, data, tiny_cache, tiny_model, monkeypatch)
     code, stdout, stderr = run_command(["eval.py", "--value_model", os.path.join(out, "value_model"), "--task", "arith",
                                         "--n_test", "16", "--trace_problems", "16", "--cache_dir", tiny_cache,
                                         "--output_dir", str(tmp_path / "eval")], timeout=300)
@@ -342,6 +346,48 @@ def test_smoke_run_and_value_trace(tiny_cache, tmp_path, reference_greedy):
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["threads"] == int(os.environ["OMP_NUM_THREADS"])
+
+
+def assert_dqo_learned(out: str, data: str, cache: str, tiny_model, monkeypatch) -> None:
+    """The direction checks of a DQO run in `out` that exported its offline dataset to `data`: the log-ratio, correct
+    minus failed within each prompt, rises from 0; the value loss (dqo.py's equations with the run's β, λ, behaviour
+    and clip, its per-token rewards read back from the process-score cache) falls, row by row, from its value with the
+    untrained value model and policy."""
+    model, tokenizer = tiny_model
+    with open(os.path.join(out, "run.json")) as f:
+        args = json.load(f)["args"]
+    rows = common.read_offline_data(data)
+    assert_rises(correct_minus_failed(log_ratios(os.path.join(out, "model"), rows), rows),
+                 "dqo.py: log π/π_ref, correct minus failed responses")
+    # the per-token rewards the run trained on: outcome plus the process scores it cached (a complete cache never
+    # generates: a miss here fails instead of scoring again with other samples)
+    monkeypatch.setattr(dqo, "generate_batch", None)
+    sampling = dict(temperature=args["temperature"], top_p=args["top_p"], top_k=args["top_k"])
+    scores = dqo.build_process_scores(None, model, tokenizer, rows, args["task"], args["ps_samples"], sampling,
+                                      args["max_new_tokens"], args["gen_batch_size"], args["seed"], cache,
+                                      runtime.files.model_key(args["model"], cache, args["precision"]))
+    with open(data) as f:  # the behaviour log-probs the export keeps beside each row
+        behavior = [json.loads(line)[f"{args['behavior']}_logps"] for line in f]
+    rows = [dict(r, rewards=dqo.token_rewards(len(r["response_ids"]), r["reward"], sc), behavior_logps=b)
+            for r, sc, b in zip(rows, scores, behavior, strict=True)]
+    batch = {k: v.double() for k, v in common.collate(rows, tokenizer.pad_token_id, ("rewards", "behavior_logps")).items()}
+    ids, attn, mask = batch["input_ids"].long(), batch["attention_mask"].long(), batch["mask"]
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"), dtype=torch.float32)
+    value_model = common.ValueModel.from_pretrained(os.path.join(out, "value_model"))
+    with torch.no_grad():
+        ref_logps = common.token_logprobs(model, ids, attn).double() * mask  # (N, T)
+        policy_logps = common.token_logprobs(policy, ids, attn).double() * mask  # (N, T)
+        values = value_model(ids, attn).double() * mask  # (N, T)
+
+    def value_loss(logps, v):  # (N,) per row: w Σ_h (G_h − V_h)², G from detached inputs (dqo.py's docstring)
+        delta = (batch["rewards"] - args["beta"] * (logps - ref_logps)) * mask  # (N, T)
+        G = dqo.lambda_returns(delta, v, mask, args["lam"])  # (N, T)
+        log_w = ((logps - batch["behavior_logps"]) * mask).sum(1)  # (N,)
+        w = log_w.clamp(max=math.log(args["is_clip"])).exp() if args["is_clip"] else torch.ones_like(log_w)
+        return w * ((G - v) ** 2 * mask).sum(1)
+
+    assert_rises(value_loss(ref_logps, torch.zeros_like(values)) - value_loss(policy_logps, values),
+                 "dqo.py: value loss, reference minus trained")
 
 
 def test_value_trace_statistics(tiny_model):

@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
-from conftest import arith_rows, assert_accuracy, gradient_step_lowers, needs_data, run_command, run_script
+from transformers import AutoTokenizer
+from conftest import (arith_rows, assert_accuracy, assert_rises, encode_response, gradient_step_lowers, needs_data,
+                      response_logps, run_command, run_script)
 
 import common
 import rs
@@ -55,7 +57,9 @@ def test_rs_step_lowers_the_loss(tiny_model):
 
 
 def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path, reference_greedy):
-    """rs.py --data gold on a tiny configuration, then eval.py on the model it saved."""
+    """rs.py --data gold on a tiny configuration, then eval.py on the model it saved. The run moved what its loss
+    targets the right way: the NLL of the correct responses it trained on (the training prompts' gold solutions,
+    encoded as rs.py encodes them) falls, row by row, from the reference's, after each epoch."""
     out = str(tmp_path / "rs")
     results, metrics = run_script("rs.py", tiny_cache, out, "--data", "gold", "--epochs", "2", "--eval_seeds", "2")
     assert list(results) == ["reference", "epoch1", "final"]  # every epoch's model is evaluated and saved
@@ -76,6 +80,17 @@ def test_rs_gold_and_eval_smoke(tiny_cache, tmp_path, reference_greedy):
     model_dir = os.path.join(out, "model")
     assert os.path.exists(os.path.join(model_dir, "model.safetensors"))
     assert os.path.exists(os.path.join(model_dir, "tokenizer.json"))
+    tokenizer = AutoTokenizer.from_pretrained(common.TINY_SHIPPED)
+    with open(os.path.join(out, "run.json")) as f:
+        train = common.load_task("arith", "train", limit=json.load(f)["args"]["n_train_prompts"])
+    rows = [{"prompt_ids": common.encode_prompt(tokenizer, p["question"], "arith"),
+             "response_ids": encode_response(tokenizer, p["solution"])} for p in train]
+    n_tokens = torch.tensor([len(r["response_ids"]) for r in rows], dtype=torch.float64)
+    nll = {name: -response_logps(path, rows) / n_tokens  # (N,) token-mean NLL of each gold solution
+           for name, path in (("reference", common.TINY_SHIPPED), ("epoch1", os.path.join(out, "model_epoch1")),
+                              ("final", model_dir))}
+    assert_rises(nll["reference"] - nll["epoch1"], "rs.py: NLL of the gold solutions, reference minus epoch 1")
+    assert_rises(nll["reference"] - nll["final"], "rs.py: NLL of the gold solutions, reference minus final")
 
     path = str(tmp_path / "eval.json")
     cmd = ["eval.py", "--model", model_dir, "--task", "arith", "--n_test", "32", "--seeds", "2", "--pass_n", "4",

@@ -3,13 +3,16 @@ path consistency (paper Theorems 2.2 and 2.3), Q̂_0, online batch assembly, one
 
 import copy
 import inspect
+import json
 import math
+import os
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_accuracy, encode_response, gradient_step_lowers, run_script
+from conftest import (assert_accuracy, assert_rises, correct_minus_failed, encode_response, gradient_step_lowers, log_ratios,
+                      run_script)
 
 import common
 import spo
@@ -377,10 +380,13 @@ def test_one_step_lowers_loss(tiny_model, loss_type):
 @pytest.mark.parametrize("mode", ["offline", "half", "online"])
 def test_smoke(tiny_cache, tmp_path, mode, reference_greedy):
     """The script in its three modes: the per-step mix is exact, the rollout policy is refreshed on schedule, and
-    pass@1 / pass@10 (20 samples at T=0.4) and peak memory are reported."""
+    pass@1 / pass@10 (20 samples at T=0.4) and peak memory are reported. The run moved what its loss targets the right
+    way: on the offline rows (the dataset it exported), Q_T rises on correct responses over failed ones of the prompt
+    (Q_T − Q̂_0 = β log π/π_ref, and Q̂_0 is the prompt's: the gap is β times the log-ratio's; 0 at the reference)."""
     fraction = {"offline": 0.0, "half": 0.5, "online": 1.0}[mode]
-    results, metrics = run_script("spo.py", tiny_cache, str(tmp_path), "--online_fraction", str(fraction),
-                                  "--model_update_interval", "5", "--lr", "1e-4")
+    out, data = str(tmp_path / "spo"), str(tmp_path / "offline.jsonl")
+    results, metrics = run_script("spo.py", tiny_cache, out, "--online_fraction", str(fraction),
+                                  "--model_update_interval", "5", "--lr", "1e-4", "--save_offline_data", data)
     assert len(metrics) == 24  # 48 prompts x 4 samples / batch 8
     for m in metrics:
         assert m["charts/online_fraction"] == fraction
@@ -391,3 +397,8 @@ def test_smoke(tiny_cache, tmp_path, mode, reference_greedy):
         assert_accuracy(results[name]["greedy"], 32)
     assert results["reference"]["greedy"] == reference_greedy(32)  # the untrained reference, evaluated independently
     assert results["final"]["peak_memory_mb"] > 0
+    with open(os.path.join(out, "run.json")) as f:
+        beta = json.load(f)["args"]["beta"]
+    rows = common.read_offline_data(data)
+    q_gain = beta * log_ratios(os.path.join(out, "model"), rows)  # (N,) Q_T − Q̂_0
+    assert_rises(correct_minus_failed(q_gain, rows), f"spo.py ({mode}): Q_T, correct minus failed responses")
