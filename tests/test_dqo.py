@@ -303,7 +303,7 @@ def test_segments_and_process_scores(monkeypatch, tmp_path):
     built = build()
     assert built == scores and log
     root = os.path.join(str(tmp_path), "process_scores", os.listdir(os.path.join(str(tmp_path), "process_scores"))[0])
-    os.remove(os.path.join(root, "chunk-00001.json"))
+    os.remove(os.path.join(root, "chunk-00001.jsonl"))
     log.clear()
     assert build() == scores
     assert len(log) == ps * 5  # only the lost chunk's rows (slips 1 and 2: 3 + 2 prefixes), not all 8 prefixes
