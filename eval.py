@@ -61,7 +61,8 @@ from runtime.launch import setup_accelerator
 
 @dataclass
 class Args:
-    model: str = arg("tiny", "hub id or local save_pretrained dir; `tiny` = the embedded reference")
+    model: str = arg("tiny", "hub id or local save_pretrained dir (a run's model/: its task and precision, unless given); "
+                          "`tiny` = the embedded reference")
     task: str | None = arg(None, "arith (embedded), gsm8k, math or aime24 (default: arith with --model tiny, else gsm8k)")
     test_file: str | None = arg(None, "local JSONL with the hub dataset's fields, instead of the hub test split")
     n_test: int | None = arg(None, "number of test problems (default: all; arith: 1000)")
@@ -96,6 +97,7 @@ RULES = dict(task=one_of(*TASKS), n_test=at_least(1, unset_ok=True), seeds=at_le
 
 def validate(args) -> tuple:
     """Every flag and input, before anything is loaded. Returns the pass@k k values."""
+    run_dir = None  # a training run's folder: its model/ (or model_epochN/) or value_model/ was given
     if args.value_model:  # the run's own policy, task and precision, unless given
         if not os.path.isfile(os.path.join(args.value_model, "value_head.safetensors")):
             raise ArgumentError(f"--value_model {args.value_model}: no value_head.safetensors (a value_model/ folder that "
@@ -103,14 +105,17 @@ def validate(args) -> tuple:
         run_dir = os.path.dirname(os.path.abspath(args.value_model))
         if args.model == "tiny" and os.path.isdir(os.path.join(run_dir, "model")):
             args.model = os.path.join(run_dir, "model")
-        if os.path.isfile(os.path.join(run_dir, "run.json")):
-            with open(os.path.join(run_dir, "run.json")) as f:
-                run = json.load(f)
-            args.task = args.task or run["args"].get("task")
-            if args.precision is None and not os.environ.get("ACCELERATE_MIXED_PRECISION"):
-                # the precision it trained in: a bf16 read of an fp32 value head rounds V to 1/256 near 1, coarser than
-                # the drops the trace measures
-                args.precision = run.get("precision")
+    elif os.path.isdir(args.model):
+        run_dir = os.path.dirname(os.path.abspath(args.model.rstrip("/")))
+    if run_dir is not None and os.path.isfile(os.path.join(run_dir, "run.json")):
+        with open(os.path.join(run_dir, "run.json")) as f:
+            run = json.load(f)
+        args.task = args.task or run["args"].get("task")
+        if args.precision is None and not os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            # the precision it trained and was evaluated in: under bf16 an fp32 model's greedy answers drift from the
+            # run's own evaluation (measured: 1 of 32 on the tiny default), and a bf16 read of an fp32 value head rounds
+            # V to 1/256 near 1, coarser than the drops the trace measures
+            args.precision = run.get("precision")
     args.task = args.task or ("arith" if args.model == "tiny" else "gsm8k")
     args.max_new_tokens = args.max_new_tokens or TASK_MAX_NEW_TOKENS.get(args.task)
     check_rules(args, RULES)
