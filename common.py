@@ -636,9 +636,13 @@ def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, 
     """n graded samples for each prompt index in `chunk`, by a module with full parameters: the unit of work `rollout`
     shares across processes (SPO's online rollouts call it directly). Seeded per chunk: its rows do not depend on who
     samples it."""
-    torch.manual_seed(seed)
     flat = [i for i in chunk for _ in range(n)]
-    outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
+    device = next(model.parameters()).device
+    # the caller's random state is left as it was: whether a rollout ran or its rows came from a cache, what draws next
+    # (dropout, a value head's initialisation) draws the same numbers
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
     for i, o in zip(flat, outs):
         o.update(prompt_idx=i, prompt_ids=prompts[i], answer=answers[i], truncated=o["finish"] == "length",
                  reward=grade(o["response"], answers[i], task))

@@ -80,7 +80,9 @@ def test_command() -> list[str]:
     for line in open(os.path.join(ROOT, ".ci", "run")):
         if line.strip().startswith("python -m pytest"):
             words = shlex.split(line.strip())
-            return [sys.executable, *words[1:-1], "-x", "-p", "no:cacheprovider", "--deselect", FINGERPRINT_TEST], words[-1]
+            # -rfEs: the summary names each failing test (the README's -rs alone lists only the skips)
+            return [sys.executable, *words[1:-1], "-x", "-rfEs", "-p", "no:cacheprovider", "--deselect", FINGERPRINT_TEST], \
+                words[-1]
     raise SystemExit(".ci/run has no `python -m pytest` line")
 
 

@@ -382,9 +382,13 @@ def test_rollout_shapes_finish_reasons_and_grades(tiny_model):
         assert tok.pad_token_id not in ids
         assert r["response"] == tok.decode(ids, skip_special_tokens=True)
         assert r["reward"] == common.grade(r["response"], r["answer"], "arith")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     again = common.rollout(model, tok, prompts, answers, "arith", n=3, temperature=1.0, top_p=0.9, top_k=16,
                            max_new_tokens=64, gen_batch_size=6, seed=3)
     assert [r["response_ids"] for r in again] == [r["response_ids"] for r in rows]  # seeded
+    # and the caller's random state is untouched: a run whose rollouts came from a cache draws the same dropout masks
+    assert torch.equal(torch.get_rng_state(), state)
     cut = common.rollout(model, tok, prompts, answers, "arith", temperature=0.0, max_new_tokens=4)
     for r in cut:
         assert r["finish"] == "length" and r["truncated"] and len(r["response_ids"]) == 4
@@ -618,3 +622,23 @@ def test_pass_at_k_matches_combinatorial_definition():
                 subsets = list(itertools.combinations(samples, k))
                 assert common.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
     assert common.pass_at_k(16, 4, 1) == pytest.approx(0.25)
+
+
+def test_each_epoch_has_its_own_order_and_every_process_its_own_slice():
+    """iterate_batches: the permutation depends on (seed, epoch): a new order each epoch, the same on a rerun; with 2
+    processes of batch b the global batch is the 1-process batch 2b, split by rank."""
+    class Acc:
+        def __init__(self, world, rank):
+            self.num_processes, self.process_index = world, rank
+
+    examples = list(range(64))
+
+    def order(seed, epoch, world=1, rank=0, bs=8):
+        return [x for _, batch in common.iterate_batches(examples, bs, 1, seed, epoch, Acc(world, rank)) for x in batch]
+
+    assert sorted(order(1, 0)) == examples and order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+    one = [b for _, b in common.iterate_batches(examples, 8, 1, 1, 0, Acc(1, 0))]
+    two = [[*a, *b] for (_, a), (_, b) in zip(common.iterate_batches(examples, 4, 1, 1, 0, Acc(2, 0)),
+                                               common.iterate_batches(examples, 4, 1, 1, 0, Acc(2, 1)))]
+    assert one == two
