@@ -40,6 +40,8 @@ MUTANTS = [
     ("dqo_value_never_steps", "dqo.py", "                value_optimizer.step()\n", "", ["tests/test_dqo.py"]),
     ("dro_value_read_moved", "dro.py", "values.gather(1, mask.argmax(1, keepdim=True))",
      "values.gather(1, mask.cumsum(1).argmax(1, keepdim=True))", ["tests/test_wiring.py"]),
+    ("dro_rewards_flipped", "dro.py", 'values, batch["reward"], batch["mask"]', 'values, 1 - batch["reward"], batch["mask"]',
+     ["tests/test_wiring.py"]),
     ("dpo_chosen_rejected_swapped", "dpo.py", "[[c, w] for c in correct for w in incorrect]",
      "[[w, c] for c in correct for w in incorrect]", ["tests/test_wiring.py", "tests/test_dpo_kto_dro.py"]),
     ("dpo_pair_cap_ignored", "dpo.py", "build_pairs(rows, args.max_pairs_per_prompt, args.seed)",
