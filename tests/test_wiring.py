@@ -5,6 +5,7 @@ from the script's tensors: the flags (DQO's --no_is_policy, --no_is_value, --beh
 --process_rewards; SPO's --online_fraction, --loss_type), where DRO reads V, which side of a DPO pair is chosen, which
 KTO rows are desirable, which rows RS trains on. One run serves all the checks on it (module-scoped fixtures)."""
 
+import collections
 import json
 import math
 import os
@@ -26,7 +27,7 @@ RUNS = {
     "dqo_process": ("dqo.py", "--max_steps", "2", "--no_is_policy", "--is_clip", "0", "--process_rewards", "--ps_samples",
                     "2"),  # --ps_samples 2 as tests/test_dqo.py's smoke run: one process-score cache for both
     "dro": ("dro.py", "--max_steps", "3"),
-    "dpo": ("dpo.py", "--max_steps", "2"),
+    "dpo": ("dpo.py", "--max_steps", "2", "--max_pairs_per_prompt", "3"),  # below most prompts' correct x failed
     "kto": ("kto.py", "--max_steps", "2"),
     "spo": ("spo.py", "--max_steps", "2", "--online_fraction", "0.25", "--loss_type", "bce", "--model_update_interval", "2"),
     "rs": ("rs.py", "--max_steps", "2"),  # + --offline_data rs_offline_data
@@ -225,6 +226,24 @@ def test_dpo_chosen_is_the_correct_response_and_rejected_the_failed_one_of_a_pai
             n_pairs += 1
         assert args["beta"] == 0.1
     assert n_pairs == 16  # --per_device_batch_size 8 pairs a step, 2 steps
+
+
+def test_dpo_trains_on_at_most_max_pairs_per_prompt_distinct_pairs_of_each_prompt(records):
+    """The training set main() builds: per prompt, min(--max_pairs_per_prompt, correct x failed) distinct (correct,
+    failed) pairs of that prompt's own rows, and no pair from a prompt whose rows all agree."""
+    rec = records["dpo"]
+    offline, pairs = rec["offline"], rec["examples"]
+    by_prompt = collections.defaultdict(list)
+    for chosen, rejected in pairs:
+        assert offline[chosen]["prompt_idx"] == offline[rejected]["prompt_idx"]
+        assert (offline[chosen]["reward"], offline[rejected]["reward"]) == (1.0, 0.0)
+        by_prompt[offline[chosen]["prompt_idx"]].append((chosen, rejected))
+    n_right = collections.Counter(r["prompt_idx"] for r in offline if r["reward"] == 1.0)
+    n_wrong = collections.Counter(r["prompt_idx"] for r in offline if r["reward"] != 1.0)
+    expected = {p: min(3, n_right[p] * n_wrong[p]) for p in n_right | n_wrong if n_right[p] * n_wrong[p]}
+    assert any(n_right[p] * n_wrong[p] > 3 for p in expected)  # the cap binds on this data
+    assert {p: len(v) for p, v in by_prompt.items()} == expected
+    assert all(len(set(v)) == len(v) for v in by_prompt.values())
 
 
 def test_kto_desirable_rows_are_the_correct_ones(records):
