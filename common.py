@@ -770,17 +770,6 @@ def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int
     return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
 
 
-
-def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int) -> list[int] | None:
-    """An exported row's own response ids, when they are this tokenizer's: its prompt ids are the prompt as encoded
-    now, its response ids decode to its text, and they fit --max_new_tokens. A sampled response's ids need not be the
-    ones its text encodes to (a BPE merge the model did not make), so only these give back the very same tokens."""
-    ids = row.get("response_ids")
-    if not ids or row.get("prompt_ids") != prompt_ids or len(ids) > max_new_tokens:
-        return None
-    return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
-
-
 def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], *, path: str, model_name: str,
                            task: str, sampling: dict, max_new_tokens: int, gen_batch_size: int, cache_dir: str,
                            save_to: str | None = None) -> list[dict]:
@@ -857,7 +846,6 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     return rows
 
 
-
 def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str,
                            save_to: str | None = None) -> None:
     """Write the offline dataset as one JSONL file (`save_to`, else offline.jsonl in its cache folder `root`): per response
@@ -872,8 +860,6 @@ def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems:
     OUTPUTS.append(("offline dataset", path))
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
@@ -885,27 +871,28 @@ def precision_of(accelerator: Accelerator) -> str:
     return "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
 
 
-def load_model_and_tokenizer(args, accelerator: Accelerator | None = None, trainable: bool = True):
-    """The model and tokenizer --model names: `tiny` (assets/tiny), a hub id or a local save_pretrained folder; the
-    tokenizer gets a pad token if it has none. `args.precision` fp32 loads fp32, bf16 the stored dtype; a `trainable`
-    model gets fp32 master weights (`master_weights`) unless the launch shards it (FSDP2's `prepare` upcasts them
-    itself, on each process's shard only)."""
+def load_model_and_tokenizer(model_name: str, accelerator: Accelerator | None = None, lora_r: int = 0,
+                             gradient_checkpointing: bool = False, trainable: bool = True):
+    """The model and tokenizer `model_name` names (as --model): `tiny` (assets/tiny), a hub id or a local
+    save_pretrained folder; the tokenizer gets a pad token if it has none. In the accelerator's precision (none: fp32):
+    fp32 loads fp32, bf16 the stored dtype; a `trainable` model gets fp32 master weights (`master_weights`) unless the
+    launch shards it (FSDP2's `prepare` upcasts them itself, on each process's shard only). `lora_r` > 0: LoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = TINY_SHIPPED if args.model == "tiny" else args.model
+    path = TINY_SHIPPED if model_name == "tiny" else model_name
     if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"--model {path}: no such directory (a local model must be a save_pretrained folder)")
-    dtype = "auto" if args.precision == "bf16" else torch.float32  # "auto": the dtype the weights were saved in
+    bf16 = accelerator is not None and precision_of(accelerator) == "bf16"
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if getattr(args, "gradient_checkpointing", False):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if bf16 else torch.float32)  # auto: as saved
+    if gradient_checkpointing:
         # renamed in recent transformers; a GPU node's own older install has only gradient_checkpointing_enable
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
-    if getattr(args, "lora_r", 0):
-        model = add_lora(model, args.lora_r)
+    if lora_r:
+        model = add_lora(model, lora_r)
     sharded = accelerator is not None and accelerator.distributed_type.name == "FSDP"
     if trainable and not sharded:
         master_weights(model)
@@ -1014,7 +1001,6 @@ def reference_mode(model):
         model.train(was_training)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Batches: each process's micro-batches, and the optimizer steps the data gives
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1100,12 +1086,10 @@ def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Acc
     return out
 
 
-def evaluate_run(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate` with the run's settings (task, generation length and batch, seed, --eval_seeds sampled seeds), and
-    this process's peak memory so far."""
-    out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
-                   sampled_seeds=args.eval_seeds, seed=args.seed, **eval_kwargs)
-    return dict(out, peak_memory_mb=peak_memory_mb(accelerator.device))
+def evaluate_run(model, tokenizer, problems: list[dict], accelerator: Accelerator, **settings) -> dict:
+    """`evaluate` (`settings`: its keyword arguments, task included), and this process's peak memory so far."""
+    return dict(evaluate(model, tokenizer, problems, accelerator=accelerator, **settings),
+                peak_memory_mb=peak_memory_mb(accelerator.device))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -1116,20 +1100,23 @@ def peak_memory_mb(device: torch.device) -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
-def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate_run` on the untrained reference, cached under `cache_dir/eval/` (runtime/files.py: verified; a damaged
-    file is named and evaluated again) so every script on the same model, task and test set reuses it; `eval_kwargs` go
-    to `evaluate` and into the key."""
-    key = dict(model=model_key(args.model, args.cache_dir, args.precision), task=args.task,
-               test_file=data_key(args.test_file, args.cache_dir), n=len(problems), max_new_tokens=args.max_new_tokens,
-               seed=args.seed, seeds=args.eval_seeds, chunk=args.gen_batch_size, v=4, **eval_kwargs)
-    root = os.path.join(args.cache_dir, "eval", cache_key(key))
+
+def evaluate_reference(model, tokenizer, problems: list[dict], accelerator: Accelerator, model_name: str, cache_dir: str,
+                       test_file: str | None = None, **settings) -> dict:
+    """`evaluate_run` on the untrained reference `model_name` (as --model), cached under `cache_dir/eval/`
+    (runtime/files.py: verified; a damaged file is named and evaluated again) so every script on the same model, task
+    and test set (`test_file`: the local file `problems` came from) reuses it; `settings` go to `evaluate` and the key."""
+    s = dict(settings)  # in the key under the names caches were written with
+    key = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=s.pop("task"),
+               test_file=data_key(test_file, cache_dir), n=len(problems), max_new_tokens=s.pop("max_new_tokens"),
+               seed=s.pop("seed"), seeds=s.pop("sampled_seeds"), chunk=s.pop("gen_batch_size"), v=4, **s)
+    root = os.path.join(cache_dir, "eval", cache_key(key))
     # Read on the main process only: another run sharing the cache may write it between two processes' reads, and a
     # process that skipped the evaluation (its results are gathered) would leave the others waiting for it.
     if (cached := on_main(accelerator, lambda: read_chunk(root, 0, 1))) is not None:
         return cached[0]
     with reference_mode(accelerator.unwrap_model(model)):
-        out = evaluate_run(model, tokenizer, problems, args, accelerator, **eval_kwargs)
+        out = evaluate_run(model, tokenizer, problems, accelerator, **settings)
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
         clean_orphans(root, min_age_s=3600)
