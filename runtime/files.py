@@ -10,7 +10,6 @@ import re
 import resource
 import shutil
 import sys
-import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 OUTPUTS: list[tuple[str, str]] = []  # (what, path) of outputs written outside --output_dir, for `report_outputs`
 _FAILPOINT_HITS: dict[str, int] = {}
-_DIGESTS: dict[str, str] = {}  # "path:size:ctime:inode" -> sha256, for `content_digest`
+_DIGESTS: dict[str, str] = {}  # "path:size:ctime:inode" -> CRC-32, for `content_digest`
 REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
 
 
@@ -33,19 +32,14 @@ def failpoint(name: str) -> None:
             os._exit(137)
 
 
-def _read_blocks(path: str):
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            yield block
-
-
 def file_hashes(paths: list[str]) -> list[str]:
     """CRC-32 of each file as 8 hex digits, several at once (zlib releases the GIL): it tells a damaged file from an
     intact one at the disk's speed, so a 100 GB checkpoint is hashed at every save."""
     def crc(path: str) -> str:
         value = 0
-        for block in _read_blocks(path):
-            value = zlib.crc32(block, value)
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                value = zlib.crc32(block, value)
         return f"{value:08x}"
 
     with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1, os.cpu_count() or 1)) as pool:
@@ -74,22 +68,15 @@ class WriteError(SystemExit):
 
 @contextmanager
 def writing(path: str, cleanup: str | None = None, consequence: str = ""):
-    """Any failure inside the block becomes a WriteError naming `path` (for a folder: the file being written in it),
-    after `cleanup` is removed, so nothing half-written stays to be trusted."""
+    """Any failure inside the block becomes a WriteError naming `path` (a folder: the file last written in it), after
+    `cleanup` is removed, so nothing half-written stays to be trusted."""
     try:
         yield
     except (WriteError, KeyboardInterrupt):
         raise
     except Exception as e:
-        if os.path.isdir(path):  # the innermost traceback frame's path under it, else its newest file
-            tb, found = e.__traceback__, None
-            while tb is not None:
-                found = next((str(v) for v in tb.tb_frame.f_locals.values() if isinstance(v, str | os.PathLike)
-                              and str(v).startswith(path + os.sep)), found)
-                tb = tb.tb_next
-            files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
-            path = found or (max(files, key=os.path.getmtime) if files else path)
-        err = WriteError(path, e, consequence)  # before the cleanup: the file it names may be inside it
+        files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]  # a folder: its newest file
+        err = WriteError(max(files, key=os.path.getmtime) if files else path, e, consequence)  # before the cleanup
         if cleanup and os.path.isdir(cleanup):
             shutil.rmtree(cleanup, ignore_errors=True)
         elif cleanup and os.path.exists(cleanup):
@@ -114,29 +101,14 @@ def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     write_atomic(path, (json.dumps(r) + "\n" for r in rows))
 
 
-def clean_orphans(folder: str, min_age_s: float = 0.0, prefix: str | tuple = "") -> list[str]:
-    """Remove the atomic writes' temp files (`<prefix>*.tmp-PID`) in `folder` whose process is gone (one alive on
-    another host is not seen) and at least `min_age_s` old. Returns what it removed."""
-    removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m, path = re.search(r"\.tmp-(\d+)$", name), os.path.join(folder, name)
-        if not m or not name.startswith(prefix) or int(m[1]) == os.getpid() or _alive(int(m[1])):
-            continue
-        with suppress(FileNotFoundError):
-            if time.time() - os.path.getmtime(path) >= min_age_s:
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-                removed.append(path)
+def clean_orphans(folder: str, prefix: str | tuple = "") -> list[str]:
+    """Remove the temp files (`<prefix>*.tmp-PID`) that killed writers left in `folder`; the caller holds its lock, so
+    no other process writes them. Returns what it removed."""
+    removed = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix)
+               and re.search(r"\.tmp-\d+$", n) and not n.endswith(f".tmp-{os.getpid()}")]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 # Cache keys ---------------------------------------------------------------------------------------------------------
@@ -146,29 +118,22 @@ def cache_key(obj) -> str:
 
 
 def content_digest(path: str, cache_dir: str | None = None) -> str:
-    """sha256 of a file, or of a folder's files (names and bytes, REPORT_FILES left out). Each file's hash is
-    remembered by (path, size, ctime, inode), per process and in `cache_dir/digests.json`, so a 17 GB model is read
-    once."""
-    memo_path, memo = cache_dir and os.path.join(cache_dir, "digests.json"), {}
+    """A file's or folder's identity in cache keys: `cache_key` of its files' names and CRC-32s (REPORT_FILES left
+    out). Each CRC is remembered by (path, size, ctime, inode), per process and in `cache_dir/file-crc32.json`, so a
+    17 GB model is read once."""
+    memo_path, memo = cache_dir and os.path.join(cache_dir, "file-crc32.json"), dict(_DIGESTS)
     if memo_path and os.path.exists(memo_path):
         with open(memo_path) as f:
-            memo = json.load(f)
+            memo.update(json.load(f))
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not REPORT_FILES.fullmatch(f))
-    h, new = hashlib.sha256(), False
-    for file in files:
-        st = os.stat(file)
-        key = f"{os.path.abspath(file)}:{st.st_size}:{st.st_ctime_ns}:{st.st_ino}"  # any write or utime changes ctime
-        if key not in memo and key not in _DIGESTS:
-            fh = hashlib.sha256()
-            for block in _read_blocks(file):
-                fh.update(block)
-            _DIGESTS[key], new = fh.hexdigest(), True
-        h.update(f"{os.path.relpath(file, path)}:{memo.get(key) or _DIGESTS[key]}\n".encode())
+    keys = [f"{os.path.abspath(f)}:{st.st_size}:{st.st_ctime_ns}:{st.st_ino}" for f, st in ((f, os.stat(f)) for f in files)]
+    new = [(f, k) for f, k in zip(files, keys) if k not in memo]  # any write or utime changes a file's ctime
+    _DIGESTS.update(zip([k for _, k in new], file_hashes([f for f, _ in new])))
     if memo_path and new:
         os.makedirs(cache_dir, exist_ok=True)
         write_json_atomic(memo_path, {**memo, **_DIGESTS})
-    return h.hexdigest()[:16]
+    return cache_key([[os.path.relpath(f, path), {**memo, **_DIGESTS}[k]] for f, k in zip(files, keys)])
 
 
 def model_key(model: str, cache_dir: str | None = None, precision: str = "fp32") -> str:
@@ -275,6 +240,24 @@ def build_chunks(root: str, mine: range, n_rows: dict, make: Callable[[int], lis
     if todo:  # after the bar is closed: on a line of its own
         print(f"{desc}: sampled {built} of the {len(todo)} missing chunks here, {len(todo) - built} by another run "
               f"({root})", flush=True)
+
+
+def cached_chunks(accelerator, parent: str, key_fields: dict, sizes: list[int], make: Callable[[int], list[dict]],
+                  desc: str) -> tuple[list[list[dict]], str]:
+    """The chunked cache `parent/<cache_key(key_fields)>` (`cache_folder`): this process builds its share of the chunks
+    that do not verify (`build_chunks`; chunk c has sizes[c] rows), then every process reads them all. Returns (the rows
+    of each chunk, the folder). A chunk damaged since it was built stops the run with one line: it is never used."""
+    root = cache_folder(accelerator, parent, key_fields)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    build_chunks(root, range(rank, len(sizes), world), dict(enumerate(sizes)), make, desc,
+                 accelerator is None or accelerator.is_local_main_process)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    chunks = [read_chunk(root, c, n) for c, n in enumerate(sizes)]
+    if None in chunks:
+        raise SystemExit(f"error: {desc}: chunk {chunks.index(None)} in {root} is missing or damaged; run again to "
+                         "build it again")
+    return chunks, root
 
 
 def on_main(accelerator, decide: Callable[[], object]) -> object:
