@@ -85,8 +85,8 @@ class Args:
 # eval.py's own flags; the ones it shares with the training scripts have their rules (runtime.cli.SHARED_RULES)
 RULES = dict(seeds=at_least(0), pass_n=at_least(0), pass_temperature=positive(), pass_top_p=between(0, 1, lo_open=True),
              pass_top_k=at_least(0), pass_problems=at_least(1, unset_ok=True), trace_problems=at_least(1),
-             trace_samples=at_least(1), pass_k=(lambda v: all(k.strip().isdigit() for k in v.split(",") if k.strip()),
-                                                "comma-separated whole numbers"))
+             trace_samples=at_least(1),
+             pass_k=(lambda v: all(k.strip().isdigit() for k in v.split(",") if k.strip()), "comma-separated whole numbers"))
 
 
 def resolve(args) -> None:

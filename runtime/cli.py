@@ -123,10 +123,8 @@ def build_parser(Args, tiny: dict | None = None, paper: dict | None = None):
         note = "" if "default" in help_text else _default_note(f.name, f.default, tiny, paper)  # one note, not two
         help_text = (f"{help_text} ({note})" if note else help_text).replace("%", "%%")
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # `int | None` -> int
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(), help=help_text)
+        how = dict(action="store_true") if kind is bool else dict(type=kind, default=f.default, metavar=kind.__name__.upper())
+        parser.add_argument(f"--{f.name}", help=help_text, **how)
     return parser
 
 
@@ -272,11 +270,11 @@ def probe_writable(args) -> None:
     save = getattr(args, "save_offline_data", None)
     for flag, path in (("--cache_dir", args.cache_dir), ("--save_offline_data", save and os.path.dirname(
             os.path.abspath(save)))):
-        probe = os.path.abspath(os.path.expanduser(path or "."))
-        while path and not os.path.exists(probe):
-            probe = os.path.dirname(probe)
         if not path:
             continue
+        probe = os.path.abspath(os.path.expanduser(path))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
             raise ArgumentError(f"{flag} {path}: cannot be created, {probe} is a file")
         try:
