@@ -36,7 +36,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from runtime.files import (OUTPUTS, cache_key, cached_chunks, content_digest, data_key, model_key, on_main, read_chunk,
+from runtime.files import (OUTPUTS, cache_key, cached_chunks, content_digest, model_key, on_main, read_chunk,
                            write_chunk, write_json_atomic, write_jsonl_atomic)
 from runtime.mathverify import math_equal
 from runtime.sharding import unsharded
@@ -669,7 +669,7 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
                                       gen_batch_size=gen_batch_size, cache_dir=cache_dir, save_to=save_to)
     sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
     key_fields = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=task, split="train",
-                      train_file=data_key(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
+                      train_file=content_digest(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
                       max_new_tokens=max_new_tokens, seed=seed, chunk=gen_batch_size)
     prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
@@ -1064,7 +1064,7 @@ def evaluate_reference(model, tokenizer, problems: list[dict], accelerator: Acce
     and test set (`test_file`: the local file `problems` came from) reuses it; `settings` go to `evaluate` and the key."""
     s = dict(settings)  # in the key under the names caches were written with
     key = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=s.pop("task"),
-               test_file=data_key(test_file, cache_dir), n=len(problems), max_new_tokens=s.pop("max_new_tokens"),
+               test_file=content_digest(test_file, cache_dir), n=len(problems), max_new_tokens=s.pop("max_new_tokens"),
                seed=s.pop("seed"), seeds=s.pop("sampled_seeds"), chunk=s.pop("gen_batch_size"), v=4, **s)
     root = os.path.join(cache_dir, "eval", cache_key(key))
     # Read on the main process only: another run sharing the cache may write it between two processes' reads, and a

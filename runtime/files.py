@@ -68,15 +68,22 @@ class WriteError(SystemExit):
 
 @contextmanager
 def writing(path: str, cleanup: str | None = None, consequence: str = ""):
-    """Any failure inside the block becomes a WriteError naming `path` (a folder: the file last written in it), after
+    """Any failure inside the block becomes a WriteError naming `path` (a folder: the file being written in it), after
     `cleanup` is removed, so nothing half-written stays to be trusted."""
     try:
         yield
     except (WriteError, KeyboardInterrupt):
         raise
     except Exception as e:
-        files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]  # a folder: its newest file
-        err = WriteError(max(files, key=os.path.getmtime) if files else path, e, consequence)  # before the cleanup
+        if os.path.isdir(path):  # the innermost traceback frame's path under it, else its newest file
+            tb, found = e.__traceback__, None
+            while tb is not None:
+                found = next((str(v) for v in tb.tb_frame.f_locals.values() if isinstance(v, str | os.PathLike)
+                              and str(v).startswith(path + os.sep)), found)
+                tb = tb.tb_next
+            files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+            path = found or (max(files, key=os.path.getmtime) if files else path)
+        err = WriteError(path, e, consequence)  # before the cleanup: the file it names may be inside it
         if cleanup and os.path.isdir(cleanup):
             shutil.rmtree(cleanup, ignore_errors=True)
         elif cleanup and os.path.exists(cleanup):
@@ -117,10 +124,12 @@ def cache_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def content_digest(path: str, cache_dir: str | None = None) -> str:
-    """A file's or folder's identity in cache keys: `cache_key` of its files' names and CRC-32s (REPORT_FILES left
-    out). Each CRC is remembered by (path, size, ctime, inode), per process and in `cache_dir/file-crc32.json`, so a
-    17 GB model is read once."""
+def content_digest(path: str | None, cache_dir: str | None = None) -> str | None:
+    """A file's or folder's identity in cache keys (None for none: the hub, `arith`): `cache_key` of its files' names
+    and CRC-32s (REPORT_FILES left out). Each CRC is remembered by (path, size, ctime, inode), per process and in
+    `cache_dir/file-crc32.json`, so a 17 GB model is read once."""
+    if path is None:
+        return None
     memo_path, memo = cache_dir and os.path.join(cache_dir, "file-crc32.json"), dict(_DIGESTS)
     if memo_path and os.path.exists(memo_path):
         with open(memo_path) as f:
@@ -149,11 +158,6 @@ def model_key(model: str, cache_dir: str | None = None, precision: str = "fp32")
     else:
         key = model
     return key if precision == "fp32" else f"{key}@{precision}"
-
-
-def data_key(path: str | None, cache_dir: str | None = None) -> str | None:
-    """A local data file's identity in cache keys (its contents' digest); None for the hub or `arith`."""
-    return content_digest(path, cache_dir) if path else None
 
 
 def cache_folder(accelerator, parent: str, key_fields: dict) -> str:

@@ -476,9 +476,9 @@ def test_cache_keys_follow_the_contents_not_the_path(tiny_model, tmp_path, monke
     # a data file edited in place: a new key
     data_file = tmp_path / "test.jsonl"
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
-    before = runtime.files.data_key(str(data_file), str(tmp_path / ".cache"))
+    before = runtime.files.content_digest(str(data_file), str(tmp_path / ".cache"))
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 2"}) + "\n")
-    data_key = runtime.files.data_key
+    data_key = runtime.files.content_digest
     assert data_key(str(data_file), str(tmp_path / ".cache")) != before and data_key(None, ".cache") is None
 
 
