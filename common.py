@@ -753,7 +753,7 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     and the response encoded (an export's own ids when they are this tokenizer's: `_stored_ids`; a response over
     `max_new_tokens` cut there, `truncated` and graded on what is left, as a sample cut off at the limit); the file's
     reward, else the grader's; the reference's log-probs, plain and under `sampling` (μ of imported rows is taken to be
-    the reference sampling so, as for self-sampled rows); questions numbered in order of first appearance. Questions
+    the reference's sampling, as for self-sampled rows); questions numbered in order of first appearance. Questions
     not among `problems` are used anyway, with a warning. Cached like `build_offline_dataset`, keyed by the file."""
     src = read_offline_data(path)
     sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
@@ -882,7 +882,7 @@ def add_lora(model, r: int):
 def value_backbone(causal_lm, lora_r: int = 0):
     """A copy of `causal_lm`'s base transformer without its LM head (LlamaForCausalLM -> LlamaModel), a LoRA policy's
     adapters left out, for a value network. With `lora_r` the copy is frozen and gets LoRA adapters of its own."""
-    if hasattr(causal_lm, "unload"):  # a LoRA policy (load_model_and_tokenizer with lora_r): its base alone
+    if hasattr(causal_lm, "unload"):  # a LoRA policy (load_model_and_tokenizer under --lora_r): its base alone
         backbone = copy.deepcopy(causal_lm).unload().base_model
     else:
         backbone = copy.deepcopy(causal_lm.base_model)
