@@ -160,15 +160,6 @@ def model_key(model: str, cache_dir: str | None = None, precision: str = "fp32")
     return key if precision == "fp32" else f"{key}@{precision}"
 
 
-def cache_folder(accelerator, parent: str, key_fields: dict) -> str:
-    """`parent/<cache_key(key_fields)>`, created, with key.json saying what the key stands for."""
-    root = os.path.join(parent, cache_key(key_fields))
-    os.makedirs(root, exist_ok=True)
-    if accelerator is None or accelerator.is_main_process:
-        write_json_atomic(os.path.join(root, "key.json"), key_fields)
-    return root
-
-
 # The chunked cache --------------------------------------------------------------------------------------------------
 def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
     """Why chunk `c` in `root` cannot be used ("missing", or its rows or CRC-32 differ from its check file, written
@@ -211,18 +202,26 @@ def read_chunk(root: str, c: int, n_rows: int | None = None) -> list[dict] | Non
     return None
 
 
-def build_chunks(root: str, mine: range, n_rows: dict, make: Callable[[int], list[dict]], desc: str, show: bool) -> None:
-    """Build the chunks of `mine` that do not verify (a damaged one is named), each made by `make(c)` and written with
-    its check file (`write_chunk`) under an exclusive flock (lock-NNNNN), so runs that share the cache split the work:
-    a chunk held elsewhere is waited for, and built here only if it then does not verify (its holder died: the kernel
-    drops a dead process's lock)."""
+def cached_chunks(accelerator, parent: str, key_fields: dict, sizes: list[int], make: Callable[[int], list[dict]],
+                  desc: str) -> tuple[list[list[dict]], str]:
+    """The chunked cache `parent/<cache_key(key_fields)>` (key.json says what the key stands for): (the rows of each
+    chunk, the folder). This process builds its share of the chunks that do not verify (a damaged one is named), chunk
+    c made by `make(c)` with sizes[c] rows and written with its check file under an exclusive flock (lock-NNNNN), so
+    runs that share the cache split the work: a chunk held elsewhere is waited for, and built here only if it then
+    does not verify (its holder died: the kernel drops a dead process's lock). Then every process reads every chunk;
+    one damaged since it was built stops the run with one line: it is never used."""
+    root = os.path.join(parent, cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
-    todo = []
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if rank == 0:
+        write_json_atomic(os.path.join(root, "key.json"), key_fields)
+    mine, todo, waiting, built = range(rank, len(sizes), world), [], [], 0
     for c in mine:
-        if (problem := chunk_problem(root, c, n_rows[c])) not in (None, "missing"):
+        if (problem := chunk_problem(root, c, sizes[c])) not in (None, "missing"):
             print(f"warning: {desc}: {problem}: sampling it again", file=sys.stderr)
         todo += [c] if problem else []
-    bar, built, waiting = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not show), 0, []
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc,
+               disable=not (accelerator is None or accelerator.is_local_main_process))
     for blocking in (False, True):
         for c in waiting if blocking else todo:
             fd = os.open(os.path.join(root, f"lock-{c:05d}"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -233,7 +232,7 @@ def build_chunks(root: str, mine: range, n_rows: dict, make: Callable[[int], lis
                     except BlockingIOError:
                         waiting.append(c)
                         continue
-                if chunk_problem(root, c, n_rows[c]) is not None:
+                if chunk_problem(root, c, sizes[c]) is not None:
                     clean_orphans(root, prefix=(f"chunk-{c:05d}.", f"check-{c:05d}."))  # a killed writer's
                     write_chunk(root, c, make(c))
                     built += 1
@@ -244,17 +243,6 @@ def build_chunks(root: str, mine: range, n_rows: dict, make: Callable[[int], lis
     if todo:  # after the bar is closed: on a line of its own
         print(f"{desc}: sampled {built} of the {len(todo)} missing chunks here, {len(todo) - built} by another run "
               f"({root})", flush=True)
-
-
-def cached_chunks(accelerator, parent: str, key_fields: dict, sizes: list[int], make: Callable[[int], list[dict]],
-                  desc: str) -> tuple[list[list[dict]], str]:
-    """The chunked cache `parent/<cache_key(key_fields)>` (`cache_folder`): this process builds its share of the chunks
-    that do not verify (`build_chunks`; chunk c has sizes[c] rows), then every process reads them all. Returns (the rows
-    of each chunk, the folder). A chunk damaged since it was built stops the run with one line: it is never used."""
-    root = cache_folder(accelerator, parent, key_fields)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    build_chunks(root, range(rank, len(sizes), world), dict(enumerate(sizes)), make, desc,
-                 accelerator is None or accelerator.is_local_main_process)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     chunks = [read_chunk(root, c, n) for c, n in enumerate(sizes)]
