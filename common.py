@@ -11,11 +11,9 @@
     evaluation             greedy and sampled accuracy, pass@k, the cached reference evaluation, reports
 
 Nothing in here is part of an algorithm: losses, targets, pair building, process rewards and rollout policies live in
-the algorithm files, so that `diff rs.py dqo.py` shows everything that makes DQO DQO. Everything here is used by at
-least two of the seven entry points (tests/test_layout.py checks it). What keeps a run safe and launchable (the command
-line, checkpoints, memory plans, verified files and caches) is in runtime/, which a reader may skip: of it, this file
-uses only the cache (runtime/files.py), math-verify's helper processes (runtime/mathverify.py) and
-`unsharded` (runtime/sharding.py: full parameters to generate from under FSDP).
+the algorithm files, so that `diff rs.py dqo.py` shows all of DQO. Everything here is used by at least two of the seven
+entry points (tests/test_layout.py checks it). What keeps a run safe and launchable is in runtime/, which a reader may
+skip: this file uses its verified cache, math-verify's helper processes and `unsharded` (full parameters under FSDP).
 """
 
 import copy
@@ -38,8 +36,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from runtime.files import (OUTPUTS, build_chunks, cache_folder, cache_key, clean_orphans, content_digest, data_key, model_key,
-                           on_main, read_chunk, write_chunk, write_json_atomic, write_jsonl_atomic)
+from runtime.files import (OUTPUTS, cache_key, cached_chunks, content_digest, model_key, on_main, read_chunk,
+                           write_chunk, write_json_atomic, write_jsonl_atomic)
 from runtime.mathverify import math_equal
 from runtime.sharding import unsharded
 
@@ -67,9 +65,7 @@ class DataError(ValueError):
     """Bad input data: the message names the file, row and field."""
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The embedded task `arith`: seeded multi-step arithmetic word problems in GSM8K format
-# ---------------------------------------------------------------------------------------------------------------------
+# The embedded task `arith`: seeded multi-step arithmetic word problems in GSM8K format ---------------------------------
 ARITH_NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay")
 ARITH_ITEMS = ("apples", "coins", "cards", "books", "shells")
 ARITH_STEPS = (2, 3)  # min and max number of steps per problem
@@ -172,9 +168,7 @@ def arith_first_wrong(row: dict) -> int | None:
     return len(row["answer"].split(";")) - 1 if step is None else step
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Tasks: loading from the hub or a local JSONL file
-# ---------------------------------------------------------------------------------------------------------------------
+# Tasks: loading from the hub or a local JSONL file ---------------------------------------------------------------------
 def _read_jsonl(path: str) -> list[dict]:
     """The rows of a JSONL file, one JSON object per non-blank line; errors name the file and the line."""
     if not os.path.exists(path):
@@ -198,26 +192,28 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def _text(row: dict, field: str, where: str) -> str:
+    """row[field], a non-empty string; else DataError naming `where` (the file and row) and the field."""
+    if row.get(field) is None:
+        raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(row)})")
+    if not isinstance(row[field], str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} ({row[field]!r:.60})")
+    if not row[field].strip():
+        raise DataError(f"{where}: field {field!r} is empty")
+    return row[field]
+
+
 def _problem_from_row(task: str, row: dict, where: str) -> dict:
     """Normalise one raw row into {question, answer, solution}; `where` names the file and row for errors."""
-    def need(field):
-        if field not in row:
-            raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(row)})")
-        if not isinstance(row[field], str):
-            raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} ({row[field]!r:.60})")
-        if not row[field].strip():
-            raise DataError(f"{where}: field {field!r} is empty")
-        return row[field]
-
     if task == "gsm8k":
-        question, solution = need("question"), need("answer")
+        question, solution = _text(row, "question", where), _text(row, "answer", where)
         if "####" not in solution:
             raise DataError(f"{where}: field 'answer' has no '#### <number>' line")
         answer = solution.rsplit("####", 1)[1].strip()
         if parse_number(answer) is None:
             raise DataError(f"{where}: field 'answer': final answer {answer!r} after '####' is not a number")
         return {"question": question, "answer": answer, "solution": solution}
-    question = need("problem")
+    question = _text(row, "problem", where)
     answer, solution = row.get("answer"), row.get("solution")
     for name, value, types in (("answer", answer, (str, int)), ("solution", solution, (str,))):
         if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
@@ -260,9 +256,7 @@ def load_task(task: str, split: str, path: str | None = None, limit: int | None 
     return problems[:limit] if limit else problems
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Grading: grade(response, answer, task) -> 0.0 or 1.0, never raises for any response or answer
-# ---------------------------------------------------------------------------------------------------------------------
+# Grading: grade(response, answer, task) -> 0.0 or 1.0, never raises for any response or answer -------------------------
 GSM8K_ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 MAX_ANSWER_CHARS = 2000  # longer boxed answers are compared as strings only: symbolic parsing of them can hang
 GRADE_TIMEOUT_S = 5.0  # per math-verify call, however many threads grade at once
@@ -324,9 +318,7 @@ def grade(response: str, answer: str, task: str) -> float:
         return 0.0
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Tokenization: prompt and response encoded separately, masks exact at the boundary
-# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization: prompt and response encoded separately, masks exact at the boundary -------------------------------------
 def encode_prompt(tokenizer, question: str, task: str) -> list[int]:
     """Prompt ids: the task template, wrapped in the chat template as the user turn when the tokenizer has one."""
     text = PROMPT_TEMPLATES[task].format(problem=question)
@@ -665,33 +657,27 @@ def rollout(model, tokenizer, prompts: list[list[int]], answers: list[str], task
     chunks = gather_object(mine) if world > 1 else mine
     return [row for _, rows in sorted(chunks, key=lambda x: x[0]) for row in rows]
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The offline dataset: n reference samples per training prompt, graded, with reference log-probs stored
-# ---------------------------------------------------------------------------------------------------------------------
+# The offline dataset: n reference samples per training prompt, graded, with reference log-probs stored -----------------
 def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], *, model_name: str, task: str,
                           n: int, sampling: dict, max_new_tokens: int, gen_batch_size: int, seed: int, cache_dir: str,
                           train_file: str | None = None, offline_data: str | None = None,
                           save_to: str | None = None) -> list[dict]:
-    """The DQO paper's offline dataset: for each training prompt, `n` samples from the reference `model` (named
-    `model_name`, as --model) under `sampling` (temperature, top_p, top_k), graded 1/0, with the reference's per-token
-    log-probs (`ref_logps`) and the sampler's (`sampler_logps`). `train_file`: the local file `problems` came from, if
-    any. With `offline_data` the rows come from that file instead (`import_offline_dataset`).
-    Cached under `cache_dir/offline/<key>/` (runtime/files.py: chunks shared across processes and runs, verified), keyed
-    by model, task, data, n, sampling and seed, so another script on the same model and task reuses it. Either way the
-    dataset is also exported as one file (`save_to`, or offline.jsonl in its cache folder)."""
+    """The DQO paper's offline dataset: for each training prompt, `n` samples from the reference `model` (`model_name`,
+    as --model) under `sampling` (temperature, top_p, top_k), graded 1/0, with the reference's per-token log-probs
+    (`ref_logps`) and the sampler's (`sampler_logps`); with `offline_data`, that file's rows (`import_offline_dataset`).
+    Cached under `cache_dir/offline/<key>/`, keyed by model, task, data (`train_file`: where `problems` came from), n,
+    sampling and seed, so another script reuses it; exported as one file (`save_to`, else offline.jsonl beside it)."""
     if offline_data:
         return import_offline_dataset(accelerator, model, tokenizer, problems, path=offline_data, model_name=model_name,
                                       task=task, sampling=sampling, max_new_tokens=max_new_tokens,
                                       gen_batch_size=gen_batch_size, cache_dir=cache_dir, save_to=save_to)
     sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
     key_fields = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=task, split="train",
-                      train_file=data_key(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
+                      train_file=content_digest(train_file, cache_dir), n_prompts=len(problems), n=n, **sampling,
                       max_new_tokens=max_new_tokens, seed=seed, chunk=gen_batch_size)
-    root = cache_folder(accelerator, os.path.join(cache_dir, "offline"), key_fields)
     prompts = [encode_prompt(tokenizer, p["question"], task) for p in problems]
     answers = [p["answer"] for p in problems]
     plan = _chunk_plan(len(prompts), n, gen_batch_size)
-    n_rows = {c: len(chunk) * n for c, chunk in enumerate(plan)}
 
     def sample(c: int) -> list[dict]:  # chunk c: its prompts' samples, graded, with the log-probs of both
         rows = rollout_chunk(policy, tokenizer, prompts, answers, task, plan[c], n, sampling, max_new_tokens,
@@ -700,18 +686,14 @@ def build_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: 
         return [dict(r, ref_logps=r.pop("logps")) for r in rows]
 
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
-        build_chunks(root, range(accelerator.process_index, len(plan), accelerator.num_processes), n_rows, sample,
-                     "offline dataset", accelerator.is_local_main_process)
-    accelerator.wait_for_everyone()
-    rows = []
-    for c in range(len(plan)):  # a cache edited by hand or damaged must not train on a reward that is not 0 or 1
-        if (chunk := read_chunk(root, c, n_rows[c])) is None:  # damaged since it was built: never trained on
-            raise DataError(f"offline dataset: chunk {c} in {root} is missing or damaged; run again to sample it again")
+        chunks, root = cached_chunks(accelerator, os.path.join(cache_dir, "offline"), key_fields,
+                                     [len(chunk) * n for chunk in plan], sample, "offline dataset")
+    for c, chunk in enumerate(chunks):  # a cache edited by hand must not train on a reward that is not 0 or 1
         for i, r in enumerate(chunk, 1):
             if r.get("reward") not in (0, 1) or isinstance(r.get("reward"), bool):
                 raise DataError(f"{root}/chunk-{c:05d}.jsonl: row {i}: reward {r.get('reward')!r} is not 0 or 1; delete "
                                 f"{root} to rebuild it")
-        rows += chunk
+    rows = [r for chunk in chunks for r in chunk]
     accelerator.print(f"offline dataset: {len(rows)} responses to {len(prompts)} prompts, mean reward "
                       f"{np.mean([r['reward'] for r in rows]):.3f}, truncated {np.mean([r['truncated'] for r in rows]):.3f}"
                       f" ({root})")
@@ -743,16 +725,10 @@ def read_offline_data(path: str) -> list[dict]:
     out = []
     for i, row in enumerate(rows, 1):
         where = f"{path}: row {i}"
+        if isinstance(row.get("answer"), int) and not isinstance(row["answer"], bool):
+            row["answer"] = str(row["answer"])
         for name in ("question", "response", "answer"):
-            v = row.get(name)
-            if v is None:
-                raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
-            if name == "answer" and isinstance(v, int) and not isinstance(v, bool):
-                v = row[name] = str(v)
-            if not isinstance(v, str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(v).__name__} ({v!r:.60})")
-            if not v.strip():
-                raise DataError(f"{where}: field {name!r} is empty")
+            _text(row, name, where)
         reward = row.get("reward")
         if reward is not None and (isinstance(reward, bool) or reward not in (0, 1)):
             raise DataError(f"{where}: field 'reward' is {reward!r}; it must be 0 or 1, or left out (the task's grader "
@@ -774,37 +750,20 @@ def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int
     return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
 
 
-
-def _stored_ids(row: dict, prompt_ids: list[int], tokenizer, max_new_tokens: int) -> list[int] | None:
-    """An exported row's own response ids, when they are this tokenizer's: its prompt ids are the prompt as encoded
-    now, its response ids decode to its text, and they fit --max_new_tokens. A sampled response's ids need not be the
-    ones its text encodes to (a BPE merge the model did not make), so only these give back the very same tokens."""
-    ids = row.get("response_ids")
-    if not ids or row.get("prompt_ids") != prompt_ids or len(ids) > max_new_tokens:
-        return None
-    return ids if tokenizer.decode(ids, skip_special_tokens=True) == row["response"] else None
-
-
 def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems: list[dict], *, path: str, model_name: str,
                            task: str, sampling: dict, max_new_tokens: int, gen_batch_size: int, cache_dir: str,
                            save_to: str | None = None) -> list[dict]:
-    """The offline dataset from the file `path` (`read_offline_data`), in the form `build_offline_dataset` gives:
-      - prompt_ids: `encode_prompt` of the question;
-      - response_ids: `encode_response` of the text, as a sampled response (an export's own ids when they are this
-        tokenizer's: `_stored_ids`). One over `max_new_tokens` is cut to its first `max_new_tokens` tokens, `truncated`
-        and graded on what is left, as a sample cut off at the limit;
-      - reward: the file's, else the task's grader; ref_logps: the reference's log-probs;
-      - sampler_logps: the reference's log-probs under `sampling`: μ of imported rows is taken to be the reference
-        sampling with these settings, as for self-sampled rows (DQO's --behavior sampler);
-      - prompt_idx: questions numbered in order of first appearance.
-    Questions not among `problems` are used anyway, with a warning naming the first. Cached like
-    `build_offline_dataset`, keyed by the file's content, the model, the task and the settings above."""
+    """The offline dataset from the file `path` (`read_offline_data`), as `build_offline_dataset` gives it: the prompt
+    and the response encoded (an export's own ids when they are this tokenizer's: `_stored_ids`; a response over
+    `max_new_tokens` cut there, `truncated` and graded on what is left, as a sample cut off at the limit); the file's
+    reward, else the grader's; the reference's log-probs, plain and under `sampling` (μ of imported rows is taken to be
+    the reference's sampling, as for self-sampled rows); questions numbered in order of first appearance. Questions
+    not among `problems` are used anyway, with a warning. Cached like `build_offline_dataset`, keyed by the file."""
     src = read_offline_data(path)
     sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
     key_fields = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=task,
                       offline_data=content_digest(path), n_rows=len(src), **sampling, max_new_tokens=max_new_tokens,
                       chunk=gen_batch_size, v=2)
-    root = cache_folder(accelerator, os.path.join(cache_dir, "offline"), key_fields)
     known = {p["question"] for p in problems}
     prompt_idx = {}
     for r in src:
@@ -840,15 +799,9 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
 
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
         stops = stop_token_ids(policy, tokenizer)
-        build_chunks(root, range(accelerator.process_index, len(chunks), accelerator.num_processes),
-                     {c: len(chunk) for c, chunk in enumerate(chunks)}, encode, "import offline data",
-                     accelerator.is_local_main_process)
-    accelerator.wait_for_everyone()
-    rows = []
-    for c, chunk in enumerate(chunks):
-        if (part := read_chunk(root, c, len(chunk))) is None:
-            raise DataError(f"offline dataset: chunk {c} in {root} is missing or damaged; run again to encode it again")
-        rows += part
+        parts, root = cached_chunks(accelerator, os.path.join(cache_dir, "offline"), key_fields,
+                                    [len(chunk) for chunk in chunks], encode, "import offline data")
+    rows = [r for part in parts for r in part]
     given = [(r, s) for r, s in zip(rows, src) if s["reward"] is not None and not r["truncated"]]
     disagree = sum(r["reward"] != grade(r["response"], r["answer"], task) for r, _ in given)
     n_trunc = sum(r["truncated"] for r in rows)
@@ -859,7 +812,6 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     questions = {i: q for q, i in prompt_idx.items()}
     export_offline_dataset(accelerator, rows, [{"question": questions[i]} for i in range(len(questions))], root, save_to)
     return rows
-
 
 
 def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems: list[dict], root: str,
@@ -876,11 +828,7 @@ def export_offline_dataset(accelerator: Accelerator, rows: list[dict], problems:
     OUTPUTS.append(("offline dataset", path))
 
 
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------------
+# Models ----------------------------------------------------------------------------------------------------------------
 TINY_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # `--model tiny`
 
 
@@ -889,27 +837,28 @@ def precision_of(accelerator: Accelerator) -> str:
     return "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
 
 
-def load_model_and_tokenizer(args, accelerator: Accelerator | None = None, trainable: bool = True):
-    """The model and tokenizer --model names: `tiny` (assets/tiny), a hub id or a local save_pretrained folder; the
-    tokenizer gets a pad token if it has none. `args.precision` fp32 loads fp32, bf16 the stored dtype; a `trainable`
-    model gets fp32 master weights (`master_weights`) unless the launch shards it (FSDP2's `prepare` upcasts them
-    itself, on each process's shard only)."""
+def load_model_and_tokenizer(model_name: str, accelerator: Accelerator | None = None, lora_r: int = 0,
+                             gradient_checkpointing: bool = False, trainable: bool = True):
+    """The model and tokenizer `model_name` names (as --model): `tiny` (assets/tiny), a hub id or a local
+    save_pretrained folder; the tokenizer gets a pad token if it has none. In the accelerator's precision (none: fp32):
+    fp32 loads fp32, bf16 the stored dtype; a `trainable` model gets fp32 master weights (`master_weights`) unless the
+    launch shards it (FSDP2's `prepare` upcasts them itself, on each process's shard only). `lora_r` > 0: LoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = TINY_SHIPPED if args.model == "tiny" else args.model
+    path = TINY_SHIPPED if model_name == "tiny" else model_name
     if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"--model {path}: no such directory (a local model must be a save_pretrained folder)")
-    dtype = "auto" if args.precision == "bf16" else torch.float32  # "auto": the dtype the weights were saved in
+    bf16 = accelerator is not None and precision_of(accelerator) == "bf16"
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if getattr(args, "gradient_checkpointing", False):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if bf16 else torch.float32)  # auto: as saved
+    if gradient_checkpointing:
         # renamed in recent transformers; a GPU node's own older install has only gradient_checkpointing_enable
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
-    if getattr(args, "lora_r", 0):
-        model = add_lora(model, args.lora_r)
+    if lora_r:
+        model = add_lora(model, lora_r)
     sharded = accelerator is not None and accelerator.distributed_type.name == "FSDP"
     if trainable and not sharded:
         master_weights(model)
@@ -1018,16 +967,12 @@ def reference_mode(model):
         model.train(was_training)
 
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Batches: each process's micro-batches, and the optimizer steps the data gives
-# ---------------------------------------------------------------------------------------------------------------------
+# Batches: each process's micro-batches, and the optimizer steps the data gives -----------------------------------------
 def iterate_batches(examples: list, per_device_batch_size: int, grad_accum: int, seed: int, epoch: int,
                     accelerator: Accelerator, start: int = 0) -> Iterator[tuple[int, list]]:
-    """This process's micro-batches of one epoch, as (index, examples), from index `start` on (for resume).
-    The permutation depends only on (seed, epoch); each global batch of `per_device_batch_size * processes` is cut
-    into per-process slices, so one process with batch 2b sees the same data per step as two with batch b.
-    Incomplete global batches and accumulation windows at the end of an epoch are dropped."""
+    """This process's micro-batches of one epoch, as (index, examples), from index `start` on (for resume). The
+    permutation depends only on (seed, epoch), cut into global batches and those into per-process slices: one process
+    with batch 2b sees the data of two with batch b. Incomplete global batches and accumulation windows are dropped."""
     world, rank = accelerator.num_processes, accelerator.process_index
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     perm = torch.randperm(len(examples), generator=g).tolist()
@@ -1040,11 +985,10 @@ def iterate_batches(examples: list, per_device_batch_size: int, grad_accum: int,
 
 def plan_steps(n_examples: int, per_device_batch_size: int, world: int, grad_accum: int, epochs: int | None,
                max_steps: int | None) -> dict:
-    """How `n_examples` fill optimizer steps: per_device_batch_size, grad_accum, steps_per_epoch, total_steps and
-    epochs. Rows left over after the last whole global batch of an epoch are dropped. With fewer examples than one
-    global batch each step takes all of them that fill a micro-batch on every process (fewer accumulation steps), and
-    with fewer than one micro-batch on every process, smaller micro-batches. With `epochs` unset, as many as
-    `max_steps` needs. Changes nothing: the caller applies the plan (runtime.launch.fit_to_data)."""
+    """How `n_examples` fill optimizer steps: per_device_batch_size, grad_accum, steps_per_epoch, total_steps, epochs.
+    Rows left over after the last whole global batch of an epoch are dropped; fewer examples than one global batch give
+    fewer accumulation steps, then smaller micro-batches. With `epochs` unset, as many as `max_steps` needs. Changes
+    nothing: the caller applies the plan (runtime.launch.fit_to_data)."""
     if n_examples < world:
         raise DataError(f"{n_examples} training examples do not fill one micro-batch of {per_device_batch_size} on each "
                         f"of {world} processes, not even one example on each")
@@ -1062,9 +1006,7 @@ def throughput(tokens: float, since: float) -> float:
     return tokens / max(time.time() - since, 1e-9)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation ------------------------------------------------------------------------------------------------------------
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     if n - c < k:
@@ -1104,12 +1046,10 @@ def evaluate(model, tokenizer, problems: list[dict], task: str, accelerator: Acc
     return out
 
 
-def evaluate_run(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate` with the run's settings (task, generation length and batch, seed, --eval_seeds sampled seeds), and
-    this process's peak memory so far."""
-    out = evaluate(model, tokenizer, problems, args.task, accelerator, args.max_new_tokens, args.gen_batch_size,
-                   sampled_seeds=args.eval_seeds, seed=args.seed, **eval_kwargs)
-    return dict(out, peak_memory_mb=peak_memory_mb(accelerator.device))
+def evaluate_run(model, tokenizer, problems: list[dict], accelerator: Accelerator, **settings) -> dict:
+    """`evaluate` (`settings`: its keyword arguments, task included), and this process's peak memory so far."""
+    return dict(evaluate(model, tokenizer, problems, accelerator=accelerator, **settings),
+                peak_memory_mb=peak_memory_mb(accelerator.device))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -1120,23 +1060,25 @@ def peak_memory_mb(device: torch.device) -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
-def evaluate_reference(model, tokenizer, problems: list[dict], args, accelerator: Accelerator, **eval_kwargs) -> dict:
-    """`evaluate_run` on the untrained reference, cached under `cache_dir/eval/` (runtime/files.py: verified; a damaged
-    file is named and evaluated again) so every script on the same model, task and test set reuses it; `eval_kwargs` go
-    to `evaluate` and into the key."""
-    key = dict(model=model_key(args.model, args.cache_dir, args.precision), task=args.task,
-               test_file=data_key(args.test_file, args.cache_dir), n=len(problems), max_new_tokens=args.max_new_tokens,
-               seed=args.seed, seeds=args.eval_seeds, chunk=args.gen_batch_size, v=4, **eval_kwargs)
-    root = os.path.join(args.cache_dir, "eval", cache_key(key))
+
+def evaluate_reference(model, tokenizer, problems: list[dict], accelerator: Accelerator, model_name: str, cache_dir: str,
+                       test_file: str | None = None, **settings) -> dict:
+    """`evaluate_run` on the untrained reference `model_name` (as --model), cached under `cache_dir/eval/`
+    (runtime/files.py: verified; a damaged file is named and evaluated again) so every script on the same model, task
+    and test set (`test_file`: the local file `problems` came from) reuses it; `settings` go to `evaluate` and the key."""
+    s = dict(settings)  # in the key under the names caches were written with
+    key = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=s.pop("task"),
+               test_file=content_digest(test_file, cache_dir), n=len(problems), max_new_tokens=s.pop("max_new_tokens"),
+               seed=s.pop("seed"), seeds=s.pop("sampled_seeds"), chunk=s.pop("gen_batch_size"), v=4, **s)
+    root = os.path.join(cache_dir, "eval", cache_key(key))
     # Read on the main process only: another run sharing the cache may write it between two processes' reads, and a
     # process that skipped the evaluation (its results are gathered) would leave the others waiting for it.
     if (cached := on_main(accelerator, lambda: read_chunk(root, 0, 1))) is not None:
         return cached[0]
     with reference_mode(accelerator.unwrap_model(model)):
-        out = evaluate_run(model, tokenizer, problems, args, accelerator, **eval_kwargs)
+        out = evaluate_run(model, tokenizer, problems, accelerator, **settings)
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
-        clean_orphans(root, min_age_s=3600)
         write_chunk(root, 0, [out], point="eval.chunk.before_check")
     return out
 

@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common import (
-    DataError,
     ValueModel,
     arith_first_wrong,
     build_offline_dataset,
@@ -63,7 +62,7 @@ from common import (
 )
 from runtime.checkpoint import load_checkpoint, save_checkpoint, save_model
 from runtime.cli import Base, arg, at_least, between, one_of, positive
-from runtime.files import build_chunks, cache_folder, cache_key, model_key, read_chunk
+from runtime.files import cache_key, cached_chunks, model_key
 from runtime.launch import fit_to_data, log_metrics, report_outputs, start
 from runtime.sharding import unsharded
 
@@ -215,21 +214,13 @@ def build_process_scores(accelerator, model, tokenizer, rows: list[dict], task: 
                ps_samples=ps_samples, temperature=sampling["temperature"], top_p=sampling["top_p"],
                top_k=sampling["top_k"], max_new_tokens=max_new_tokens, seed=seed, chunk=PS_CHUNK,
                gen_batch_size=gen_batch_size, v=3)
-    root = cache_folder(accelerator, os.path.join(cache_dir, "process_scores"), key)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     chunks = [range(s, min(s + PS_CHUNK, len(rows))) for s in range(0, len(rows), PS_CHUNK)]
     with unsharded(model) as policy, reference_mode(policy):  # collective under sharding: every process enters
-        build_chunks(root, range(rank, len(chunks), world), {c: len(chunk) for c, chunk in enumerate(chunks)},
-                     lambda c: score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], task, ps_samples, sampling,
-                                              max_new_tokens, gen_batch_size, seed * 1_000_003 + c),
-                     "process scores", rank == 0)
-    if accelerator:
-        accelerator.wait_for_everyone()
-    scores = []
-    for c, chunk in enumerate(chunks):
-        if (part := read_chunk(root, c, len(chunk))) is None:
-            raise DataError(f"process scores: chunk {c} in {root} is missing or damaged; run again to score it again")
-        scores += part
+        parts, root = cached_chunks(
+            accelerator, os.path.join(cache_dir, "process_scores"), key, [len(chunk) for chunk in chunks],
+            lambda c: score_segments(policy, tokenizer, [rows[i] for i in chunks[c]], task, ps_samples, sampling,
+                                     max_new_tokens, gen_batch_size, seed * 1_000_003 + c), "process scores")
+    scores = [s for part in parts for s in part]
     failed = [(r, s) for r, s in zip(rows, scores) if r["reward"] != 1.0]
     n_ok, n_seg = sum(s["correct_segments"] for _, s in failed), sum(len(s["segment_ends"]) for _, s in failed)
     msg = (f"process scores: {sum(s['correct_segments'] > 0 for _, s in failed)}/{len(failed)} failed responses have a "
@@ -237,7 +228,7 @@ def build_process_scores(accelerator, model, tokenizer, rows: list[dict], task: 
     if task == "arith":  # the verifier knows the first wrong step: segment i is step i, the last one the answer
         match = [arith_first_wrong(r) == s["correct_segments"] for r, s in failed]
         msg += f"; the first segment judged wrong is the verifier's first wrong step in {sum(match) / max(1, len(match)):.3f}"
-    if rank == 0:
+    if accelerator is None or accelerator.is_main_process:
         print(f"{msg} ({root})")
     return scores
 
@@ -248,7 +239,7 @@ def main():
     device = accelerator.device
 
     # models
-    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    model, tokenizer = load_model_and_tokenizer(args.model, accelerator, args.lora_r, args.gradient_checkpointing)
     # V_φ: a copy of the reference with a scalar head (with --lora_r: the frozen base with adapters of its own)
     value_model = ValueModel(model, args.lora_r)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -259,7 +250,10 @@ def main():
     # data
     train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
     test_problems = load_task(args.task, "test", args.test_file, args.n_test)
-    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    evaluation = dict(task=args.task, max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                      sampled_seeds=args.eval_seeds, seed=args.seed)  # every evaluation of this run
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, accelerator, args.model, args.cache_dir,
+                                               args.test_file, **evaluation)}
     # ALGO LOGIC: data
     rows = build_offline_dataset(
         accelerator, model, tokenizer, train_problems, model_name=args.model, task=args.task, n=args.n_samples,
@@ -330,16 +324,16 @@ def main():
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:
-                    results[f"step{step}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
+                    results[f"step{step}"] = evaluate_run(model, tokenizer, test_problems, accelerator, **evaluation)
                     log_eval(accelerator, results, step, args.output_dir)
         if epoch + 1 < args.epochs and step < total_steps:  # every epoch's model, evaluated: the DQO paper picks the best
-            results[f"epoch{epoch + 1}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
+            results[f"epoch{epoch + 1}"] = evaluate_run(model, tokenizer, test_problems, accelerator, **evaluation)
             log_eval(accelerator, results, step, args.output_dir)
             save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, f"model_epoch{epoch + 1}"), final=False)
     bar.close()
 
     # evaluate and save
-    results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
+    results["final"] = evaluate_run(model, tokenizer, test_problems, accelerator, **evaluation)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     save_model(accelerator, value_model, None, os.path.join(args.output_dir, "value_model"))
     log_eval(accelerator, results, step, args.output_dir)  # results.json says "final" once the models are on disk

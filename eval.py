@@ -27,7 +27,6 @@ import torch
 from common import (
     EVAL_SAMPLING,
     TASK_MAX_NEW_TOKENS,
-    TASKS,
     ValueModel,
     arith_first_wrong,
     collate,
@@ -44,16 +43,12 @@ from runtime.cli import (
     arg,
     at_least,
     between,
-    check_model_arg,
-    check_report_to,
-    check_rules,
-    check_task_files,
-    check_writable_dir,
     describe_run,
     one_line_errors,
-    one_of,
     parse_args,
     positive,
+    probe_writable,
+    validate_args,
 )
 from runtime.files import write_json_atomic
 from runtime.launch import setup_accelerator
@@ -88,17 +83,19 @@ class Args:
     trace_samples: int = arg(4, "value trace: responses sampled per problem")
 
 
-RULES = dict(task=one_of(*TASKS), n_test=at_least(1, unset_ok=True), seeds=at_least(0), seed=at_least(0),
-             pass_n=at_least(0), pass_temperature=positive(), pass_top_p=between(0, 1, lo_open=True),
-             pass_top_k=at_least(0), pass_problems=at_least(1, unset_ok=True), max_new_tokens=at_least(1),
-             gen_batch_size=at_least(1), trace_problems=at_least(1),
-             trace_samples=at_least(1))
+# eval.py's own flags; the ones it shares with the training scripts have their rules (runtime.cli.SHARED_RULES)
+RULES = dict(seeds=at_least(0), pass_n=at_least(0), pass_temperature=positive(), pass_top_p=between(0, 1, lo_open=True),
+             pass_top_k=at_least(0), pass_problems=at_least(1, unset_ok=True), trace_problems=at_least(1),
+             trace_samples=at_least(1),
+             pass_k=(lambda v: all(k.strip().isdigit() for k in v.split(",") if k.strip()), "comma-separated whole numbers"))
 
 
-def validate(args) -> tuple:
-    """Every flag and input, before anything is loaded. Returns the pass@k k values."""
+def resolve(args) -> None:
+    """Fill what the flags leave open: with --value_model (or a run's model/ folder) the run's own policy, task and
+    precision, unless given (the folder must be a value model); the task and generation length by the model, as the
+    training scripts do."""
     run_dir = None  # a training run's folder: its model/ (or model_epochN/) or value_model/ was given
-    if args.value_model:  # the run's own policy, task and precision, unless given
+    if args.value_model:
         if not os.path.isfile(os.path.join(args.value_model, "value_head.safetensors")):
             raise ArgumentError(f"--value_model {args.value_model}: no value_head.safetensors (a value_model/ folder that "
                                 "dro.py or dqo.py saved is expected)")
@@ -118,19 +115,6 @@ def validate(args) -> tuple:
             args.precision = run.get("precision")
     args.task = args.task or ("arith" if args.model == "tiny" else "gsm8k")
     args.max_new_tokens = args.max_new_tokens or TASK_MAX_NEW_TOKENS.get(args.task)
-    check_rules(args, RULES)
-    try:
-        ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip()) if args.pass_n else ()
-    except ValueError:
-        raise ArgumentError(f"--pass_k {args.pass_k!r}: must be comma-separated whole numbers") from None
-    if any(not 1 <= k <= args.pass_n for k in ks):
-        raise ArgumentError(f"--pass_k {args.pass_k}: every k must be in [1, --pass_n {args.pass_n}]")
-    check_model_arg(args.model)
-    check_task_files(args)
-    check_report_to(args.report_to)
-    check_writable_dir("--cache_dir", args.cache_dir)
-    describe_run(args)
-    return ks
 
 
 def value_auc(drop: np.ndarray, wrong: np.ndarray, response: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple:
@@ -261,11 +245,18 @@ def show_value_trace(args, model, tokenizer, problems, accelerator) -> None:
 
 
 def main():
+    # as runtime.launch.start, less what only training needs (the output folder's claim, the memory plan, run.json)
     args = parse_args(Args)
     sys.excepthook = one_line_errors  # bad data found once it runs: one `error:` line, not a traceback
-    ks = validate(args)
+    resolve(args)
+    validate_args(args, RULES)
+    ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip()) if args.pass_n else ()
+    if any(not 1 <= k <= args.pass_n for k in ks):
+        raise ArgumentError(f"--pass_k {args.pass_k}: every k must be in [1, --pass_n {args.pass_n}]")
+    probe_writable(args)
+    describe_run(args)
     accelerator, _ = setup_accelerator(args, "eval")
-    model, tokenizer = load_model_and_tokenizer(args, accelerator, trainable=False)
+    model, tokenizer = load_model_and_tokenizer(args.model, accelerator, trainable=False)
     model = accelerator.prepare(model)
     problems = load_task(args.task, "test", args.test_file, args.n_test)
     if args.value_model:

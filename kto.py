@@ -119,7 +119,7 @@ def main():
     device = accelerator.device
 
     # models
-    model, tokenizer = load_model_and_tokenizer(args, accelerator)
+    model, tokenizer = load_model_and_tokenizer(args.model, accelerator, args.lora_r, args.gradient_checkpointing)
     ref_model = frozen_copy(model, accelerator) if not args.lora_r else None  # π_ref for z0 (LoRA: the adapters off)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -127,7 +127,10 @@ def main():
     # data
     train_problems = load_task(args.task, "train", args.train_file, args.n_train_prompts)
     test_problems = load_task(args.task, "test", args.test_file, args.n_test)
-    results = {"reference": evaluate_reference(model, tokenizer, test_problems, args, accelerator)}
+    evaluation = dict(task=args.task, max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                      sampled_seeds=args.eval_seeds, seed=args.seed)  # every evaluation of this run
+    results = {"reference": evaluate_reference(model, tokenizer, test_problems, accelerator, args.model, args.cache_dir,
+                                               args.test_file, **evaluation)}
     # ALGO LOGIC: data
     examples = build_offline_dataset(  # every response
         accelerator, model, tokenizer, train_problems, model_name=args.model, task=args.task, n=args.n_samples,
@@ -186,16 +189,16 @@ def main():
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
                 if args.eval_every and step % args.eval_every == 0:
-                    results[f"step{step}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
+                    results[f"step{step}"] = evaluate_run(model, tokenizer, test_problems, accelerator, **evaluation)
                     log_eval(accelerator, results, step, args.output_dir)
         if epoch + 1 < args.epochs and step < total_steps:  # every epoch's model, evaluated: the DQO paper picks the best
-            results[f"epoch{epoch + 1}"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
+            results[f"epoch{epoch + 1}"] = evaluate_run(model, tokenizer, test_problems, accelerator, **evaluation)
             log_eval(accelerator, results, step, args.output_dir)
             save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, f"model_epoch{epoch + 1}"), final=False)
     bar.close()
 
     # evaluate and save
-    results["final"] = evaluate_run(model, tokenizer, test_problems, args, accelerator)
+    results["final"] = evaluate_run(model, tokenizer, test_problems, accelerator, **evaluation)
     save_model(accelerator, model, tokenizer, os.path.join(args.output_dir, "model"))
     log_eval(accelerator, results, step, args.output_dir)  # results.json says "final" once the models are on disk
     accelerator.end_training()

@@ -1,8 +1,9 @@
-"""The command line: the flags every algorithm shares (`Base`), parsing, the defaults that depend on the model, and
-validation. Nothing here writes a file, takes a lock or loads a model: runtime.launch.start does those, in plain sight."""
+"""The command line: the shared flags (`Base`), parsing, the defaults that depend on the model, and validation, which
+reads but writes nothing (`probe_writable` is the one write, an empty folder made and removed at once)."""
 
 import argparse
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -60,10 +61,8 @@ class Base:
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
 
     def memory_terms(self) -> dict:
-        """What this algorithm holds and makes while it trains, for the memory plan (runtime/memory.py): `networks`
-        trained (2 with a value network), `frozen_reference` (a frozen copy of the reference), `rollout_policy` (a
-        frozen copy of the policy that generates during training), `online_rows` (rows it generates and scores per
-        micro-batch), `rows_per_example` (2 for pairs). An algorithm file overrides what differs."""
+        """What the algorithm holds and makes while it trains, for runtime/memory.py: networks trained, a frozen
+        reference, a frozen rollout policy, rows generated per micro-batch, rows per example (2 for pairs)."""
         return dict(networks=1, frozen_reference=False, rollout_policy=False, online_rows=0, rows_per_example=1)
 
 
@@ -77,8 +76,7 @@ RUN_DEFAULTS = {
 
 
 def resolve_defaults(args, tiny: dict, paper: dict) -> None:
-    """Fill the fields left at None: with `--model tiny` the embedded experiment's values (`tiny`, RUN_DEFAULTS["tiny"]),
-    otherwise the paper's (`paper`, RUN_DEFAULTS["paper"])."""
+    """Fill the fields left at None with the embedded experiment's values (`--model tiny`) or else the paper's."""
     which = "tiny" if args.model == "tiny" else "paper"
     for k, v in {**RUN_DEFAULTS[which], **(tiny if which == "tiny" else paper)}.items():
         if getattr(args, k, None) is None:
@@ -88,20 +86,19 @@ def resolve_defaults(args, tiny: dict, paper: dict) -> None:
 
 
 def _default_note(name: str, default, tiny: dict | None, paper: dict | None) -> str:
-    """What --help says a flag defaults to: both values when the model decides (None in Args, filled by
-    `resolve_defaults`), else the one default; nothing for a switch."""
+    """What --help says a flag defaults to: both values when the model decides (None in Args), else its one default."""
+    def show(v):
+        return "unset" if v is None else f"{v:.4g}" if isinstance(v, float) else v
+
     if default is None and tiny is not None:
-        t = {**RUN_DEFAULTS["tiny"], **tiny}.get(name)
-        p = {**RUN_DEFAULTS["paper"], **(paper or {})}.get(name)
-        t, p = (f"{v:.4g}" if isinstance(v, float) else v for v in (t, p))
-        if t is not None and t == p:
+        t, p = (show({**RUN_DEFAULTS[w], **(d or {})}.get(name)) for w, d in (("tiny", tiny), ("paper", paper)))
+        if t == p != "unset":
             return f"default: {t}"
-        if t is not None or p is not None:
-            return f"tiny: {'unset' if t is None else t}, paper: {'unset' if p is None else p}"
+        if (t, p) != ("unset", "unset"):
+            return f"tiny: {t}, paper: {p}"
     if default is None or isinstance(default, bool):
         return ""
-    return f"default: {default!r}" if isinstance(default, str) else f"default: {default:.4g}" if isinstance(
-        default, float) else f"default: {default}"
+    return f"default: {default!r}" if isinstance(default, str) else f"default: {show(default)}"
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -118,25 +115,21 @@ class _ArgParser(argparse.ArgumentParser):
 
 
 def build_parser(Args, tiny: dict | None = None, paper: dict | None = None):
-    """The command line of a dataclass of `arg` fields: booleans are switches (`--resume`, not `--resume True`), and
-    each flag's help ends with its default, or its two defaults (`tiny: ..., paper: ...`) when the model decides."""
+    """The command line of a dataclass of `arg` fields: booleans are switches; each help ends with its default(s)."""
     parser = _ArgParser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
                         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=32, width=120))
     for f in fields(Args):
         help_text = f.metadata.get("help", "")
         note = "" if "default" in help_text else _default_note(f.name, f.default, tiny, paper)  # one note, not two
-        help_text = f"{help_text} ({note})" if note else help_text
+        help_text = (f"{help_text} ({note})" if note else help_text).replace("%", "%%")
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # `int | None` -> int
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text.replace("%", "%%"))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(),
-                                help=help_text.replace("%", "%%"))
+        how = dict(action="store_true") if kind is bool else dict(type=kind, default=f.default, metavar=kind.__name__.upper())
+        parser.add_argument(f"--{f.name}", help=help_text, **how)
     return parser
 
+
 def one_line_errors(kind, value, tb) -> None:
-    """A sys.excepthook: bad data found once the run is going (no pairs, too few examples, a hub dataset out of reach)
-    ends as one `error:` line, like a bad flag, not a traceback; any other exception keeps its traceback."""
+    """A sys.excepthook: bad data found once the run is going (a DataError) ends as one `error:` line, not a traceback."""
     if issubclass(kind, DataError):
         print(f"error: {value}", file=sys.stderr)
     else:
@@ -144,47 +137,45 @@ def one_line_errors(kind, value, tb) -> None:
 
 
 def parse_args(Args, tiny: dict | None = None, paper: dict | None = None):
-    """Parse the command line into `Args` and fill the model-dependent defaults (`resolve_defaults`; eval.py passes no
-    `tiny`/`paper`). Remembers which settings differ from the file's defaults, for `describe_run`."""
+    """The command line as `Args`, with the model-dependent defaults filled (not for eval.py, which has no `tiny`).
+    Remembers which settings differ from the file's defaults, for `describe_run`."""
     args = Args(**vars(build_parser(Args, tiny, paper).parse_args()))
-    if tiny is not None:
-        base = Args(model=args.model, task=args.task)  # the defaults this model and task get
-        resolve_defaults(args, tiny, paper)
-        resolve_defaults(base, tiny, paper)
-    else:
-        base = Args()
+    base = Args(model=args.model, task=args.task) if tiny is not None else Args()  # the defaults this model gets
+    for a in (args, base) if tiny is not None else ():
+        resolve_defaults(a, tiny, paper)
     args._changed = {k: v for k, v in vars(args).items() if not k.startswith("_") and getattr(base, k, None) != v}
     return args
 
-def describe_run(args, extra: str = "") -> None:
-    """One line, on the first process, of what the run is: model, task, data source, and the settings given that
-    differ from the file's defaults."""
+
+def describe_run(args) -> None:
+    """One line, on the first process: model, task, data source, and the settings that differ from the defaults."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     data = getattr(args, "offline_data", None)
     source = f"imported from {data}" if data else "self-sampled by the reference" if hasattr(args, "n_samples") else None
     changed = [f"--{k}" if v is True else f"--{k} {v!r}" if isinstance(v, str) else f"--{k} {v}"
                for k, v in getattr(args, "_changed", {}).items() if k not in ("model", "task")]
-    print(f"run: model {args.model}, task {args.task}" + (f", offline data {source}" if source else "") + extra
+    print(f"run: model {args.model}, task {args.task}" + (f", offline data {source}" if source else "")
           + ("; settings changed from the defaults: " + ", ".join(changed) if changed else "; every other setting at its "
              "default"), flush=True)
 
 
-
 # Rules for validate_args: flag -> (test of its value, what it must be)
+def _number(test, want: str, unset_ok: bool = False) -> tuple:
+    return (lambda v: (unset_ok and v is None) or (isinstance(v, int | float) and test(v)),
+            want + (" (or unset)" if unset_ok else ""))
+
+
 def at_least(lo, unset_ok: bool = False) -> tuple:
-    return (lambda v: (unset_ok and v is None) or (isinstance(v, int | float) and v >= lo),
-            f"≥ {lo}" + (" (or unset)" if unset_ok else ""))
+    return _number(lambda v: v >= lo, f"≥ {lo}", unset_ok)
 
 
 def positive(unset_ok: bool = False) -> tuple:
-    return (lambda v: (unset_ok and v is None) or (isinstance(v, int | float) and math.isfinite(v) and v > 0),
-            "> 0" + (" (or unset)" if unset_ok else ""))
+    return _number(lambda v: math.isfinite(v) and v > 0, "> 0", unset_ok)
 
 
 def between(lo, hi, lo_open: bool = False) -> tuple:
-    return (lambda v: isinstance(v, int | float) and (lo < v if lo_open else lo <= v) and v <= hi,
-            f"in {'(' if lo_open else '['}{lo}, {hi}]")
+    return _number(lambda v: (lo < v if lo_open else lo <= v) and v <= hi, f"in {'(' if lo_open else '['}{lo}, {hi}]")
 
 
 def one_of(*choices) -> tuple:
@@ -200,6 +191,7 @@ SHARED_RULES = {
     "eval_every": at_least(0), "eval_seeds": at_least(0), "save_every": at_least(0), "max_steps": at_least(0),
     "lora_r": at_least(0), "beta": positive(),
 }
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")  # = their packages
 
 
 class ArgumentError(SystemExit):
@@ -208,19 +200,51 @@ class ArgumentError(SystemExit):
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
 
+
 def validate_args(args, rules: dict | None = None) -> None:
-    """Check every flag right after parsing, before anything is loaded or written: `rules` (flag -> (test, what it must
-    be)) are the file's own, over SHARED_RULES; then the batch sizes, the model, the input files, the tracker and the
-    cache dir (`check_*`). Raises ArgumentError naming the flag, the value and what it must be. Changes nothing."""
-    check_rules(args, {**SHARED_RULES, **(rules or {})})
-    if not args.epochs and not args.max_steps:
+    """Check every flag before anything is loaded or written: each flag's rule (the file's `rules` over SHARED_RULES;
+    a flag `args` lacks is skipped), a training run's batch sizes, the model, the input files (read and parsed now, not
+    after hours) and the trackers. ArgumentError names the flag, the value and what is wrong. Reads; changes nothing."""
+    for name, (ok, want) in {**SHARED_RULES, **(rules or {})}.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise ArgumentError(f"--{name} {getattr(args, name)!r}: must be {want}")
+    if hasattr(args, "epochs") and not args.epochs and not args.max_steps:  # eval.py has no schedule
         raise ArgumentError("--epochs or --max_steps must be set: nothing to train")
-    grad_accum(args)
-    check_model_arg(args.model)
-    check_task_files(args)
-    check_offline_data(args)
-    check_report_to(args.report_to)
-    check_writable_dir("--cache_dir", args.cache_dir)
+    if hasattr(args, "epochs"):
+        grad_accum(args)
+    model, path = args.model, os.path.expanduser(args.model)
+    if model != "tiny" and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ArgumentError(f"--model {model}: the folder has no config.json (a save_pretrained folder is expected)")
+    if model != "tiny" and os.path.exists(path) and not os.path.isdir(path):
+        raise ArgumentError(f"--model {model}: a file; a model is a save_pretrained folder or a hub id")
+    if model != "tiny" and not os.path.exists(path) and (path.startswith((".", "/", "~")) or not re.fullmatch(
+            r"[\w.-]+/[\w.-]+", model)):
+        raise ArgumentError(f"--model {model}: no such folder, and not a hub id (ORG/NAME, e.g. google/gemma-1.1-7b-it)")
+    for split, path in (("train", getattr(args, "train_file", None)), ("test", args.test_file)):
+        if path and args.task == "arith":
+            raise ArgumentError(f"--{split}_file {path}: task arith generates its own problems; pass --task gsm8k, "
+                                "math or aime24 with a data file")
+        try:
+            if path and not load_task(args.task, split, path):
+                raise ArgumentError(f"--{split}_file {path}: no problems in the file")
+        except (DataError, ValueError) as e:
+            raise ArgumentError(f"--{split}_file: {e}") from None
+    data, save = getattr(args, "offline_data", None), getattr(args, "save_offline_data", None)
+    try:
+        if data:
+            read_offline_data(data)
+    except DataError as e:
+        raise ArgumentError(f"--offline_data: {e}") from None
+    if save and os.path.isdir(save):
+        raise ArgumentError(f"--save_offline_data {save}: a folder; a .jsonl file path is expected")
+    if save and data and os.path.abspath(save) == os.path.abspath(data):
+        raise ArgumentError(f"--save_offline_data {save}: the file --offline_data reads; choose another path")
+    for tracker in filter(None, (t.strip() for t in (args.report_to or "").split(","))):
+        if tracker not in TRACKERS:
+            raise ArgumentError(f"--report_to {tracker}: unknown tracker ({', '.join(TRACKERS)}; empty for none)")
+        if importlib.util.find_spec(tracker) is None:
+            raise ArgumentError(f"--report_to {tracker}: the {tracker} package is not installed (pip install {tracker}), "
+                                "or pass --report_to '' for no tracker")
 
 
 def grad_accum(args) -> int:
@@ -237,87 +261,24 @@ def grad_accum(args) -> int:
     return args.global_batch_size // per_step
 
 
-def check_rules(args, rules: dict) -> None:
-    """Each flag of `args` named in `rules` (flag -> (test, what it must be)) passes its test, test(value). A file
-    without the flag skips its rule. Rules that relate two flags are the algorithm file's own small checks."""
-    for name, (ok, want) in rules.items():
-        if hasattr(args, name) and not ok(getattr(args, name)):
-            raise ArgumentError(f"--{name} {getattr(args, name)!r}: must be {want}")
-
-
-def check_model_arg(model: str) -> None:
-    if model == "tiny":
-        return
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ArgumentError(f"--model {model}: the folder has no config.json (a save_pretrained folder is expected)")
-    elif os.path.exists(path):
-        raise ArgumentError(f"--model {model}: a file; a model is a save_pretrained folder or a hub id")
-    elif path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-        raise ArgumentError(f"--model {model}: no such folder, and not a hub id (ORG/NAME, e.g. google/gemma-1.1-7b-it)")
-
-
-def check_task_files(args) -> None:
-    """Local data files fit the task: each is read and parsed now (errors name the file and row), not after hours."""
-    for split, path, limit in (("train", getattr(args, "train_file", None), getattr(args, "n_train_prompts", None)),
-                               ("test", args.test_file, args.n_test)):
-        if path is None:
+def probe_writable(args) -> None:
+    """--cache_dir, and the folder of --save_offline_data, can be written in or created: an empty folder is made in the
+    nearest existing one and removed at once (permission bits say nothing to root, or of a read-only or virtual file
+    system), so nothing stays. ArgumentError naming the flag otherwise."""
+    if not args.cache_dir:
+        raise ArgumentError("--cache_dir is empty")
+    save = getattr(args, "save_offline_data", None)
+    for flag, path in (("--cache_dir", args.cache_dir), ("--save_offline_data", save and os.path.dirname(
+            os.path.abspath(save)))):
+        if not path:
             continue
-        if args.task == "arith":
-            raise ArgumentError(f"--{split}_file {path}: task arith generates its own problems; pass --task gsm8k, "
-                                "math or aime24 with a data file")
+        probe = os.path.abspath(os.path.expanduser(path))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise ArgumentError(f"{flag} {path}: cannot be created, {probe} is a file")
         try:
-            problems = load_task(args.task, split, path)
-        except (DataError, ValueError) as e:
-            raise ArgumentError(f"--{split}_file: {e}") from None
-        if not problems:
-            raise ArgumentError(f"--{split}_file {path}: no problems in the file")
-
-
-def check_offline_data(args) -> None:
-    """--offline_data is read and checked row by row now (`read_offline_data`); --save_offline_data can be written and
-    is not the file being imported."""
-    path, save = getattr(args, "offline_data", None), getattr(args, "save_offline_data", None)
-    if path:
-        try:
-            read_offline_data(path)
-        except DataError as e:
-            raise ArgumentError(f"--offline_data: {e}") from None
-    if save:
-        if os.path.isdir(save):
-            raise ArgumentError(f"--save_offline_data {save}: a folder; a .jsonl file path is expected")
-        if path and os.path.abspath(save) == os.path.abspath(path):
-            raise ArgumentError(f"--save_offline_data {save}: the file --offline_data reads; choose another path")
-        check_writable_dir("--save_offline_data", os.path.dirname(os.path.abspath(save)))
-
-
-def check_writable_dir(flag: str, path: str) -> None:
-    """`path` is a folder this process can write in, or one it can create: its nearest existing ancestor is a writable
-    folder. Nothing is created here."""
-    if not path:
-        raise ArgumentError(f"{flag} is empty")
-    probe = os.path.abspath(os.path.expanduser(path))
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ArgumentError(f"{flag} {path}: cannot be created, {probe} is a file")
-    try:  # a real write, removed at once: permission bits say nothing to root, or of a read-only or virtual file system
-        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-probe-"))
-    except OSError as e:
-        raise ArgumentError(f"{flag} {path}: cannot be {'written' if probe == os.path.abspath(path) else 'created'}: "
-                            f"{probe}: {e.strerror}") from None
-
-
-TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")  # = their packages
-
-
-def check_report_to(report_to: str) -> None:
-    import importlib.util
-
-    for tracker in filter(None, (t.strip() for t in (report_to or "").split(","))):
-        if tracker not in TRACKERS:
-            raise ArgumentError(f"--report_to {tracker}: unknown tracker ({', '.join(TRACKERS)}; empty for none)")
-        if importlib.util.find_spec(tracker) is None:
-            raise ArgumentError(f"--report_to {tracker}: the {tracker} package is not installed (pip install {tracker}), "
-                                "or pass --report_to '' for no tracker")
+            os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-probe-"))
+        except OSError as e:
+            raise ArgumentError(f"{flag} {path}: cannot be {'written' if probe == os.path.abspath(path) else 'created'}: "
+                                f"{probe}: {e.strerror}") from None

@@ -1,48 +1,45 @@
-"""Files a kill cannot leave half-written, files that verify, and the one cache scheme every cache uses: a folder of
-chunks, each claimed under a lock while it is built, written atomically, then a check file with its row count and CRC-32.
-The offline dataset, DQO's process scores and the reference's evaluation are such caches."""
+"""Files a kill cannot leave half-written, cache keys, and the one cache every cache uses (the offline dataset, DQO's
+process scores, the reference's evaluation): a folder of chunks, each built under a lock, written atomically, then a
+check file with its row count and CRC-32."""
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import sys
-import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 
 from tqdm.auto import tqdm
 
+OUTPUTS: list[tuple[str, str]] = []  # (what, path) of outputs written outside --output_dir, for `report_outputs`
+_FAILPOINT_HITS: dict[str, int] = {}
+_DIGESTS: dict[str, str] = {}  # "path:size:ctime:inode" -> CRC-32, for `content_digest`
+REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
+
 
 def failpoint(name: str) -> None:
-    """Crash tests: with FAILPOINT=<name> (or <name>@<n>: the n-th time it is reached) the process dies here as a SIGKILL
-    would leave it (exit 137, no cleanup, no flush); a no-op otherwise."""
-    want = os.environ.get("FAILPOINT")
-    if not want or want.partition("@")[0] != name:
-        return
-    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
-    if _FAILPOINT_HITS[name] == int(want.partition("@")[2] or 1):
-        os._exit(137)
-
-
-_FAILPOINT_HITS: dict[str, int] = {}
-OUTPUTS: list[tuple[str, str]] = []  # (what, path) of outputs written outside --output_dir, for `report_outputs`
+    """Crash tests: with FAILPOINT=<name>[@<n>] the process dies here the n-th time (exit 137, no cleanup, no flush)."""
+    want, _, nth = os.environ.get("FAILPOINT", "").partition("@")
+    if want == name:
+        _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+        if _FAILPOINT_HITS[name] == int(nth or 1):
+            os._exit(137)
 
 
 def file_hashes(paths: list[str]) -> list[str]:
-    """CRC-32 of each file's bytes as 8 hex digits, several files at once (zlib releases the GIL): it tells a damaged
-    file from an intact one (not an attacker's), at the disk's speed, so a 100 GB checkpoint is hashed at every save."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """CRC-32 of each file as 8 hex digits, several at once (zlib releases the GIL): it tells a damaged file from an
+    intact one at the disk's speed, so a 100 GB checkpoint is hashed at every save."""
     def crc(path: str) -> str:
         value = 0
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                value = zlib.crc32(chunk, value)
+            while block := f.read(1 << 24):
+                value = zlib.crc32(block, value)
         return f"{value:08x}"
 
     with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1, os.cpu_count() or 1)) as pool:
@@ -50,15 +47,12 @@ def file_hashes(paths: list[str]) -> list[str]:
 
 
 class WriteError(SystemExit):
-    """A write that failed (disk full, file-size limit, permissions), as one line naming the file and the free space
-    left there, instead of a traceback from deep inside safetensors or torch."""
+    """A failed write (disk full, file-size limit, permissions) as one line naming the file and the free space there."""
 
     def __init__(self, path: str, e: BaseException, consequence: str = ""):
         code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # safetensors and torch wrap the OSError in their own
         reason = (e.strerror if isinstance(e, OSError) and e.strerror else os.strerror(int(code.group(1) or code.group(2)))
                   if code else (str(e).strip().splitlines() or [""])[0] or type(e).__name__)
-        import resource
-
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if not isinstance(e, OSError) and limit != resource.RLIM_INFINITY:
             reason += f" (this process may write files of at most {limit} bytes: ulimit -f)"
@@ -74,8 +68,8 @@ class WriteError(SystemExit):
 
 @contextmanager
 def writing(path: str, cleanup: str | None = None, consequence: str = ""):
-    """Turn any failure inside the block into a WriteError naming `path` (for a folder: the file being written there,
-    which safetensors and torch do not name), after removing `cleanup`, so nothing half-written stays to be trusted."""
+    """Any failure inside the block becomes a WriteError naming `path` (a folder: the file being written in it), after
+    `cleanup` is removed, so nothing half-written stays to be trusted."""
     try:
         yield
     except (WriteError, KeyboardInterrupt):
@@ -114,29 +108,14 @@ def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     write_atomic(path, (json.dumps(r) + "\n" for r in rows))
 
 
-def clean_orphans(folder: str, min_age_s: float = 0.0) -> list[str]:
-    """Remove the temp files of atomic writes (`*.tmp-PID`) in `folder` whose process is gone and that are at least
-    `min_age_s` old (a PID alive on another host sharing the folder is not visible). Returns what it removed."""
-    removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m, path = re.search(r"\.tmp-(\d+)$", name), os.path.join(folder, name)
-        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - os.path.getmtime(path) >= min_age_s:
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-                removed.append(path)
+def clean_orphans(folder: str, prefix: str | tuple = "") -> list[str]:
+    """Remove the temp files (`<prefix>*.tmp-PID`) that killed writers left in `folder`; the caller holds its lock, so
+    no other process writes them. Returns what it removed."""
+    removed = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix)
+               and re.search(r"\.tmp-\d+$", n) and not n.endswith(f".tmp-{os.getpid()}")]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # Cache keys ---------------------------------------------------------------------------------------------------------
@@ -145,71 +124,46 @@ def cache_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-REPORT_FILES = re.compile(r"eval-.*\.json|quality\.json")  # written into a model folder after it was saved
-_DIGESTS: dict[str, str] = {}
-
-
-def content_digest(path: str, memo_path: str | None = None) -> str:
-    """sha256 of a file, or of a folder's files (names and bytes, REPORT_FILES left out): an input's identity in cache
-    keys. Each file's hash is remembered by (path, size, ctime, inode), per process and in `memo_path`, so a 17 GB
-    model is read once."""
-    memo = {}
+def content_digest(path: str | None, cache_dir: str | None = None) -> str | None:
+    """A file's or folder's identity in cache keys (None for none: the hub, `arith`): `cache_key` of its files' names
+    and CRC-32s (REPORT_FILES left out). Each CRC is remembered by (path, size, ctime, inode), per process and in
+    `cache_dir/file-crc32.json`, so a 17 GB model is read once."""
+    if path is None:
+        return None
+    memo_path, memo = cache_dir and os.path.join(cache_dir, "file-crc32.json"), dict(_DIGESTS)
     if memo_path and os.path.exists(memo_path):
         with open(memo_path) as f:
-            memo = json.load(f)
+            memo.update(json.load(f))
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not REPORT_FILES.fullmatch(f))
-    h, changed = hashlib.sha256(), False
-    for file in files:
-        st = os.stat(file)
-        key = f"{os.path.abspath(file)}:{st.st_size}:{st.st_ctime_ns}:{st.st_ino}"  # any write or utime changes ctime
-        if key not in memo and key not in _DIGESTS:
-            fh = hashlib.sha256()
-            with open(file, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    fh.update(chunk)
-            _DIGESTS[key], changed = fh.hexdigest(), True
-        h.update(f"{os.path.relpath(file, path)}:{memo.get(key) or _DIGESTS[key]}\n".encode())
-    if memo_path and changed:
-        os.makedirs(os.path.dirname(memo_path) or ".", exist_ok=True)
+    keys = [f"{os.path.abspath(f)}:{st.st_size}:{st.st_ctime_ns}:{st.st_ino}" for f, st in ((f, os.stat(f)) for f in files)]
+    new = [(f, k) for f, k in zip(files, keys) if k not in memo]  # any write or utime changes a file's ctime
+    _DIGESTS.update(zip([k for _, k in new], file_hashes([f for f, _ in new])))
+    if memo_path and new:
+        os.makedirs(cache_dir, exist_ok=True)
         write_json_atomic(memo_path, {**memo, **_DIGESTS})
-    return h.hexdigest()[:16]
+    return cache_key([[os.path.relpath(f, path), {**memo, **_DIGESTS}[k]] for f, k in zip(files, keys)])
 
 
 def model_key(model: str, cache_dir: str | None = None, precision: str = "fp32") -> str:
-    """The reference's identity in cache keys: for tiny the hash of the recipe it was built from (assets/tiny/recipe.json;
-    tests/test_tiny_reference.py checks it is benchmarks/tiny_reference.py's), for a hub id the id, for a local folder
-    the digest of its contents: a model saved again in place never reuses results of the old one, and a copy elsewhere
-    reuses them. A bf16 run's samples differ from an fp32 run's: bf16 is part of the identity ("@bf16")."""
+    """The reference's identity in cache keys: for tiny the hash of assets/tiny/recipe.json, for a hub id the id, for a
+    local folder its contents' digest (saved again in place: new results; copied elsewhere: the same); "@bf16" added
+    for bf16, whose samples differ from fp32's."""
     if model == "tiny":
         with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny",
                                "recipe.json")) as f:
             key = f"tiny/shipped-{cache_key(json.load(f))}"  # "shipped-": the key the shipped weights have always had
     elif os.path.isdir(path := os.path.expanduser(model)):
-        key = f"local:{content_digest(path, cache_dir and os.path.join(cache_dir, 'digests.json'))}"
+        key = f"local:{content_digest(path, cache_dir)}"
     else:
         key = model
     return key if precision == "fp32" else f"{key}@{precision}"
 
 
-def data_key(path: str | None, cache_dir: str | None = None) -> str | None:
-    """The identity of a local JSONL data file in cache keys (its contents' digest); None for the hub or `arith`."""
-    return content_digest(path, cache_dir and os.path.join(cache_dir, "digests.json")) if path else None
-
-
-def cache_folder(accelerator, parent: str, key_fields: dict) -> str:
-    """`parent/<cache_key(key_fields)>`, created, with key.json saying what the key stands for."""
-    root = os.path.join(parent, cache_key(key_fields))
-    os.makedirs(root, exist_ok=True)
-    if accelerator is None or accelerator.is_main_process:
-        write_json_atomic(os.path.join(root, "key.json"), key_fields)
-    return root
-
-
 # The chunked cache --------------------------------------------------------------------------------------------------
 def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
-    """Why chunk `c` in `root` cannot be used (missing, or its row count or CRC-32 differs from its check file, written
-    after it), or None if it verifies. A chunk without its check file was cut off and is never used."""
+    """Why chunk `c` in `root` cannot be used ("missing", or its rows or CRC-32 differ from its check file, written
+    after it: a chunk without one was cut off), or None if it verifies."""
     path, check = os.path.join(root, f"chunk-{c:05d}.jsonl"), os.path.join(root, f"check-{c:05d}.json")
     if not os.path.exists(check):
         return "missing" if not os.path.exists(path) else f"{path} has no check file (its write was cut off)"
@@ -230,8 +184,7 @@ def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
 
 
 def write_chunk(root: str, c: int, rows: list[dict], point: str = "dataset.chunk.before_check") -> None:
-    """Chunk `c` (atomic), then its check file: row count and CRC-32 (`chunk_problem` reads them). `point`: the
-    failpoint between the two."""
+    """Chunk `c` (atomic), then its check file; the failpoint `point` between the two."""
     path = os.path.join(root, f"chunk-{c:05d}.jsonl")
     write_jsonl_atomic(path, rows)
     failpoint(point)
@@ -239,8 +192,7 @@ def write_chunk(root: str, c: int, rows: list[dict], point: str = "dataset.chunk
 
 
 def read_chunk(root: str, c: int, n_rows: int | None = None) -> list[dict] | None:
-    """The rows of chunk `c` if it verifies; None if it is missing, or damaged: then it is named and must be built
-    again."""
+    """The rows of chunk `c` if it verifies, else None (a damaged one is named: it must be built again)."""
     problem = chunk_problem(root, c, n_rows)
     if problem is None:
         with open(os.path.join(root, f"chunk-{c:05d}.jsonl")) as f:
@@ -250,57 +202,59 @@ def read_chunk(root: str, c: int, n_rows: int | None = None) -> list[dict] | Non
     return None
 
 
-def claim_chunks(root: str, todo: list[int], n_rows: dict) -> Iterator[int]:
-    """The chunks of `todo` this process must build, each under an exclusive flock (lock-NNNNN) while it builds it, so
-    two runs building one cache split the work: a chunk held elsewhere is waited for, and taken over only if its holder
-    died (the kernel drops a dead process's lock); one that then verifies is skipped."""
-    waiting = []
-    for blocking in (False, True):
-        for c in todo if not blocking else waiting:
-            fd = os.open(os.path.join(root, f"lock-{c:05d}"), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                except BlockingIOError:
-                    waiting.append(c)
-                    continue
-                except OSError:  # a filesystem without locks: no sharing with other runs, the chunk is still verified
-                    pass
-                if chunk_problem(root, c, n_rows[c]) is None:
-                    continue
-                for name in os.listdir(root):  # a killed writer's temp files: nobody else writes this chunk now
-                    if name.startswith((f"chunk-{c:05d}.jsonl.tmp-", f"check-{c:05d}.json.tmp-")):
-                        os.remove(os.path.join(root, name))
-                yield c
-            finally:
-                os.close(fd)  # releases the lock
-
-
-def build_chunks(root: str, mine: range, n_rows: dict, make: Callable[[int], list[dict]], desc: str, show: bool) -> None:
-    """Build the chunks of `mine` that are missing or do not verify (a damaged one is named): each made by `make(c)`
-    under its lock (`claim_chunks`) and written with its check file (`write_chunk`), with a progress bar `desc`."""
+def cached_chunks(accelerator, parent: str, key_fields: dict, sizes: list[int], make: Callable[[int], list[dict]],
+                  desc: str) -> tuple[list[list[dict]], str]:
+    """The chunked cache `parent/<cache_key(key_fields)>` (key.json says what the key stands for): (the rows of each
+    chunk, the folder). This process builds its share of the chunks that do not verify (a damaged one is named), chunk
+    c made by `make(c)` with sizes[c] rows and written with its check file under an exclusive flock (lock-NNNNN), so
+    runs that share the cache split the work: a chunk held elsewhere is waited for, and built here only if it then
+    does not verify (its holder died: the kernel drops a dead process's lock). Then every process reads every chunk;
+    one damaged since it was built stops the run with one line: it is never used."""
+    root = os.path.join(parent, cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
-    todo = []
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if rank == 0:
+        write_json_atomic(os.path.join(root, "key.json"), key_fields)
+    mine, todo, waiting, built = range(rank, len(sizes), world), [], [], 0
     for c in mine:
-        problem = chunk_problem(root, c, n_rows[c])
-        if problem and problem != "missing":
+        if (problem := chunk_problem(root, c, sizes[c])) not in (None, "missing"):
             print(f"warning: {desc}: {problem}: sampling it again", file=sys.stderr)
         todo += [c] if problem else []
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not show)
-    built = 0
-    for c in claim_chunks(root, todo, n_rows):  # another run building this cache may take some of them
-        write_chunk(root, c, make(c))
-        built += 1
-        bar.update(1)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc,
+               disable=not (accelerator is None or accelerator.is_local_main_process))
+    for blocking in (False, True):
+        for c in waiting if blocking else todo:
+            fd = os.open(os.path.join(root, f"lock-{c:05d}"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                with suppress(OSError):  # a filesystem without locks: no sharing, the chunk is still verified
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                    except BlockingIOError:
+                        waiting.append(c)
+                        continue
+                if chunk_problem(root, c, sizes[c]) is not None:
+                    clean_orphans(root, prefix=(f"chunk-{c:05d}.", f"check-{c:05d}."))  # a killed writer's
+                    write_chunk(root, c, make(c))
+                    built += 1
+                    bar.update(1)
+            finally:
+                os.close(fd)  # releases the lock
     bar.close()
     if todo:  # after the bar is closed: on a line of its own
         print(f"{desc}: sampled {built} of the {len(todo)} missing chunks here, {len(todo) - built} by another run "
               f"({root})", flush=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    chunks = [read_chunk(root, c, n) for c, n in enumerate(sizes)]
+    if None in chunks:
+        raise SystemExit(f"error: {desc}: chunk {chunks.index(None)} in {root} is missing or damaged; run again to "
+                         "build it again")
+    return chunks, root
 
 
 def on_main(accelerator, decide: Callable[[], object]) -> object:
-    """`decide()` run on the main process only, its result sent to every process: for a choice every process must make
-    the same way (which checkpoint to load, whether a cached result is there) from files that may change meanwhile."""
+    """`decide()` on the main process, its result sent to every process: a choice all must make alike from files
+    that may change meanwhile (which checkpoint to load, whether a cached result is there)."""
     from accelerate.utils import broadcast_object_list
 
     found = [decide() if accelerator.is_main_process else None]

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 
 from common import plan_steps
 from runtime.checkpoint import checkpoint_path
-from runtime.cli import ArgumentError, describe_run, grad_accum, one_line_errors, parse_args, validate_args
+from runtime.cli import ArgumentError, describe_run, grad_accum, one_line_errors, parse_args, probe_writable, validate_args
 from runtime.files import OUTPUTS, clean_orphans, write_json_atomic, writing
 from runtime.memory import host_ram_preflight, memory_preflight, read_model_config
 
@@ -27,7 +27,8 @@ def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) 
       1. parses the command line into `Args` (runtime/cli.py), fills the defaults that depend on the model (`tiny`,
          `paper`), and sets sys.excepthook so that bad data found later (a DataError) ends as one `error:` line;
       2. validates every flag and input file (`check(args)`: the file's checks that relate two flags; `rules`: its
-         own rules for single flags, over the shared ones), then sets args.grad_accum and args.global_batch_size;
+         own rules for single flags, over the shared ones), probes that --cache_dir can be written (an empty folder
+         made and removed), then sets args.grad_accum and args.global_batch_size;
       3. on the first process, claims --output_dir: takes its lock (released at exit by atexit), checks it again under
          the lock, removes the temp files killed runs left; prints what the run is;
       4. sets up the accelerator (`setup_accelerator`: precision, FSDP, process group, seeds, trackers);
@@ -39,6 +40,7 @@ def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) 
     if check:
         check(args)
     validate_args(args, rules)
+    probe_writable(args)
     check_output_dir(args.output_dir, args.resume, quiet=os.environ.get("RANK", "0") != "0")
     args.grad_accum = grad_accum(args)
     args.global_batch_size = args.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1")) * args.grad_accum

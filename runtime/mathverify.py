@@ -1,6 +1,5 @@
-"""math-verify's equivalence check in helper processes, killed at a timeout: neither a thread nor signal.alarm can
-bound it (sympy on e.g. 10^{10^{10^{10}}} is one C call holding the GIL). Each call checks a helper out of a small pool,
-so a slow answer never delays another thread's, and a subprocess works inside daemonic workers."""
+"""math-verify's equivalence check in helper processes, killed at a timeout (sympy on 10^{10^{10^{10}}} is one C call
+holding the GIL: no thread or signal.alarm bounds it). Each call has a helper of a small pool to itself."""
 
 import atexit
 import json
@@ -33,9 +32,7 @@ MAX_IDLE_HELPERS = 4  # helpers kept between calls, about 60 MB each; more start
 _helpers = {"idle": [], "live": set(), "lock": threading.Lock()}
 
 
-def _forget_helpers_after_fork() -> None:
-    """A forked child starts its own helpers; closing its copies of the parent's pipes lets an idle parent helper still see
-    end-of-file when the parent exits."""
+def _forget_helpers_after_fork() -> None:  # the child's own helpers; the parent's still see EOF when it exits
     for proc in _helpers["live"]:
         proc.stdin.close()
         proc.stdout.close()
@@ -60,14 +57,14 @@ atexit.register(_stop_all_helpers)
 
 
 def _readline(proc, timeout_s: float) -> bytes:
-    """One line from the helper, or b"" after `timeout_s` or at its exit (poll, unlike select, takes any fd number)."""
+    """A line from the helper, or b"" after `timeout_s` or at its exit (poll, unlike select, takes any fd number)."""
     poller = select.poll()
     poller.register(proc.stdout, select.POLLIN)
     return proc.stdout.readline() if poller.poll(timeout_s * 1000) else b""
 
 
 def _checkout_helper():
-    """An idle helper, or a fresh one (None if it does not start): each call has one to itself."""
+    """An idle helper, or a fresh one (None if it does not start)."""
     with _helpers["lock"]:
         while _helpers["idle"]:
             proc = _helpers["idle"].pop()
@@ -85,7 +82,7 @@ def _checkout_helper():
 
 
 def math_equal(pred: str, ref: str, timeout_s: float = 5.0) -> bool:
-    """math-verify's equivalence of two answers, False if it takes over `timeout_s` (from when the helper has them)."""
+    """math-verify's equivalence of two answers; False after `timeout_s` (from when the helper has them)."""
     proc = _checkout_helper()
     if proc is None:
         return False

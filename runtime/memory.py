@@ -1,13 +1,12 @@
-"""The memory plan: bytes per GPU of every step of a run, by arithmetic on the model config, and the preflights that
-stop a launch that will not fit before any weights load. An algorithm declares what it holds (Base.memory_terms)."""
+"""The memory plan (bytes per GPU of every step, from the model config and what the algorithm declares in
+Base.memory_terms) and the preflights that stop a launch that will not fit before any weights load."""
 
 from common import SCORE_MAX_TOKENS, TINY_SHIPPED
 from runtime.cli import ArgumentError
 
 
 def param_count(config: dict) -> tuple[int, int]:
-    """(parameters of the causal LM, parameters of one decoder layer) of a Llama/Gemma-style config: attention without
-    biases, a gated MLP, RMS norms, an output head unless it is tied to the embedding."""
+    """(parameters of the causal LM, of one decoder layer) of a Llama/Gemma-style config (no attention biases)."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
     layer = 2 * H * q + 2 * H * kv + 3 * H * F + 2 * H  # q and o, k and v, gate/up/down, two norms
@@ -22,23 +21,15 @@ def kv_bytes_per_token(config: dict, bytes_per_value: int = 2) -> int:
 def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: int, gen_batch_size: int,
                 prompt_tokens: int, max_new_tokens: int, sharded: bool = True, precision: str = "bf16", lora_r: int = 0,
                 n_samples: int = 20) -> dict[str, dict[str, float]]:
-    """Peak bytes on one GPU in each step of an algorithm, by component, from what it declares (`terms`, as
-    Base.memory_terms gives them), under configs/fsdp.yaml (FSDP2 full shard over `world` GPUs, bf16 parameters over
-    fp32 master weights and reduction, activation checkpointing, a reduce-scatter every micro-batch). Each component is
-    one the fake-tensor trace (benchmarks/memory_trace.py) measures, sized as it found it on Gemma-1.1-7B;
-    tests/test_memory_plan.py holds every step within 10% of the trace. Sequences are `prompt_tokens + max_new_tokens`.
-    Steps: "train" (a micro-batch's forward and backward), "generate" (the policy gathered, the KV cache), "score"
-    (score_rows on an offline chunk), "save" (one parameter gathered in fp32) and, with a rollout policy, "rollout" (it
-    generates `gen_batch_size` sequences, the frozen reference scores `online_rows`) and "refresh" (it is refreshed from
-    the gathered policy). `sharded` False: whole models on every GPU (DDP's fp32 gradient buckets when `world` > 1).
-    `precision` "fp32": everything in fp32. `lora_r`: frozen base weights in the compute dtype, LoRA adapters trained."""
+    """Peak bytes on one GPU in each step ("train", "generate", "score", "save"; with a rollout policy "rollout" and
+    "refresh"), by component, under configs/fsdp.yaml (FSDP2 over `world` GPUs, bf16 over fp32 master weights,
+    activation checkpointing) or, `sharded` False, whole models on every GPU. Each component is one the fake-tensor
+    trace (benchmarks/memory_trace.py) measures on Gemma-1.1-7B; tests/test_memory_plan.py holds each step within 10%."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
     params, layer = param_count(config)
-    head = 0 if config.get("tie_word_embeddings", True) else V * H
-    value_params = params - head + H + 1  # the backbone and a scalar head
+    value_params = params - (0 if config.get("tie_word_embeddings", True) else V * H) + H + 1  # backbone, scalar head
     trained = [params] + [value_params] * (terms.get("networks", 1) - 1)
-    online_rows, rollout_policy = terms.get("online_rows", 0), terms.get("rollout_policy", False)
     w = 2 if precision == "bf16" else 4  # bytes per parameter and activation in the compute dtype
     shards = world if sharded else 1
     T = prompt_tokens + max_new_tokens
@@ -56,13 +47,12 @@ def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: in
             grads["DDP gradient buckets (fp32)"] = sum(4 * p for p in trained)
     if terms.get("frozen_reference") and not lora_r:  # with LoRA the reference is the base, adapters off
         state["frozen reference"] = w * params
-    if rollout_policy:
+    if terms.get("rollout_policy"):
         state["frozen rollout policy"] = w * params + (4 * adapters if lora_r else 0)
     gathered = {"policy gathered": w * params} if sharded else {}  # unsharded: the weights are already whole
-    kv_bytes = kv_bytes_per_token(config, w)
 
     def generate(n: int) -> dict:  # the KV cache, growing one layer's K or V at a time, and the sampler's logits
-        return {"KV cache": n * T * kv_bytes * (1 + 1 / (2 * L)), "sampling logits and warps": n * V * 8}
+        return {"KV cache": n * T * kv_bytes_per_token(config, w) * (1 + 1 / (2 * L)), "sampling logits and warps": n * V * 8}
 
     def score(rows: int) -> dict:  # one forward of up to SCORE_MAX_TOKENS tokens: the MLP's three (tokens, F) tensors
         tokens = min(rows, max(1, SCORE_MAX_TOKENS // T)) * T
@@ -82,8 +72,8 @@ def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: in
             "generate": {**state, **gathered, **generate(gen_batch_size)},
             "score": {**state, **gathered, **score(rows_per_chunk)},
             "save": {**state, "one parameter gathered (fp32)": 4 * max(V * H, layer // L if L else 0)}}
-    if rollout_policy:
-        plan["rollout"] = {**state, **generate(gen_batch_size), **score(online_rows)}
+    if terms.get("rollout_policy"):
+        plan["rollout"] = {**state, **generate(gen_batch_size), **score(terms.get("online_rows", 0))}
         plan["refresh"] = {**state, **gathered}
     return plan
 
@@ -93,27 +83,23 @@ PREFLIGHT_PROMPT_TOKENS = 320  # the longest GSM8K prompt (template and chat mar
 
 
 def read_model_config(model: str) -> dict:
-    """The numbers `memory_plan` reads from a model's config, without loading its weights: `tiny` is assets/tiny;
-    anything else goes to transformers' AutoConfig (a local directory, or a hub id: its config.json only)."""
+    """What `memory_plan` reads of a model's config (`tiny`: assets/tiny; else AutoConfig), without its weights."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(TINY_SHIPPED if model == "tiny" else model).get_text_config()
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    out = {k: getattr(cfg, k) for k in keys}
-    out["num_key_value_heads"] = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    out["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    out["tie_word_embeddings"] = bool(getattr(cfg, "tie_word_embeddings", True))
-    return out
+    return {**{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads")},
+            "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", True))}
 
 
 def memory_preflight(name: str, terms: dict, model_config: dict, world: int, sharding: str | None, precision: str,
                      per_device_batch_size: int, gen_batch_size: int, max_new_tokens: int, lora_r: int,
                      device_bytes: int | None, skip: bool, n_samples: int = 20,
                      prompt_tokens: int = PREFLIGHT_PROMPT_TOKENS) -> str:
-    """This launch's memory plan before any weights load (`memory_plan`), as text to print: the peak GB per GPU of each
-    step, for `world` processes under `sharding` ("FSDP" or None) and `precision`. `device_bytes` None (no
-    GPU): nothing checked. Raises ArgumentError naming the step, the GB it needs and has (the GPU less
-    MEMORY_MARGIN_BYTES, or 10% of a GPU under 80 GB) and the fixes, when a step does not fit and not `skip`."""
+    """The plan's peak GB per GPU of each step, as text (`device_bytes` None: no GPU, nothing checked). ArgumentError
+    naming the step, what it needs and has (the GPU less MEMORY_MARGIN_BYTES, or 10%) and the fixes, unless `skip`."""
     plan = memory_plan(model_config, terms, world, per_device_batch_size, gen_batch_size, prompt_tokens, max_new_tokens,
                        sharded=sharding is not None, precision=precision, lora_r=lora_r, n_samples=n_samples)
     need = {step: sum(parts.values()) for step, parts in plan.items()}
@@ -126,13 +112,9 @@ def memory_preflight(name: str, terms: dict, model_config: dict, world: int, sha
     step, worst = max(need.items(), key=lambda kv: kv[1])
     if worst <= avail:
         return text + f"; fits (at most {avail / 1e9:.1f} GB)"
-    fixes = []
-    if sharding is None and world > 1:
-        fixes.append("shard the models: `accelerate launch --config_file configs/fsdp.yaml`")
     batch, gen = "a smaller --per_device_batch_size (the global batch stays)", "a smaller --gen_batch_size"
-    fixes += [gen, batch] if step == "generate" else [batch, gen]
-    if not lora_r:
-        fixes.append("--lora_r 16")
+    fixes = (["shard the models: `accelerate launch --config_file configs/fsdp.yaml`"] if sharding is None and world > 1
+             else []) + ([gen, batch] if step == "generate" else [batch, gen]) + ([] if lora_r else ["--lora_r 16"])
     message = (f"{name}: the {step} step needs {worst / 1e9:.1f} GB per GPU, {avail / 1e9:.1f} GB available "
                f"({how}; {steps}). Fixes: " + "; ".join(fixes) + ". --skip_memory_check runs it anyway")
     if skip:
@@ -142,17 +124,17 @@ def memory_preflight(name: str, terms: dict, model_config: dict, world: int, sha
 
 def host_ram_preflight(name: str, terms: dict, model_config: dict, local_world: int, sharding: str | None, precision: str,
                        lora_r: int, host_bytes: int, skip: bool) -> str:
-    """Host RAM of one node while the models load, from the dtypes: every process loads the model itself
-    (configs/fsdp.yaml). Per process the trained weights in fp32 (FSDP2's `prepare` upcasts on the host), plus a value
-    network's copy (load dtype under FSDP, else fp32); with LoRA the frozen base and value copy in the load dtype.
-    ArgumentError above 90% of the RAM, unless `skip`."""
+    """Host RAM of one node while every process loads the model: per process the trained weights in fp32 (FSDP2's
+    `prepare` upcasts on the host), a value network's copy (load dtype under FSDP, else fp32); with LoRA the base and
+    value copy in the load dtype. ArgumentError above 90% of the RAM, unless `skip`."""
     params, _ = param_count(model_config)
     w = 2 if precision == "bf16" else 4
     value = terms.get("networks", 1) > 1
     per_process = (w * params * (2 if value else 1) if lora_r else
                    4 * params + (params * (w if sharding else 4) if value else 0))
-    need, text = local_world * per_process, f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB"
-    text += f" = {local_world * per_process / 1e9:.1f} GB of {host_bytes / 1e9:.0f} GB"
+    need = local_world * per_process
+    text = f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB = {need / 1e9:.1f} GB of " \
+           f"{host_bytes / 1e9:.0f} GB"
     if need <= 0.9 * host_bytes or skip:
         return text + ("" if need <= 0.9 * host_bytes else " (over 90%: --skip_memory_check)")
     raise ArgumentError(f"{name}: {text}: every process loads the model itself. Fixes: fewer processes per node, "

@@ -152,7 +152,9 @@ def test_the_run_line_names_model_task_data_and_only_changed_settings(monkeypatc
     assert capsys.readouterr().out == ("run: model tiny, task arith, offline data self-sampled by the reference; settings "
                                        "changed from the defaults: --n_samples 4, --process_rewards\n")
     monkeypatch.setattr(sys, "argv", ["eval.py", "--seed", "1"])
-    eval_script.validate(runtime.cli.parse_args(eval_script.Args))  # ends with the run line, the task resolved
+    args = runtime.cli.parse_args(eval_script.Args)
+    eval_script.resolve(args)  # the task resolved, then the run line
+    runtime.cli.describe_run(args)
     assert capsys.readouterr().out == "run: model tiny, task arith; every other setting at its default\n"
 
 

@@ -10,7 +10,6 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -417,17 +416,13 @@ def test_left_padded_greedy_matches_unpadded(tiny_model):
 # ---------------------------------------------------------------------------------------------------------------------
 # Models: load by path, clear errors
 # ---------------------------------------------------------------------------------------------------------------------
-def _model_args(path, cache_dir=".cache"):
-    return SimpleNamespace(model=path, cache_dir=cache_dir, precision="fp32", gradient_checkpointing=False)
-
-
 def test_model_saved_to_temp_dir_loads_by_path(tiny_model, tmp_path):
     model, tok = tiny_model
     path = str(tmp_path / "saved")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     assert os.path.exists(os.path.join(path, "model.safetensors"))
-    loaded, loaded_tok = common.load_model_and_tokenizer(_model_args(path))
+    loaded, loaded_tok = common.load_model_and_tokenizer(path)
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
     assert loaded_tok.get_vocab() == tok.get_vocab() and loaded_tok.chat_template == tok.chat_template
@@ -439,7 +434,7 @@ def test_model_saved_to_temp_dir_loads_by_path(tiny_model, tmp_path):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     for path in (str(tmp_path / "no-such-model"), "./no-such-model-dir"):
         with pytest.raises(FileNotFoundError, match="no-such-model"):
-            common.load_model_and_tokenizer(_model_args(path))
+            common.load_model_and_tokenizer(path)
 
 
 def test_reference_mode_runs_the_model_in_eval_mode_and_restores_it():
@@ -485,9 +480,9 @@ def test_cache_keys_follow_the_contents_not_the_path(tiny_model, tmp_path, monke
     # a data file edited in place: a new key
     data_file = tmp_path / "test.jsonl"
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
-    before = runtime.files.data_key(str(data_file), str(tmp_path / ".cache"))
+    before = runtime.files.content_digest(str(data_file), str(tmp_path / ".cache"))
     data_file.write_text(json.dumps({"question": "q", "answer": "#### 2"}) + "\n")
-    data_key = runtime.files.data_key
+    data_key = runtime.files.content_digest
     assert data_key(str(data_file), str(tmp_path / ".cache")) != before and data_key(None, ".cache") is None
 
 

@@ -246,14 +246,12 @@ def test_corrupted_checkpoint_tensor_is_named_and_the_previous_one_taken(tmp_pat
 
 def test_damaged_eval_cache_is_named_and_computed_again(tmp_path, monkeypatch, capsys):
     from accelerate import Accelerator
-    from types import SimpleNamespace
 
     calls = []
     monkeypatch.setattr(common, "evaluate_run", lambda *a, **kw: calls.append(1) or {"greedy": 0.5, "n_problems": 2})
-    args = SimpleNamespace(model="tiny", cache_dir=str(tmp_path), task="arith", test_file=None, max_new_tokens=8, seed=0,
-                           eval_seeds=1, gen_batch_size=4, precision="fp32")
+    settings = dict(task="arith", max_new_tokens=8, seed=0, sampled_seeds=1, gen_batch_size=4)
     acc, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
-    ref = lambda: common.evaluate_reference(model, None, [{}, {}], args, acc)  # noqa: E731
+    ref = lambda: common.evaluate_reference(model, None, [{}, {}], acc, "tiny", str(tmp_path), **settings)  # noqa: E731
     assert ref() == {"greedy": 0.5, "n_problems": 2} and ref() == {"greedy": 0.5, "n_problems": 2} and len(calls) == 1
     (root,) = (tmp_path / "eval").iterdir()  # the shared chunked cache (runtime/files.py): one chunk of one row
     path = root / "chunk-00000.jsonl"

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -82,8 +81,7 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges(tiny_model, tmp
 
 
 def test_lora_with_gradient_checkpointing_trains_every_adapter(tiny_cache):
-    args = SimpleNamespace(model="tiny", cache_dir=tiny_cache, precision="fp32", gradient_checkpointing=True, lora_r=4)
-    policy, tokenizer = common.load_model_and_tokenizer(args)
+    policy, tokenizer = common.load_model_and_tokenizer("tiny", lora_r=4, gradient_checkpointing=True)
     batch = _batch(tokenizer)
     policy.train()
     loss = rs.rs_loss(common.token_logprobs(policy, batch["input_ids"], batch["attention_mask"]), batch["mask"])[0]

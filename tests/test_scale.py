@@ -231,7 +231,8 @@ def racing_read(root, c, n_rows=None):  # the other run's write lands between th
     return read(root, c, n_rows)
 
 common.read_chunk = racing_read
-out = common.evaluate_reference(model, tokenizer, common.load_task("arith", "test", limit=4), args, acc)
+out = common.evaluate_reference(model, tokenizer, common.load_task("arith", "test", limit=4), acc, args.model, args.cache_dir,
+                               task="arith", max_new_tokens=16, seed=1, sampled_seeds=0, gen_batch_size=4)
 with open(os.path.join({str(tmp_path)!r}, f"rank{{acc.process_index}}.json"), "w") as f:
     json.dump(out, f)
 """)
