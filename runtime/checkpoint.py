@@ -1,34 +1,86 @@
-"""Checkpoints and resume, and saving models: every save is atomic (written aside, renamed into place) and verified
-(sizes and CRC-32 in its manifest), so a kill at any point leaves a checkpoint that loads."""
+"""Checkpoints and resume, preemption, and saving models: every save is atomic (written aside, renamed into place) and
+verified (sizes and CRC-32 in its manifest), so a kill at any point leaves a checkpoint that loads.
+
+Preemption: on SIGTERM or SIGUSR1 every process finishes its optimizer step, the run saves a checkpoint and exits with
+EXIT_RESUME (75, EX_TEMPFAIL): "preempted, rerun the same command with --resume". Under `accelerate launch` the signal
+goes to torch's elastic agent, which forwards it to every worker, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default
+30), SIGKILLs what is left, and exits 128 + the signal (143 for SIGTERM, 138 for SIGUSR1), not the workers' 75. The
+agent forwards only PET_SIGNALS_TO_HANDLE (default SIGTERM,SIGINT,SIGHUP,SIGQUIT): add SIGUSR1 there, or a SIGUSR1
+kills the agent and leaves the workers running (configs/slurm_dqo.sbatch does both)."""
 
 import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import time
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from common import merge_lora
 from runtime.cli import ArgumentError
+from runtime.memory import param_count
 from runtime.files import failpoint, file_hashes, on_main, write_atomic, write_json_atomic, writing
 from runtime.sharding import full_state_dict
 
 CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")  # the current one, the one before, the one being saved
+EXIT_RESUME = 75  # EX_TEMPFAIL (sysexits.h): preempted after a checkpoint (or before training began): rerun with --resume
+_RUN = {"signal": None, "training": False, "last_save": 0.0}  # the signal received; past step 1; main's clock at a save
 
 # accelerate's "Removed shared tensor {'lm_head.weight'} while saving", at each checkpoint, says nothing a user can act
 # on: a tied output projection (the tiny model's, Gemma's) is stored once on purpose and tied again on load
 logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> None:
+def stop_on_signals() -> None:
+    """SIGTERM and SIGUSR1 stop the run at the next optimizer step (`checkpoint_due`); before the first step (models,
+    offline dataset, reference evaluation: their finished parts are cached) they exit EXIT_RESUME at once."""
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if not _RUN["training"]:
+            print(f"{name} before training began: exiting {EXIT_RESUME}; rerun with --resume (what is done is cached)",
+                  file=sys.stderr, flush=True)
+            sys.exit(EXIT_RESUME)
+        if _RUN["signal"] is None:
+            print(f"{name}: checkpointing after this optimizer step, then exiting {EXIT_RESUME}", file=sys.stderr, flush=True)
+        _RUN["signal"] = name
+
+    _RUN.update(signal=None, training=False)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+
+
+def checkpoint_due(accelerator: Accelerator, args, step: int) -> str | None:
+    """Called by every process after each optimizer step: "preempted" if any process got SIGTERM/SIGUSR1, "cadence"
+    after --save_every steps or --save_every_minutes on the main process's clock, else None. One all-reduce of two
+    numbers, so every process decides the same way at the same step."""
+    if not _RUN["training"]:
+        _RUN.update(training=True, last_save=time.monotonic())  # the clock runs from the first step
+    if os.environ.get("PREEMPT_TEST_WAIT_AT_STEP") == str(step) and accelerator.is_main_process:
+        for _ in range(1200):  # tests: wait here (up to 60 s) for a signal, so it arrives at a known step
+            if _RUN["signal"]:
+                break
+            time.sleep(0.05)
+    late = args.save_every_minutes and time.monotonic() - _RUN["last_save"] >= 60 * args.save_every_minutes
+    flags = torch.tensor([_RUN["signal"] is not None, accelerator.is_main_process and bool(late)], dtype=torch.float32)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
+    if flags[0] > 0:
+        return "preempted"
+    return "cadence" if flags[1] > 0 or (args.save_every and step % args.save_every == 0) else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, why: str = "cadence") -> None:
     """Atomic: accelerate's state (models, optimizers, registered schedulers, RNG) plus `state` goes to checkpoint.tmp,
-    which becomes checkpoint/ only when complete. trainer_state.json, written last, lists every file's size and CRC-32:
-    a folder without it was cut off and is never loaded. One checkpoint is kept, plus the one being written
-    (`_rotate_checkpoints`). The first save prints the size."""
-    tmp = os.path.join(output_dir, "checkpoint.tmp")
+    which becomes checkpoint/ only when complete. trainer_state.json, written last, lists every file's size and CRC-32
+    (every process hashes a share: `_shared_hashes`): a folder without it was cut off and is never loaded. One checkpoint
+    is kept, plus the one being written (`_rotate_checkpoints`). The first save prints its size, seconds and rate.
+    `why` "preempted" (`checkpoint_due`): then exit EXIT_RESUME on every process."""
+    tmp, t0 = os.path.join(output_dir, "checkpoint.tmp"), time.monotonic()
     lost = "The checkpoint was not written; the previous one, if any, is untouched"
     if accelerator.is_main_process:
         if os.path.isfile(os.path.join(tmp, "trainer_state.json")):  # a complete save whose rotation was cut off:
@@ -41,23 +93,48 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict) -> N
     with writing(tmp, cleanup=tmp, consequence=lost):
         accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every process has written its part (shards, its own RNG state) before the rename
+    names = on_main(accelerator, lambda: sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp)
+                                                for f in fs))
+    sizes = [os.path.getsize(os.path.join(tmp, n)) for n in names]
+    crcs = _shared_hashes(accelerator, [os.path.join(tmp, n) for n in names], sizes)
     if accelerator.is_main_process:
         failpoint("checkpoint.save.before_manifest")
-        paths = sorted(os.path.join(d, f) for d, _, names in os.walk(tmp) for f in names)
-        files = {os.path.relpath(p, tmp): {"bytes": os.path.getsize(p), "crc32": h} for p, h in zip(paths, file_hashes(paths))}
+        files = {n: {"bytes": b, "crc32": h} for n, b, h in zip(names, sizes, crcs)}
         write_json_atomic(os.path.join(tmp, "trainer_state.json"), dict(state, files=files))
         failpoint("checkpoint.save.after_manifest")
         with writing(output_dir, consequence="The checkpoint rotation failed; --resume picks the newest one that verifies"):
             _rotate_checkpoints(output_dir)
         if output_dir not in _SIZES_PRINTED:
             _SIZES_PRINTED.add(output_dir)
-            size = sum(f["bytes"] for f in files.values())
-            print(f"checkpoint: {size / 1e9:.2f} GB" if size >= 1e9 else f"checkpoint: {size / 1e6:.1f} MB",
-                  f"in {os.path.join(output_dir, 'checkpoint')} (one is kept, plus the one being written)")
+            size, s = sum(sizes), time.monotonic() - t0
+            print(f"checkpoint: {_size(size)} in {s:.1f} s ({size / 1e6 / max(s, 1e-6):.0f} MB/s, hashes included) in",
+                  f"{os.path.join(output_dir, 'checkpoint')} (one is kept, plus the one being written)")
     accelerator.wait_for_everyone()
+    _RUN["last_save"] = time.monotonic()
+    if why == "preempted":
+        accelerator.print(f"{_RUN['signal'] or 'a signal on another process'}: checkpoint at step {state.get('step')} in "
+                          f"{output_dir}; exiting {EXIT_RESUME}: rerun the same command with --resume", flush=True)
+        sys.exit(EXIT_RESUME)
+
+
+def _shared_hashes(accelerator: Accelerator | None, paths: list[str], sizes: list[int]) -> list[str]:
+    """CRC-32 of `paths` (the same list on every process), each process hashing its share (largest files dealt round
+    the processes in turn), so a sharded checkpoint is verified at every process's disk speed at once; all get all."""
+    world = accelerator.num_processes if accelerator else 1
+    if world == 1:
+        return file_hashes(paths)
+    order = sorted(range(len(paths)), key=lambda i: -sizes[i])
+    mine = order[accelerator.process_index::world]
+    shares = gather_object([dict(zip(mine, file_hashes([paths[i] for i in mine])))])  # one dict per process
+    found = {i: h for share in shares for i, h in share.items()}
+    return [found[i] for i in range(len(paths))]
 
 
 _SIZES_PRINTED: set[str] = set()
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _rotate_checkpoints(output_dir: str) -> None:
@@ -81,41 +158,41 @@ def _rotate_checkpoints(output_dir: str) -> None:
         shutil.rmtree(old)
 
 
-def _checkpoint_problem(path: str, files: dict, hashes: bool) -> str | None:
-    """Why the checkpoint at `path` cannot be loaded (a file it lists is missing, or has another size or CRC-32), or
-    None if it verifies. `hashes=False` checks sizes only (quick: at argument validation)."""
+def _size_problem(path: str, files: dict) -> str | None:
+    """Why the checkpoint at `path` cannot be loaded (a file it lists is missing or has another size), or None."""
     for rel, want in files.items():
-        file = os.path.join(path, rel)
-        size = want if isinstance(want, int) else want["bytes"]
+        file, size = os.path.join(path, rel), want if isinstance(want, int) else want["bytes"]
         if not os.path.isfile(file):
             return f"the checkpoint is incomplete: {file} is missing"
         if os.path.getsize(file) != size:
             return f"{file} has {os.path.getsize(file)} bytes, {size} when it was saved: the checkpoint is damaged"
-    crcs = {os.path.join(path, rel): want["crc32"] for rel, want in files.items() if hashes and isinstance(want, dict)}
-    for file, crc, found in zip(crcs, crcs.values(), file_hashes(list(crcs))):
-        if found != crc:
-            return f"{file} does not match the CRC-32 saved with it: the checkpoint is damaged"
     return None
 
 
-def checkpoint_path(output_dir: str, hashes: bool = True, quiet: bool = False) -> str | None:
-    """The newest checkpoint in `output_dir` that verifies (`_checkpoint_problem`): checkpoint/, or after a cut-off save or
-    rotation checkpoint.tmp/ or checkpoint.old/; None if none is complete. A damaged newest is named and an older one
-    used; ArgumentError if none verifies."""
-    found = []
-    for name in CHECKPOINTS:
-        path = os.path.join(output_dir, name)
-        if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-            continue
-        try:
-            with open(os.path.join(path, "trainer_state.json")) as f:
-                state = json.load(f)
-            found.append((state.get("step", 0), path, state.get("files", {}), None))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            found.append((-1, path, {}, f"{os.path.join(path, 'trainer_state.json')} is damaged ({e})"))
+def checkpoint_path(output_dir: str, hashes: bool = True, quiet: bool = False, accelerator=None) -> str | None:
+    """The newest checkpoint in `output_dir` that verifies (sizes, then CRC-32 unless not `hashes`: quick, at argument
+    validation): checkpoint/, or after a cut-off save or rotation checkpoint.tmp/ or checkpoint.old/; None if none is
+    complete. A damaged newest is named and an older one used; ArgumentError if none verifies. With `accelerator`, call
+    it on every process: the main one reads the folder, all hash a share (`_shared_hashes`) and decide alike."""
+    def candidates() -> list[tuple]:  # (step, path, files, problem), newest first
+        found = []
+        for path in (os.path.join(output_dir, name) for name in CHECKPOINTS):
+            manifest = os.path.join(path, "trainer_state.json")
+            if os.path.isfile(manifest):
+                try:
+                    with open(manifest) as f:
+                        state = json.load(f)
+                    found.append((state.get("step", 0), path, state.get("files", {}), None))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    found.append((-1, path, {}, f"{manifest} is damaged ({e})"))
+        return [(st, p, fs, pr or _size_problem(p, fs)) for st, p, fs, pr in sorted(found, key=lambda f: -f[0])]
+
     problems = []
-    for step, path, files, problem in sorted(found, key=lambda f: -f[0]):  # stable: checkpoint/ first among equals
-        problem = problem or _checkpoint_problem(path, files, hashes)
+    for step, path, files, problem in on_main(accelerator, candidates) if accelerator else candidates():
+        crcs = {os.path.join(path, rel): w for rel, w in files.items() if isinstance(w, dict)} if hashes else {}
+        found = _shared_hashes(accelerator, list(crcs), [w["bytes"] for w in crcs.values()]) if not problem else []
+        problem = problem or next((f"{file} does not match the CRC-32 saved with it: the checkpoint is damaged"
+                                   for (file, w), h in zip(crcs.items(), found) if h != w["crc32"]), None)
         if problem is None:
             if problems and not quiet:
                 print(f"--resume: {problems[0]}; falling back to {path} (step {step}), which verifies", file=sys.stderr)
@@ -127,18 +204,10 @@ def checkpoint_path(output_dir: str, hashes: bool = True, quiet: bool = False) -
 
 
 def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
-    """Restore the newest checkpoint that verifies (decided on the main process). Returns its trainer state (step, epoch,
-    batch, results), or None if the run stopped before its first checkpoint: it starts again in place. metrics.jsonl is
-    cut back to the checkpoint's step, so every step is logged once."""
-    def find() -> tuple[str | None, str | None]:  # (path, error)
-        try:
-            return checkpoint_path(output_dir), None
-        except ArgumentError as e:
-            return None, str(e.code)
-
-    path, error = on_main(accelerator, find)  # decided once, so every process loads the same one
-    if error:
-        raise ArgumentError(error.removeprefix("error: "))
+    """Restore the newest checkpoint that verifies (`checkpoint_path`, the same on every process). Returns its trainer
+    state (step, epoch, batch, results), or None if the run stopped before its first checkpoint: it starts again in
+    place. metrics.jsonl is cut back to the checkpoint's step, so every step is logged once."""
+    path = checkpoint_path(output_dir, accelerator=accelerator, quiet=not accelerator.is_main_process)
     state = None
     if path is None:
         accelerator.print(f"--resume: {output_dir} has no checkpoint yet (the run stopped before its first save): "
@@ -151,10 +220,10 @@ def load_checkpoint(accelerator: Accelerator, output_dir: str) -> dict | None:
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
         accelerator.print(f"resumed from {path} at step {state['step']}")
-    if accelerator.is_main_process and path == os.path.join(output_dir, "checkpoint"):  # the others are older or partial
-        for name in ("checkpoint.old", "checkpoint.tmp"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     if accelerator.is_main_process:
+        if path == os.path.join(output_dir, "checkpoint"):  # the others are older or partial
+            for name in ("checkpoint.old", "checkpoint.tmp"):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
         _truncate_metrics(os.path.join(output_dir, "metrics.jsonl"), state["step"] if state else 0)
         if os.path.exists(results := os.path.join(output_dir, "results.json")):  # results after the checkpoint: gone
             write_json_atomic(results, state["results"]) if state else os.remove(results)
@@ -174,6 +243,23 @@ def _truncate_metrics(path: str, step: int) -> None:
                 if json.loads(line)["step"] <= step:
                     keep.append(line)
     write_atomic(path, keep)
+
+
+def disk_preflight(name: str, terms: dict, config: dict, precision: str, lora_r: int, epochs: int, folder: str,
+                   free_bytes: int, skip: bool) -> str:
+    """The disk --output_dir needs, from the model config and what trains (`terms`, Base.memory_terms): two checkpoints
+    (the kept one and the one being written; each 12 bytes per trained parameter: fp32 weights and Adam's two fp32
+    moments; with LoRA the frozen base in its dtype) and the saved models in the load dtype (every epoch's policy, the
+    value network). ArgumentError in one line naming the folder, the need and `free_bytes`, unless `skip`."""
+    params, nets, w = param_count(config)[0], terms.get("networks", 1), 2 if precision == "bf16" else 4
+    checkpoint, models = nets * params * (w if lora_r else 12), max(epochs, 1) + nets - 1
+    need = 2 * checkpoint + models * w * params
+    text = (f"{folder} needs {_size(need)} (2 checkpoints of {_size(checkpoint)}, {models} saved model{'s' * (models > 1)} of "
+            f"{_size(w * params)}) and has {_size(free_bytes)} free")
+    if need <= free_bytes or skip:
+        return f"disk: {text}" + ("" if need <= free_bytes else " (too little: --skip_memory_check)")
+    raise ArgumentError(f"{name}: --output_dir {text}: free some space or choose another --output_dir; "
+                        "--skip_memory_check runs it anyway")
 
 
 def save_model(accelerator: Accelerator, model, tokenizer, path: str, final: bool = True) -> None:

@@ -4,8 +4,9 @@ output folder's lock, the schedule fitted to the data, and what a run logs and r
 import atexit
 import fcntl
 import json
-import re
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -16,10 +17,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from common import plan_steps
-from runtime.checkpoint import checkpoint_path
+from runtime.checkpoint import checkpoint_path, disk_preflight, stop_on_signals
 from runtime.cli import ArgumentError, describe_run, grad_accum, one_line_errors, parse_args, validate_args
 from runtime.files import OUTPUTS, clean_orphans, write_json_atomic, writing
-from runtime.memory import host_ram_preflight, memory_preflight, read_model_config
+from runtime.memory import MEMORY_MARGIN_BYTES, host_ram_preflight, memory_preflight, read_model_config
 
 
 def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) -> tuple:
@@ -36,6 +37,10 @@ def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) 
       6. writes run.json: what was launched (tests read the world size from it)."""
     args = parse_args(Args, tiny, paper)
     sys.excepthook = one_line_errors
+    alloc = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # torch's new name, old
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc or "expandable_segments:True"  # before CUDA starts: the growing KV
+    # cache extends a segment instead of leaving freed blocks of the old size behind (fragmentation)
+    stop_on_signals()
     if check:
         check(args)
     validate_args(args, rules)
@@ -49,11 +54,12 @@ def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) 
     accelerator, launch = setup_accelerator(args, name)
     config = run_config(args)
     if args.resume:  # before run.json is written again: only the run that wrote it goes on
-        check_same_run(args.output_dir, name, config)
+        check_same_run(args.output_dir, name, config, accelerator.num_processes)
     accelerator.print(preflight(args, name, accelerator, launch["sharding"]))
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": name, **launch, "args": config})
+        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": name, **launch, "args": config,
+                                                                      "cuda_alloc_conf": alloc or "expandable_segments:True"})
     return args, accelerator
 
 
@@ -63,17 +69,29 @@ def run_config(args) -> dict:
 
 def preflight(args, name: str, accelerator: Accelerator, sharding: str) -> str:
     """This launch's memory plan on its GPUs and host RAM (runtime/memory.py), from the model's config and what the
-    algorithm declares (`args.memory_terms()`); raises if either will not fit, unless --skip_memory_check."""
-    config, terms = read_model_config(args.model), args.memory_terms()
+    algorithm declares (`args.memory_terms()`), and the disk its output folder needs (`disk_preflight`); raises if one
+    will not fit, unless --skip_memory_check."""
+    config, terms, skip = read_model_config(args.model), args.memory_terms(), args.skip_memory_check
     sharding = None if sharding == "none" else "FSDP"
     device_bytes = torch.cuda.mem_get_info(accelerator.device)[1] if accelerator.device.type == "cuda" else None
-    gpu = memory_preflight(name, terms, config, accelerator.num_processes, sharding, args.precision,
-                           args.per_device_batch_size, args.gen_batch_size, args.max_new_tokens, args.lora_r, device_bytes,
-                           args.skip_memory_check, n_samples=args.n_samples)
+    margin = (f"{MEMORY_MARGIN_BYTES / 1e9:.0f} GB of each GPU (10% under 80 GB) is kept for what the plan cannot trace: "
+              "CUDA context, NCCL buffers, allocator fragmentation")
+    try:
+        gpu = memory_preflight(name, terms, config, accelerator.num_processes, sharding, args.precision,
+                               args.per_device_batch_size, args.gen_batch_size, args.max_new_tokens, args.lora_r,
+                               device_bytes, skip, n_samples=args.n_samples)
+    except ArgumentError as e:
+        raise ArgumentError(f"{str(e.code).removeprefix('error: ')} ({margin})") from None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     host = host_ram_preflight(name, terms, config, local, sharding, args.precision, args.lora_r,
-                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), args.skip_memory_check)
-    return f"{gpu}\n{host}"
+                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), skip)
+    folder = os.path.abspath(args.output_dir)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.output_dir) for f in fs) if args.resume else 0
+    disk = disk_preflight(name, terms, config, args.precision, args.lora_r, args.epochs or 1, args.output_dir,
+                          shutil.disk_usage(folder).free + used, skip)  # a resumed run's files are overwritten
+    return f"{gpu}{f' ({margin})' if device_bytes else ''}\n{host}\n{disk}"
 
 
 def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
@@ -162,7 +180,7 @@ def fit_to_data(n_examples: int, args, accelerator: Accelerator) -> tuple[int, i
 
 RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoint", "checkpoint.old", "model")
 RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "eval_every", "report_to", "dist_timeout",
-                     "skip_memory_check")  # how long and how often, not what: a resumed run may change these flags
+                     "skip_memory_check", "save_every_minutes")  # how long and how often, not what: a resumed run may change these flags
 
 
 def check_output_dir(output_dir: str, resume: bool, quiet: bool = False) -> None:
@@ -203,12 +221,18 @@ def claim_output_dir(output_dir: str, resume: bool) -> None:
         print(f"removed {removed}, left by a killed run")
 
 
-def check_same_run(output_dir: str, algo: str, config: dict) -> None:
+def check_same_run(output_dir: str, algo: str, config: dict, world: int | None = None) -> None:
     """--resume goes on with the run in `output_dir` only if its run.json records this algorithm and these flags
-    (except RESUME_MAY_CHANGE); otherwise an error names every field that differs."""
+    (except RESUME_MAY_CHANGE), and, if it left a checkpoint, this number of processes (`world`): each process's shards,
+    RNG and place in the data are its own. Otherwise an error names every field that differs."""
     run = _read_run_json(output_dir)
     if run is None:
         return
+    there = run.get("world_size", world)
+    if world and there != world and checkpoint_path(output_dir, hashes=False, quiet=True):
+        raise ArgumentError(f"--resume: the checkpoint in {output_dir} was written by {there} process(es), this launch "
+                            f"has {world}: a checkpoint resumes only with the process count that wrote it; relaunch with "
+                            f"{there}, or choose a new --output_dir")
     diff = [f"the algorithm ({run.get('algo')} there, {algo} here)"] if run.get("algo") != algo else []
     old = run.get("args", {})
     diff += [f"--{k} ({old.get(k, 'unset')!r} there, {config.get(k, 'unset')!r} here)" for k in sorted(set(old) | set(config))
@@ -301,7 +325,9 @@ def check_versions(sharding: str | None, fsdp_version: int, versions: dict | Non
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: str) -> None:
-    """Log to the trackers and append to `output_dir/metrics.jsonl` (main process), one line per optimizer step."""
+    """Log to the trackers and append to `output_dir/metrics.jsonl` (main process), one line per optimizer step, with
+    on CUDA the step's peak allocated and reserved GB (`memory_peaks`)."""
+    metrics = {**metrics, **memory_peaks(accelerator, "start to step 1" if step == 1 else "training", output_dir)}
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
@@ -309,8 +335,27 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: 
             f.write(json.dumps({"step": step, **metrics}) + "\n")  # a line cut off by a kill is dropped on resume
 
 
+_PEAKS: dict[str, dict] = {}  # phase -> this process's peak GB in it
+
+
+def memory_peaks(accelerator, phase: str, output_dir: str) -> dict:
+    """On CUDA: this process's peak allocated and reserved GB since the last call (then reset): the plan and the
+    preflight count allocated bytes; reserved adds what the caching allocator holds beyond them (fragmentation). The
+    peak of each `phase` goes to run.json ("memory"). {} elsewhere."""
+    if accelerator.device.type != "cuda":
+        return {}
+    now = {"memory/allocated_gb": torch.cuda.max_memory_allocated(accelerator.device) / 1e9,
+           "memory/reserved_gb": torch.cuda.max_memory_reserved(accelerator.device) / 1e9}
+    torch.cuda.reset_peak_memory_stats(accelerator.device)
+    if accelerator.is_main_process and any(v > _PEAKS.get(phase, {}).get(k, 0) for k, v in now.items()):
+        _PEAKS[phase] = {k: max(v, _PEAKS.get(phase, {}).get(k, 0)) for k, v in now.items()}
+        write_json_atomic(os.path.join(output_dir, "run.json"), dict(_read_run_json(output_dir) or {}, memory=_PEAKS))
+    return now
+
+
 def report_outputs(accelerator: Accelerator, output_dir: str) -> None:
     """The run's last lines: where every output went (each entry of --output_dir, and the exported offline dataset)."""
+    memory_peaks(accelerator, "final evaluation and save", output_dir)
     if not accelerator.is_main_process:
         return
     lines = [f"outputs in {os.path.abspath(output_dir)}:"]
