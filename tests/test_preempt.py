@@ -105,8 +105,9 @@ def test_sigterm_checkpoints_the_step_it_was_on_and_resume_is_bitwise_equal(tiny
 def test_sigterm_to_the_launcher_of_a_2_process_fsdp2_launch(tiny_cache, tmp_path):
     """The shipped FSDP2 config (bf16) on 2 gloo processes. SIGTERM to `accelerate launch` while rank 0 is at step 2:
     torch's elastic agent forwards it to both workers, they agree (one all-reduce) to stop after step 2, save, exit 75;
-    the launcher exits 128 + SIGTERM. The manifest both processes hashed equals the CRC-32 of every file; a 1-process
-    resume is refused naming both counts; a 2-process --resume ends with the uninterrupted launch's weights, bit for bit."""
+    the launcher exits 128 + SIGTERM. The manifest both processes hashed equals the CRC-32 of every file, and with a
+    shard's bytes flipped a 2-process --resume refuses it; a 1-process resume is refused naming both counts;
+    a 2-process --resume ends with the uninterrupted launch's weights, bit for bit."""
     ref, out = tmp_path / "ref", tmp_path / "run"
     proc = subprocess.run([*SHIPPED_FSDP2, "rs.py", *_flags(tiny_cache, ref)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -122,6 +123,13 @@ def test_sigterm_to_the_launcher_of_a_2_process_fsdp2_launch(tiny_cache, tmp_pat
     paths = [os.path.join(out, "checkpoint", n) for n in names]
     assert [state["files"][n] for n in names] == [{"bytes": os.path.getsize(p), "crc32": h}
                                                   for p, h in zip(paths, file_hashes(paths))]
+    shard = out / "checkpoint" / max((n for n in names if n.endswith(".distcp")), key=lambda n: state["files"][n]["bytes"])
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-64] + bytes(b ^ 0xFF for b in intact[-64:]))  # same size: only the CRC-32 tells
+    proc = subprocess.run([*SHIPPED_FSDP2, "rs.py", *_flags(tiny_cache, out, "--resume")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # verified by both processes, each hashing a share
+    shard.write_bytes(intact)
+    assert proc.returncode != 0 and f"error: --resume: {shard} does not match the CRC-32 saved with it" in proc.stderr
 
     code, _, err = run_command(["rs.py", *_flags(tiny_cache, out, "--resume")])
     assert code != 0 and err.count("\n") <= 2 and (f"error: --resume: the checkpoint in {out} was written by 2 process(es), "
