@@ -55,7 +55,7 @@ class Base:
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
-    save_every_minutes: float = arg(60, "also checkpoint N minutes after the last (0: never); 60: a 7B save takes 1-6 min")
+    save_every_minutes: float = arg(60, "also save N min after the last (0: off); 60: a 7B save is 1-6 min; a kill loses ≤1 h")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (0: run all epochs)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
