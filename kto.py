@@ -42,7 +42,7 @@ from common import (
     throughput,
     token_logprobs,
 )
-from runtime.checkpoint import load_checkpoint, save_checkpoint, save_model
+from runtime.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint, save_model
 from runtime.cli import Base, arg, positive
 from runtime.launch import fit_to_data, log_metrics, report_outputs, start
 
@@ -186,8 +186,9 @@ def main():
                     steps_per_epoch * args.grad_accum), "charts/tokens_per_s": throughput(tokens, t0)})
                 log_metrics(accelerator, metrics, step, args.output_dir)
                 bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.4f}" for k in ("losses/policy", "rewards/kl")})
-                if args.save_every and step % args.save_every == 0:
-                    save_checkpoint(accelerator, args.output_dir, dict(step=step, epoch=epoch, batch=b + 1, results=results))
+                if due := checkpoint_due(accelerator, args, step):  # --save_every(_minutes); SIGTERM: save, exit 75
+                    state = dict(step=step, epoch=epoch, batch=b + 1, results=results)  # what --resume restores
+                    save_checkpoint(accelerator, args.output_dir, state, due)
                 if args.eval_every and step % args.eval_every == 0:
                     results[f"step{step}"] = evaluate_run(model, tokenizer, test_problems, accelerator, **evaluation)
                     log_eval(accelerator, results, step, args.output_dir)

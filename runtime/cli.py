@@ -56,6 +56,7 @@ class Base:
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std")
     save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
+    save_every_minutes: float = arg(60, "also save N min after the last (0: off); 60: a 7B save is 1-6 min; a kill loses ≤1 h")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (0: run all epochs)")
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
@@ -189,7 +190,7 @@ SHARED_RULES = {
     "lr": positive(), "warmup_steps": at_least(0), "per_device_batch_size": at_least(1),
     "global_batch_size": at_least(1, True), "grad_accum": at_least(1, True), "max_grad_norm": positive(),
     "eval_every": at_least(0), "eval_seeds": at_least(0), "save_every": at_least(0), "max_steps": at_least(0),
-    "lora_r": at_least(0), "beta": positive(),
+    "lora_r": at_least(0), "beta": positive(), "save_every_minutes": at_least(0),
 }
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")  # = their packages
 

@@ -2,10 +2,12 @@
 output folder's lock, the schedule fitted to the data, and what a run logs and reports."""
 
 import atexit
+import contextlib
 import fcntl
 import json
-import re
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -16,27 +18,30 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from common import plan_steps
-from runtime.checkpoint import checkpoint_path
+from runtime.checkpoint import checkpoint_path, disk_preflight, stop_on_signals
 from runtime.cli import ArgumentError, describe_run, grad_accum, one_line_errors, parse_args, probe_writable, validate_args
 from runtime.files import OUTPUTS, clean_orphans, write_json_atomic, writing
-from runtime.memory import host_ram_preflight, memory_preflight, read_model_config
+from runtime.memory import MEMORY_MARGIN_BYTES, host_ram_preflight, memory_preflight, read_model_config
 
 
 def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) -> tuple:
     """Start a training run; returns (args, accelerator). In order, it:
-      1. parses the command line into `Args` (runtime/cli.py), fills the defaults that depend on the model (`tiny`,
-         `paper`), and sets sys.excepthook so that bad data found later (a DataError) ends as one `error:` line;
-      2. validates every flag and input file (`check(args)`: the file's checks that relate two flags; `rules`: its
-         own rules for single flags, over the shared ones), probes that --cache_dir can be written (an empty folder
-         made and removed), then sets args.grad_accum and args.global_batch_size;
-      3. on the first process, claims --output_dir: takes its lock (released at exit by atexit), checks it again under
-         the lock, removes the temp files killed runs left; prints what the run is;
+      1. parses the command line into `Args` with the model's defaults (`tiny`, `paper`); makes a DataError found later
+         one `error:` line (sys.excepthook); sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless you set it;
+         makes SIGTERM and SIGUSR1 stop at the next optimizer step with a checkpoint (`stop_on_signals`);
+      2. validates every flag and input file (`check(args)`: checks relating two flags; `rules`: single flags), and
+         probes that --cache_dir can be written (an empty folder made and removed);
+      3. on the first process, claims --output_dir (`claim_output_dir`: lock, temp files of killed runs removed);
       4. sets up the accelerator (`setup_accelerator`: precision, FSDP, process group, seeds, trackers);
-      5. checks a resumed run is the same run (run.json), and runs the memory preflights (GPU memory and host RAM,
-         from `args.memory_terms()`), which stop a launch that will not fit before any weights load;
-      6. writes run.json: what was launched (tests read the world size from it)."""
+      5. checks a resumed run is the same run on as many processes (run.json), and runs the preflights (GPU memory,
+         host RAM, disk), which stop a launch that will not fit before any weights load; 6. writes run.json."""
     args = parse_args(Args, tiny, paper)
     sys.excepthook = one_line_errors
+    alloc = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "expandable_segments:True"
+    # before CUDA starts: the KV cache, which grows at every decode step, then extends one segment instead of leaving
+    # freed blocks of every older size behind
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc
+    stop_on_signals()
     if check:
         check(args)
     validate_args(args, rules)
@@ -51,11 +56,12 @@ def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) 
     accelerator, launch = setup_accelerator(args, name)
     config = run_config(args)
     if args.resume:  # before run.json is written again: only the run that wrote it goes on
-        check_same_run(args.output_dir, name, config)
+        check_same_run(args.output_dir, name, config, accelerator.num_processes)
     accelerator.print(preflight(args, name, accelerator, launch["sharding"]))
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": name, **launch, "args": config})
+        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": name, **launch, "args": config,
+                                                                      "cuda_alloc_conf": alloc})
     return args, accelerator
 
 
@@ -64,39 +70,40 @@ def run_config(args) -> dict:
 
 
 def preflight(args, name: str, accelerator: Accelerator, sharding: str) -> str:
-    """This launch's memory plan on its GPUs and host RAM (runtime/memory.py), from the model's config and what the
-    algorithm declares (`args.memory_terms()`); raises if either will not fit, unless --skip_memory_check."""
-    config, terms = read_model_config(args.model), args.memory_terms()
+    """The memory plan on the GPUs and host RAM (runtime/memory.py, from `args.memory_terms()`) and the disk --output_dir
+    needs (`disk_preflight`; a resumed run's files count as free): raises if one does not fit, unless --skip_memory_check."""
+    config, terms, skip = read_model_config(args.model), args.memory_terms(), args.skip_memory_check
     sharding = None if sharding == "none" else "FSDP"
     device_bytes = torch.cuda.mem_get_info(accelerator.device)[1] if accelerator.device.type == "cuda" else None
     gpu = memory_preflight(name, terms, config, accelerator.num_processes, sharding, args.precision,
                            args.per_device_batch_size, args.gen_batch_size, args.max_new_tokens, args.lora_r, device_bytes,
-                           args.skip_memory_check, n_samples=args.n_samples)
+                           skip, n_samples=args.n_samples)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     host = host_ram_preflight(name, terms, config, local, sharding, args.precision, args.lora_r,
-                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), args.skip_memory_check)
-    return f"{gpu}\n{host}"
+                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), skip)
+    folder = os.path.abspath(args.output_dir)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.output_dir) for f in fs) if args.resume else 0
+    disk = disk_preflight(name, terms, config, args.precision, args.lora_r, args.epochs or 1, args.output_dir,
+                          shutil.disk_usage(folder).free + used, skip)
+    margin = (f" ({MEMORY_MARGIN_BYTES / 1e9:.0f} GB of each GPU, 10% under 80 GB, is kept for what the plan cannot "
+              "trace: CUDA context, NCCL buffers, allocator fragmentation)") if device_bytes else ""
+    return f"{gpu}{margin}\n{host}\n{disk}"
 
 
 def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
-    """The Accelerator this launch asked for, checked, with trackers (named `name`) and seeding (per-rank offset); sets
-    `args.precision` (`resolve_precision`). Returns it and what was launched (for run.json). What it decides, and why:
-      - bf16 reaches accelerate as mixed_precision (autocast; under FSDP a policy of bf16 compute, fp32 reduction over
-        fp32 master weights);
-      - under FSDP gradient accumulation reduce-scatters every micro-batch (`sync_each_batch`): with no_sync FSDP2 keeps
-        each layer's unsharded gradient, a whole model per GPU (+34 GB at 7B); DDP's gradients are full-size either way;
-      - the process-group timeout is --dist_timeout: the offline dataset, sampled by each process alone, has no
-        collective for hours, and NCCL's 10-minute default would kill the run."""
+    """The Accelerator this launch asked for, checked, with trackers (named `name`) and per-rank seeds; sets
+    `args.precision` (`resolve_precision`). Returns it and what was launched (for run.json). bf16 is accelerate's
+    mixed_precision (under FSDP: bf16 compute, fp32 reduction over fp32 masters); FSDP reduce-scatters every micro-batch
+    (`sync_each_batch`: with no_sync FSDP2 keeps a whole model of unsharded gradients, +34 GB at 7B); the process-group
+    timeout is --dist_timeout (the offline dataset has no collective for hours; NCCL's default is 10 minutes)."""
     from datetime import timedelta
 
     from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo needs cpu=True,
-    # or accelerate silently runs each process as a world of one.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = not torch.cuda.is_available() and world > 1
-    # accelerate launch --config_file configs/fsdp.yaml sets this; without GPUs accelerate either refuses the plugin or
-    # quietly runs plain data parallel (each process holding the whole model) instead
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # gloo on CPU needs cpu=True, or each process runs a world of one
+    # set by configs/fsdp.yaml; without GPUs accelerate refuses the plugin or quietly runs plain data parallel instead
     sharding = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
     fsdp_version = int(os.environ.get("FSDP_VERSION", "1")) if sharding else 0
     args.precision = resolve_precision(args.model, args.precision)
@@ -114,10 +121,10 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
     accumulation = GradientAccumulationPlugin(num_steps=getattr(args, "grad_accum", 1) or 1,
                                               sync_each_batch=sharding == "FSDP", sync_with_dataloader=False)
     try:
-        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))
         accelerator = Accelerator(gradient_accumulation_plugin=accumulation, log_with=args.report_to or None,
                                   mixed_precision="bf16" if args.precision == "bf16" else "no", project_dir=args.output_dir,
-                                  cpu=cpu, kwargs_handlers=[timeout], **kwargs)
+                                  cpu=not torch.cuda.is_available() and world > 1, **kwargs,
+                                  kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
     except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
         if sharding and not torch.cuda.is_available():
             raise ArgumentError(no_sharding) from e
@@ -141,9 +148,8 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
 
 
 def fit_to_data(n_examples: int, args, accelerator: Accelerator) -> tuple[int, int]:
-    """(optimizer steps per epoch, optimizer steps in all) for `n_examples`, as `common.plan_steps` plans them; sets
-    args.epochs, and when the examples do not fill one global batch lowers args.grad_accum (and the accelerator's) and
-    if need be args.per_device_batch_size, with a warning, recording what the run takes in run.json ("effective")."""
+    """(steps per epoch, steps in all) for `n_examples` (`common.plan_steps`); sets args.epochs; when they do not fill
+    one global batch, lowers args.grad_accum and args.per_device_batch_size, with a warning and run.json "effective"."""
     plan = plan_steps(n_examples, args.per_device_batch_size, accelerator.num_processes, args.grad_accum, args.epochs,
                       args.max_steps)
     if (plan["per_device_batch_size"], plan["grad_accum"]) != (args.per_device_batch_size, args.grad_accum):
@@ -154,17 +160,15 @@ def fit_to_data(n_examples: int, args, accelerator: Accelerator) -> tuple[int, i
         args.per_device_batch_size, args.grad_accum = plan["per_device_batch_size"], plan["grad_accum"]
         accelerator.gradient_accumulation_steps = plan["grad_accum"]
         if accelerator.is_main_process:
-            with open(os.path.join(args.output_dir, "run.json")) as f:
-                run = json.load(f)
-            write_json_atomic(os.path.join(args.output_dir, "run.json"), dict(run, effective={
+            write_json_atomic(os.path.join(args.output_dir, "run.json"), dict(_read_run_json(args.output_dir), effective={
                 "grad_accum": plan["grad_accum"], "global_batch_size": plan["grad_accum"] * per_step}))
     args.epochs = plan["epochs"]
     return plan["steps_per_epoch"], plan["total_steps"]
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoint", "checkpoint.old", "model")
-RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "eval_every", "report_to", "dist_timeout",
-                     "skip_memory_check")  # how long and how often, not what: a resumed run may change these flags
+RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "save_every_minutes", "eval_every", "report_to",
+                     "dist_timeout", "skip_memory_check")  # how long and how often, not what: a resume may change these
 
 
 def check_output_dir(output_dir: str, resume: bool, quiet: bool = False) -> None:
@@ -174,43 +178,70 @@ def check_output_dir(output_dir: str, resume: bool, quiet: bool = False) -> None
         raise ArgumentError("--output_dir is empty")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ArgumentError(f"--output_dir {output_dir}: a file, not a folder")
-    if resume:
-        if checkpoint_path(output_dir, hashes=False, quiet=quiet) is None:
-            run = _read_run_json(output_dir)
-            if not (isinstance(run, dict) and "algo" in run and "args" in run):
-                raise ArgumentError(f"--resume: no complete checkpoint in {output_dir} (expected "
-                                    f"{os.path.join(output_dir, 'checkpoint', 'trainer_state.json')}) and no run.json "
-                                    "of a run to start again in place; drop --resume for a fresh run in a new "
-                                    "--output_dir")
-            if os.path.exists(os.path.join(output_dir, "model")) and "final" in (_read_run_json(
-                    output_dir, "results.json") or {}):
-                raise ArgumentError(f"--resume: the run in {output_dir} has finished (model/ and the final results "
-                                    "are there) and kept no checkpoint; choose a new --output_dir")
-    elif os.path.isdir(output_dir) and (found := [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]):
+    if resume and checkpoint_path(output_dir, hashes=False, quiet=quiet) is None:
+        run = _read_run_json(output_dir)
+        if not (isinstance(run, dict) and "algo" in run and "args" in run):
+            raise ArgumentError(f"--resume: no complete checkpoint in {output_dir} (expected "
+                                f"{os.path.join(output_dir, 'checkpoint', 'trainer_state.json')}) and no run.json of a "
+                                "run to start again in place; drop --resume for a fresh run in a new --output_dir")
+        if os.path.exists(os.path.join(output_dir, "model")) and "final" in (_read_run_json(output_dir, "results.json")
+                                                                             or {}):
+            raise ArgumentError(f"--resume: the run in {output_dir} has finished (model/ and the final results are "
+                                "there) and kept no checkpoint; choose a new --output_dir")
+    elif not resume and os.path.isdir(output_dir) and (found := [f for f in RUN_FILES
+                                                                 if os.path.exists(os.path.join(output_dir, f))]):
         raise ArgumentError(f"--output_dir {output_dir} holds another run ({', '.join(found)}): pass --resume to go on "
                             "with it, or choose a new --output_dir")
 
 
 def claim_output_dir(output_dir: str, resume: bool) -> None:
-    """Make this process the only writer of `output_dir`: an exclusive flock on `output_dir/.lock`, which names its
-    holder, released by an atexit handler (and by the kernel when the process dies, even by SIGKILL: a dead run's lock
-    is taken over, with a note); a second launch stops with an error naming the holder. Then `check_output_dir` again
-    under the lock, and the temp files of killed runs' atomic writes are removed."""
+    """The only writer of `output_dir`: an exclusive flock on `.lock` naming its holder, released at exit or by the
+    kernel when the process dies (a dead run's lock is taken over, with a note); a second launch stops naming the
+    holder. Then `check_output_dir` again under the lock, and the temp files of killed runs are removed."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.realpath(os.path.join(output_dir, ".lock"))
     if path not in _CLAIMS:  # this process claimed it already (e.g. two runs in one test process, one after the other)
-        _lock(output_dir, path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ArgumentError(f"--output_dir {output_dir} is in use by another run ({holder or 'starting'}, see "
+                                f"{path}): wait until it ends, or choose a new --output_dir") from None
+        except OSError as e:  # a filesystem without locks (some NFS mounts): go on, unprotected, and say so
+            print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second launch into {output_dir}",
+                  file=sys.stderr)
+        if holder:  # the lock was free but not emptied: its holder died without its exit handler
+            print(f"{output_dir}: the run that held it ({holder}) is gone; taking it over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(sys.argv)}\n".encode(), 0)
+        _CLAIMS[path] = fd
+        atexit.register(release_output_dir, path)
     check_output_dir(output_dir, resume, quiet=True)
     for removed in clean_orphans(output_dir):
         print(f"removed {removed}, left by a killed run")
 
 
-def check_same_run(output_dir: str, algo: str, config: dict) -> None:
-    """--resume goes on with the run in `output_dir` only if its run.json records this algorithm and these flags
-    (except RESUME_MAY_CHANGE); otherwise an error names every field that differs."""
-    run = _read_run_json(output_dir)
-    if run is None:
+_CLAIMS: dict[str, int] = {}  # lock path -> the open file descriptor holding it
+
+
+def release_output_dir(path: str) -> None:
+    if (fd := _CLAIMS.pop(path, None)) is not None:
+        os.ftruncate(fd, 0)  # empty: the next run takes it without a note
+        os.close(fd)  # releases the lock
+
+
+def check_same_run(output_dir: str, algo: str, config: dict, world: int | None = None) -> None:
+    """--resume goes on only with a run.json of this algorithm and these flags (but RESUME_MAY_CHANGE) and a checkpoint
+    of `world` processes (each holds its shards, RNG, place in the data); else one line names the counts or the fields."""
+    if (run := _read_run_json(output_dir)) is None:
         return
+    if world and (there := run.get("world_size", world)) != world and checkpoint_path(output_dir, False, quiet=True):
+        raise ArgumentError(f"--resume: the checkpoint in {output_dir} was written by {there} process(es), this launch "
+                            f"has {world}: a checkpoint resumes only with the process count that wrote it; relaunch with "
+                            f"{there}, or choose a new --output_dir")
     diff = [f"the algorithm ({run.get('algo')} there, {algo} here)"] if run.get("algo") != algo else []
     old = run.get("args", {})
     diff += [f"--{k} ({old.get(k, 'unset')!r} there, {config.get(k, 'unset')!r} here)" for k in sorted(set(old) | set(config))
@@ -221,42 +252,9 @@ def check_same_run(output_dir: str, algo: str, config: dict) -> None:
 
 
 def _read_run_json(output_dir: str, name: str = "run.json"):
-    try:
-        with open(os.path.join(output_dir, name)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-_CLAIMS: dict[str, int] = {}  # lock path -> the open file descriptor holding it
-
-
-def _lock(output_dir: str, path: str) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ArgumentError(f"--output_dir {output_dir} is in use by another run ({holder or 'starting'}, see "
-                         f"{path}): wait until it ends, or choose a new --output_dir") from None
-    except OSError as e:  # a filesystem without locks (some NFS mounts): go on, unprotected, and say so
-        print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second launch into {output_dir}",
-              file=sys.stderr)
-    if holder:  # the lock was free but not emptied: its holder died without its exit handler
-        print(f"{output_dir}: the run that held it ({holder}) is gone; taking it over")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                  f"{' '.join(sys.argv)}\n".encode(), 0)
-    _CLAIMS[path] = fd
-    atexit.register(release_output_dir, path)
-
-
-def release_output_dir(path: str) -> None:
-    fd = _CLAIMS.pop(path, None)
-    if fd is not None:
-        os.ftruncate(fd, 0)  # empty: the next run takes it without a note
-        os.close(fd)  # releases the lock
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(output_dir, name)) as f:
+        return json.load(f)
+    return None
 
 
 PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16"}  # accelerate's mixed_precision names -> ours
@@ -265,45 +263,39 @@ FSDP2_TESTED = {"torch": (2, 13), "accelerate": (1, 16)}
 
 
 def resolve_precision(model: str, precision: str | None) -> str:
-    """fp32 or bf16 for this run. An accelerate launch's mixed_precision (ACCELERATE_MIXED_PRECISION, from its
-    --config_file or --mixed_precision) is what the user launched, so it is never overridden: --precision may only
-    repeat it. Without a launch: --precision, else fp32 for the tiny CPU default and bf16 for any other model (the
-    papers' 7B runs; fp32 weights would double every gathered copy, frozen copy and KV cache)."""
+    """fp32 or bf16: an accelerate launch's mixed_precision (ACCELERATE_MIXED_PRECISION), which --precision may only
+    repeat; else --precision, else fp32 for tiny and bf16 for any other model (fp32 would double every gathered copy,
+    frozen copy and KV cache at 7B)."""
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if precision is not None and precision not in ("fp32", "bf16"):
         raise ArgumentError(f"--precision {precision!r}: must be one of 'fp32', 'bf16'")
-    if launched:
-        if launched not in PRECISIONS:
-            raise ArgumentError(f"the accelerate launch asks for mixed_precision {launched}: only bf16 or no (fp32) is "
-                                "supported (fp16 needs loss scaling, which these scripts do not do)")
-        if precision is not None and precision != PRECISIONS[launched]:
-            raise ArgumentError(f"--precision {precision} contradicts the accelerate launch's mixed_precision {launched}: "
-                                "drop --precision, or launch with --mixed_precision "
-                                f"{'no' if precision == 'fp32' else precision}")
-        return PRECISIONS[launched]
-    return precision or ("fp32" if model == "tiny" else "bf16")
+    if launched and launched not in PRECISIONS:
+        raise ArgumentError(f"the accelerate launch asks for mixed_precision {launched}: only bf16 or no (fp32) is "
+                            "supported (fp16 needs loss scaling, which these scripts do not do)")
+    if launched and precision is not None and precision != PRECISIONS[launched]:
+        raise ArgumentError(f"--precision {precision} contradicts the accelerate launch's mixed_precision {launched}: "
+                            f"drop --precision, or launch with --mixed_precision {'no' if precision == 'fp32' else precision}")
+    return PRECISIONS[launched] if launched else precision or ("fp32" if model == "tiny" else "bf16")
 
 
 def check_versions(sharding: str | None, fsdp_version: int, versions: dict | None = None) -> None:
-    """Under FSDP2, `unsharded` reads private fully_shard state and `token_logprobs` needs accelerate's root wrapping (an
-    older one frees the head's weight after forward): stop at start, not at the first evaluation. `versions` defaults to
-    the installed ones."""
+    """Under FSDP2, `unsharded` reads private fully_shard state and `token_logprobs` needs accelerate's root wrapping:
+    older versions stop at start, not at the first evaluation. `versions` defaults to the installed ones."""
     if sharding != "FSDP" or fsdp_version != 2:
         return
     import accelerate
 
-    versions = versions or {"torch": torch.__version__, "accelerate": accelerate.__version__}
-    for name, version in versions.items():
-        have = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-        need = FSDP2_TESTED[name]
-        if have < need:
+    for name, version in (versions or {"torch": torch.__version__, "accelerate": accelerate.__version__}).items():
+        if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < (need := FSDP2_TESTED[name]):
             raise ArgumentError(f"FSDP2 (configs/fsdp.yaml) needs {name} >= {need[0]}.{need[1]} (the version whose FSDP2 "
                                 f"internals this code was tested with); found {version}. Upgrade {name}, or launch "
                                 "with configs/ddp.yaml and --lora_r")
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: str) -> None:
-    """Log to the trackers and append to `output_dir/metrics.jsonl` (main process), one line per optimizer step."""
+    """Log to the trackers and append to `output_dir/metrics.jsonl` (main process), one line per optimizer step, on CUDA
+    with the step's peak memory (`memory_peaks`)."""
+    metrics = {**metrics, **memory_peaks(accelerator, "start to step 1" if step == 1 else "training", output_dir)}
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
@@ -311,13 +303,28 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: 
             f.write(json.dumps({"step": step, **metrics}) + "\n")  # a line cut off by a kill is dropped on resume
 
 
+_PEAKS: dict[str, dict] = {}  # phase -> this process's peak GB in it
+
+
+def memory_peaks(accelerator, phase: str, output_dir: str) -> dict:
+    """On CUDA, this process's peak allocated and reserved GB since the last call, then reset (the plan counts allocated;
+    reserved adds the allocator's cache: fragmentation); each `phase`'s peak goes to run.json "memory". {} elsewhere."""
+    if accelerator.device.type != "cuda":
+        return {}
+    now = {f"memory/{k}_gb": getattr(torch.cuda, f"max_memory_{k}")(accelerator.device) / 1e9
+           for k in ("allocated", "reserved")}
+    torch.cuda.reset_peak_memory_stats(accelerator.device)
+    if accelerator.is_main_process and any(v > _PEAKS.get(phase, {}).get(k, 0) for k, v in now.items()):
+        _PEAKS[phase] = {k: max(v, _PEAKS.get(phase, {}).get(k, 0)) for k, v in now.items()}
+        write_json_atomic(os.path.join(output_dir, "run.json"), dict(_read_run_json(output_dir) or {}, memory=_PEAKS))
+    return now
+
+
 def report_outputs(accelerator: Accelerator, output_dir: str) -> None:
     """The run's last lines: where every output went (each entry of --output_dir, and the exported offline dataset)."""
-    if not accelerator.is_main_process:
-        return
-    lines = [f"outputs in {os.path.abspath(output_dir)}:"]
-    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
-        lines.append(f"  {name}{'/' if os.path.isdir(os.path.join(output_dir, name)) else ''}")
-    lines += [f"{what}: {os.path.abspath(path)}" for what, path in dict.fromkeys(OUTPUTS)]
-    print("\n".join(lines), flush=True)
-
+    memory_peaks(accelerator, "final evaluation and save", output_dir)
+    if accelerator.is_main_process:
+        lines = [f"outputs in {os.path.abspath(output_dir)}:"] + [
+            f"  {n}{'/' if os.path.isdir(os.path.join(output_dir, n)) else ''}"
+            for n in (sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else [])]
+        print("\n".join(lines + [f"{what}: {os.path.abspath(path)}" for what, path in dict.fromkeys(OUTPUTS)]), flush=True)
