@@ -55,7 +55,7 @@ class Base:
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     eval_every: int = arg(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_seeds: int | None = arg(None, "sampled-accuracy seeds per evaluation, reported as mean ± std")
-    save_every: int = arg(50, "write a resumable checkpoint every N optimizer steps (0: never)")
+    save_every: int | None = arg(None, "also save every N optimizer steps (0: never; at the paper's scale the minutes decide)")
     save_every_minutes: float = arg(60, "also save N min after the last (0: off); 60: a 7B save is 1-6 min; a kill loses ≤1 h")
     report_to: str = arg("tensorboard", "accelerate tracker (tensorboard, wandb, ...; empty for none)")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (0: run all epochs)")
@@ -69,10 +69,10 @@ class Base:
 
 # Defaults every algorithm shares: the embedded experiment's, and the paper's (any --model but tiny)
 RUN_DEFAULTS = {
-    "tiny": dict(task="arith", n_samples=8, gen_batch_size=256, eval_seeds=1, max_steps=0, warmup_steps=0),
+    "tiny": dict(task="arith", n_samples=8, gen_batch_size=256, eval_seeds=1, max_steps=0, warmup_steps=0, save_every=50),
     # the DQO paper: GSM8K; 20 samples per prompt (Table 8: 150000 = 7500 x 20); sampled accuracy as mean ± std over 5
     # seeds. The generation batch is each algorithm's (PAPER): what fits an 80 GB GPU at 7B
-    "paper": dict(task="gsm8k", n_samples=20, eval_seeds=5, max_steps=0, warmup_steps=0),
+    "paper": dict(task="gsm8k", n_samples=20, eval_seeds=5, max_steps=0, warmup_steps=0, save_every=0),
 }
 
 
