@@ -1,0 +1,247 @@
+"""Log-probs under bf16, measured on CPU: the per-token and per-response error against fp32 of today's head
+(`common._chunk_logprobs`: the output projection in bf16, its logits upcast afterwards) and of an fp32 head (each
+chunk's projection on fp32 copies of its hidden states and of the weight: no logit is rounded to bf16).
+
+    python benchmarks/logprob_bf16.py                  # errors, then the fp32 head's memory vs the floor: ~4 min on 2 cores
+    python benchmarks/logprob_bf16.py --skip_memory    # errors only (--skip_errors: memory only)
+
+Models (each in fp32 and as a bf16 copy of the same weights; bf16 values are exact in fp32):
+    tiny        assets/tiny (Llama, vocab 104), arith prompts, responses sampled as the tiny offline dataset samples them
+                (temperature 0.9, top-p 0.9, top-k 16, at most 64 tokens: they end at their own stop token)
+    wide V      a random GemmaForCausalLM (hidden 256, 2 layers, tied embedding) with V = 32000 or 256000, its logits
+                made a trained model's size by `realistic_logits` (a standard deviation of LOGIT_STD: the largest logit
+                of a row ≈ 26 at 32k, ≈ 29 at 256k, printed); RESPONSE_TOKENS tokens sampled at temperature 1
+Log-probs of the response tokens by `common.token_logprobs`, against the fp32 model's:
+    today       the bf16 model, the head as common.py computes it now
+    fp32 head   the bf16 model, `fp32_chunk_logprobs` below in place of `common._chunk_logprobs` (the change proposed in
+                /work/notes/fp32_head.patch)
+    head alone  today minus fp32 head: the same bf16 hidden states, so what rounding the logits to bf16 adds by itself
+Per token: mean and max |Δ| over response tokens. Per response: |Σ_t Δ_t| over its tokens (DQO's importance weight is
+exp of such a sum), mean and max over responses; and the mean signed Δ per token (a bias adds up linearly).
+
+Memory: peak extra memory of log-probs plus backward with the fp32 head, in a fresh process, beside the floor and
+today's token_logprobs, measured exactly as benchmarks/logprob_memory.py measures them (its model, B, T and child
+process: VmHWM minus VmRSS around one step). The bar: ≤ 1.5x the floor.
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import logprob_memory  # noqa: E402
+
+LOGIT_STD = 6.5  # the max of 256k such logits is ≈ 4.5 std ≈ 30: a sampled token's logit is near it
+RESPONSE_TOKENS, PROMPT_TOKENS, ROWS = 200, 16, 16
+WIDE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            head_dim=64)
+TINY_SAMPLING = dict(temperature=0.9, top_p=0.9, top_k=16)
+
+
+def fp32_chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, warps: tuple) -> torch.Tensor:
+    """`common._chunk_logprobs` with fp32 logits: the chunk's hidden states and the weight upcast before the projection,
+    outside any autocast, so no logit is rounded to bf16 (the patch proposes exactly this body)."""
+    fp32 = dict(head, weight=head["weight"].float(), bias=None if head["bias"] is None else head["bias"].float(),
+                autocast=None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = common._head_logits(hidden.float(), fp32)  # (n, V) fp32
+    out = []
+    for warp in warps:
+        lg = common.warp_logits(logits, **warp) if warp else logits
+        out.append(lg.gather(-1, targets[:, None]).squeeze(-1) - lg.logsumexp(-1))  # (n,)
+    return torch.stack(out)
+
+
+@contextmanager
+def fp32_head():
+    """common.token_logprobs with the fp32 head, inside."""
+    today = common._chunk_logprobs
+    common._chunk_logprobs = fp32_chunk_logprobs
+    try:
+        yield
+    finally:
+        common._chunk_logprobs = today
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and responses
+# ---------------------------------------------------------------------------------------------------------------------
+def realistic_logits(model, logit_std: float = LOGIT_STD, shrink: float = 0.01) -> None:
+    """Gives a random Gemma (tied embedding, final norm x (1 + w)) logits of a trained model's size, in place. At
+    initialisation the input embedding dominates the residual stream, so the tied head scores the input token far
+    above the rest (a model that repeats its input); shrunk by `shrink`, the layers' outputs dominate instead, and the
+    final norm's weight scales the logits (hidden states of RMS 1 against head rows of std σ: a logit's std is
+    σ·sqrt(H)) up to `logit_std`."""
+    with torch.no_grad():
+        w = model.get_input_embeddings().weight
+        w.mul_(shrink)
+        norm = model.model.norm.weight
+        norm.fill_(logit_std / (w.float().std().item() * model.config.hidden_size**0.5) - 1)
+
+
+def wide_model(vocab: int, seed: int = 0):
+    """A random Gemma of WIDE's shape with `vocab` tokens, in fp32, with `realistic_logits`."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=vocab, **WIDE)).eval()
+    realistic_logits(model)
+    return model
+
+
+def wide_batch(model, rows: int = ROWS, seed: int = 0):
+    """Random prompts of PROMPT_TOKENS, then RESPONSE_TOKENS tokens sampled from the fp32 model at temperature 1 (never
+    stopping early): (input_ids, attention_mask, response mask), all (rows, T)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, model.config.vocab_size, (rows, PROMPT_TOKENS), generator=g)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        ids = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=RESPONSE_TOKENS, min_new_tokens=RESPONSE_TOKENS,
+                             pad_token_id=0)
+    mask = torch.zeros_like(ids, dtype=torch.float)
+    mask[:, PROMPT_TOKENS:] = 1
+    return ids, torch.ones_like(ids), mask
+
+
+def tiny_batch(model, tokenizer, rows: int = ROWS, seed: int = 0):
+    """`rows` arith prompts and one response each, sampled by the fp32 tiny model as its offline dataset is."""
+    problems = common.arith_problems("train", rows, seed)
+    prompts = [common.encode_prompt(tokenizer, p["question"], "arith") for p in problems]
+    torch.manual_seed(seed)
+    outs = common.generate_batch(model, tokenizer, prompts, max_new_tokens=64, **TINY_SAMPLING)
+    rows = [dict(prompt_ids=p, response_ids=o["response_ids"]) for p, o in zip(prompts, outs)]
+    batch = common.collate(rows, tokenizer.pad_token_id)
+    return batch["input_ids"], batch["attention_mask"], batch["mask"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------------
+def summary(delta: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Per-token and per-response statistics of `delta` (B, T) on the response tokens (`mask`)."""
+    tok = delta[mask.bool()].abs()
+    seq = (delta * mask).sum(1).abs()  # (B,)
+    return dict(token_mean=tok.mean().item(), token_max=tok.max().item(), response_mean=seq.mean().item(),
+                response_max=seq.max().item(), bias=(delta * mask).sum().item() / mask.sum().item())
+
+
+def measure(model_fp32, ids, attn, mask) -> dict:
+    """The error summaries of today's head, the fp32 head and the head alone, and what the logits were like."""
+    model_bf16 = copy.deepcopy(model_fp32).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = common.token_logprobs(model_fp32, ids, attn)  # (B, T)
+        today = common.token_logprobs(model_bf16, ids, attn).float()
+        with fp32_head():
+            fp32 = common.token_logprobs(model_bf16, ids, attn).float()
+        logits = model_fp32(input_ids=ids[:2], attention_mask=attn[:2]).logits  # (2, T, V): two rows are enough
+    target = logits[:, :-1].gather(-1, ids[:2, 1:, None]).squeeze(-1)  # (2, T - 1) each next token's own logit
+    m = mask[:2, 1:].bool()
+    return {"today": summary(today - ref, mask), "fp32 head": summary(fp32 - ref, mask),
+            "head alone": summary(today - fp32, mask),
+            "logits": dict(target_mean=target[m].mean().item(), target_max=target[m].abs().max().item(),
+                           row_max_mean=logits[:, :-1].amax(-1)[m].mean().item(), tokens=mask.sum(1).mean().item(),
+                           ref_logp_mean=ref[mask.bool()].mean().item())}
+
+
+def errors() -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {}
+    tiny = AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(common.TINY_SHIPPED)
+    out["tiny (vocab 104)"] = measure(tiny, *tiny_batch(tiny, tokenizer))
+    for vocab in (32000, 256000):
+        model = wide_model(vocab)
+        out[f"wide (vocab {vocab})"] = measure(model, *wide_batch(model))
+        del model
+    return out
+
+
+def error_table(results: dict) -> str:
+    lines = ["| model | head | per token: mean abs | max abs | per response: mean abs sum | max abs sum | mean signed "
+             "per token |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        for head in ("today", "fp32 head", "head alone"):
+            s = r[head]
+            lines.append(f"| {name} | {head} | {s['token_mean']:.2e} | {s['token_max']:.2e} | {s['response_mean']:.2e} | "
+                         f"{s['response_max']:.2e} | {s['bias']:+.1e} |")
+    notes = [f"{name}: {r['logits']['tokens']:.0f} response tokens per row on average; the sampled tokens' logits "
+             f"average {r['logits']['target_mean']:.1f} (largest |logit| {r['logits']['target_max']:.1f}), each row's "
+             f"largest logit {r['logits']['row_max_mean']:.1f} on average; mean fp32 log-prob "
+             f"{r['logits']['ref_logp_mean']:.3f}" for name, r in results.items()]
+    return "\n".join(lines + [""] + notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory: logprob_memory.py's measurement with one more variant
+# ---------------------------------------------------------------------------------------------------------------------
+def fp32_head_variant(model, ids, attn):
+    with fp32_head():
+        return common.token_logprobs(model, ids, attn)
+
+
+logprob_memory.VARIANTS["fp32_head"] = fp32_head_variant
+MEMORY_VARIANTS = ("floor", "token_logprobs", "fp32_head")
+
+
+def memory(rounds: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # as logprob_memory.main: freed buffers leave at once
+    runs = {n: [] for n in MEMORY_VARIANTS}
+    for _ in range(rounds):
+        for n in MEMORY_VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--memory_child", n], env=env, capture_output=True, text=True,
+                                 check=True).stdout
+            runs[n].append(json.loads(out.strip().splitlines()[-1]))
+    return {n: dict(peak_bytes=statistics.median(r["peak_bytes"] for r in rs),
+                    time_s=statistics.median(r["time_s"] for r in rs)) for n, rs in runs.items()}
+
+
+def memory_table(m: dict) -> str:
+    lines = [f"logprob_memory.py's model (GemmaForCausalLM {logprob_memory.CONFIG}, bf16, B={logprob_memory.B}, "
+             f"T={logprob_memory.T})", "| variant | peak extra memory | vs floor | time per step (s) |",
+             "| --- | ---: | ---: | ---: |"]
+    for n, r in m.items():
+        lines.append(f"| {n} | {r['peak_bytes'] / 1e9:.2f} GB | {r['peak_bytes'] / m['floor']['peak_bytes']:.2f}x | "
+                     f"{r['time_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--skip_memory", action="store_true", help="errors only")
+    parser.add_argument("--skip_errors", action="store_true", help="memory only")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per memory variant (median)")
+    parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--memory_child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(logprob_memory.child(args.memory_child, 1)))
+        return
+    print(f"torch {torch.__version__} on CPU, {torch.get_num_threads()} threads; LOGIT_STD {LOGIT_STD}", flush=True)
+    result = {}
+    if not args.skip_errors:
+        result["errors"] = errors()
+        print(error_table(result["errors"]), flush=True)
+    if not args.skip_memory:
+        result["memory"] = memory(args.rounds)
+        print()
+        print(memory_table(result["memory"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
