@@ -44,7 +44,10 @@ import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
-import torch
+# the allocator setting the scripts run with unless the user set one (issue 34), before CUDA starts: reserved is theirs
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -1,8 +1,11 @@
-"""Log-probs under bf16, measured on CPU: the per-token and per-response error against fp32 of today's head
-(`common._chunk_logprobs`: the output projection in bf16, its logits upcast afterwards) and of an fp32 head (each
-chunk's projection on fp32 copies of its hidden states and of the weight: no logit is rounded to bf16).
+"""Log-probs under bf16, measured on CPU: the per-token and per-response error against fp32 of two output heads,
+    bf16 logits   the head before issue 34 (`bf16_chunk_logprobs` below): the output projection in the model's dtype
+                  (bf16), its logits upcast afterwards, as the model's own forward computes them
+    fp32 logits   `common._chunk_logprobs` now: each chunk's projection on fp32 copies of its hidden states and of the
+                  weight, outside autocast, so no logit is rounded to bf16
+    head alone    bf16 logits minus fp32 logits: the same bf16 hidden states, so what rounding the logits adds by itself
 
-    python benchmarks/logprob_bf16.py                  # errors, then the fp32 head's memory vs the floor: ~4 min on 2 cores
+    python benchmarks/logprob_bf16.py                  # errors, then memory vs the floor: ~6 min on 2 cores
     python benchmarks/logprob_bf16.py --skip_memory    # errors only (--skip_errors: memory only)
 
 Models (each in fp32 and as a bf16 copy of the same weights; bf16 values are exact in fp32):
@@ -10,18 +13,15 @@ Models (each in fp32 and as a bf16 copy of the same weights; bf16 values are exa
                 (temperature 0.9, top-p 0.9, top-k 16, at most 64 tokens: they end at their own stop token)
     wide V      a random GemmaForCausalLM (hidden 256, 2 layers, tied embedding) with V = 32000 or 256000, its logits
                 made a trained model's size by `realistic_logits` (a standard deviation of LOGIT_STD: the largest logit
-                of a row ≈ 26 at 32k, ≈ 29 at 256k, printed); RESPONSE_TOKENS tokens sampled at temperature 1
-Log-probs of the response tokens by `common.token_logprobs`, against the fp32 model's:
-    today       the bf16 model, the head as common.py computes it now
-    fp32 head   the bf16 model, `fp32_chunk_logprobs` below in place of `common._chunk_logprobs` (the change proposed in
-                /work/notes/fp32_head.patch)
-    head alone  today minus fp32 head: the same bf16 hidden states, so what rounding the logits to bf16 adds by itself
-Per token: mean and max |Δ| over response tokens. Per response: |Σ_t Δ_t| over its tokens (DQO's importance weight is
-exp of such a sum), mean and max over responses; and the mean signed Δ per token (a bias adds up linearly).
+                of a row ≈ 28 at 32k, ≈ 33 at 256k, printed); RESPONSE_TOKENS tokens sampled at temperature 1
+Log-probs of the response tokens by `common.token_logprobs` on the bf16 model, against the fp32 model's (fp32 logits
+either way: an fp32 model's logits are fp32). Per token: mean and max |Δ| over response tokens. Per response:
+|Σ_t Δ_t| over its tokens (DQO's importance weight is exp of such a sum), mean and max over responses; and the mean
+signed Δ per token (a bias adds up linearly).
 
-Memory: peak extra memory of log-probs plus backward with the fp32 head, in a fresh process, beside the floor and
-today's token_logprobs, measured exactly as benchmarks/logprob_memory.py measures them (its model, B, T and child
-process: VmHWM minus VmRSS around one step). The bar: ≤ 1.5x the floor.
+Memory: peak extra memory of log-probs plus backward, in a fresh process, of the floor, token_logprobs now (fp32
+logits) and with bf16 logits, measured exactly as benchmarks/logprob_memory.py measures them (its model, B, T and
+child process: VmHWM minus VmRSS around one step). The bar: token_logprobs ≤ 1.5x the floor.
 """
 
 import argparse
@@ -49,13 +49,9 @@ WIDE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_at
 TINY_SAMPLING = dict(temperature=0.9, top_p=0.9, top_k=16)
 
 
-def fp32_chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, warps: tuple) -> torch.Tensor:
-    """`common._chunk_logprobs` with fp32 logits: the chunk's hidden states and the weight upcast before the projection,
-    outside any autocast, so no logit is rounded to bf16 (the patch proposes exactly this body)."""
-    fp32 = dict(head, weight=head["weight"].float(), bias=None if head["bias"] is None else head["bias"].float(),
-                autocast=None)
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = common._head_logits(hidden.float(), fp32)  # (n, V) fp32
+def bf16_chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, warps: tuple) -> torch.Tensor:
+    """`common._chunk_logprobs` before issue 34: the projection in the model's dtype (bf16 logits), upcast after."""
+    logits = common._head_logits(hidden, head).float()  # (n, V)
     out = []
     for warp in warps:
         lg = common.warp_logits(logits, **warp) if warp else logits
@@ -64,14 +60,14 @@ def fp32_chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict,
 
 
 @contextmanager
-def fp32_head():
-    """common.token_logprobs with the fp32 head, inside."""
-    today = common._chunk_logprobs
-    common._chunk_logprobs = fp32_chunk_logprobs
+def bf16_logits():
+    """common.token_logprobs with the head before issue 34, inside."""
+    now = common._chunk_logprobs
+    common._chunk_logprobs = bf16_chunk_logprobs
     try:
         yield
     finally:
-        common._chunk_logprobs = today
+        common._chunk_logprobs = now
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,18 +134,18 @@ def summary(delta: torch.Tensor, mask: torch.Tensor) -> dict:
 
 
 def measure(model_fp32, ids, attn, mask) -> dict:
-    """The error summaries of today's head, the fp32 head and the head alone, and what the logits were like."""
+    """The error summaries of both heads and of the head alone, and what the logits were like."""
     model_bf16 = copy.deepcopy(model_fp32).to(torch.bfloat16)
     with torch.no_grad():
         ref = common.token_logprobs(model_fp32, ids, attn)  # (B, T)
-        today = common.token_logprobs(model_bf16, ids, attn).float()
-        with fp32_head():
-            fp32 = common.token_logprobs(model_bf16, ids, attn).float()
+        fp32 = common.token_logprobs(model_bf16, ids, attn).float()
+        with bf16_logits():
+            bf16 = common.token_logprobs(model_bf16, ids, attn).float()
         logits = model_fp32(input_ids=ids[:2], attention_mask=attn[:2]).logits  # (2, T, V): two rows are enough
     target = logits[:, :-1].gather(-1, ids[:2, 1:, None]).squeeze(-1)  # (2, T - 1) each next token's own logit
     m = mask[:2, 1:].bool()
-    return {"today": summary(today - ref, mask), "fp32 head": summary(fp32 - ref, mask),
-            "head alone": summary(today - fp32, mask),
+    return {"bf16 logits": summary(bf16 - ref, mask), "fp32 logits": summary(fp32 - ref, mask),
+            "head alone": summary(bf16 - fp32, mask),
             "logits": dict(target_mean=target[m].mean().item(), target_max=target[m].abs().max().item(),
                            row_max_mean=logits[:, :-1].amax(-1)[m].mean().item(), tokens=mask.sum(1).mean().item(),
                            ref_logp_mean=ref[mask.bool()].mean().item())}
@@ -173,7 +169,7 @@ def error_table(results: dict) -> str:
     lines = ["| model | head | per token: mean abs | max abs | per response: mean abs sum | max abs sum | mean signed "
              "per token |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
-        for head in ("today", "fp32 head", "head alone"):
+        for head in ("bf16 logits", "fp32 logits", "head alone"):
             s = r[head]
             lines.append(f"| {name} | {head} | {s['token_mean']:.2e} | {s['token_max']:.2e} | {s['response_mean']:.2e} | "
                          f"{s['response_max']:.2e} | {s['bias']:+.1e} |")
@@ -187,13 +183,13 @@ def error_table(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory: logprob_memory.py's measurement with one more variant
 # ---------------------------------------------------------------------------------------------------------------------
-def fp32_head_variant(model, ids, attn):
-    with fp32_head():
+def bf16_logits_variant(model, ids, attn):
+    with bf16_logits():
         return common.token_logprobs(model, ids, attn)
 
 
-logprob_memory.VARIANTS["fp32_head"] = fp32_head_variant
-MEMORY_VARIANTS = ("floor", "token_logprobs", "fp32_head")
+logprob_memory.VARIANTS["bf16 logits"] = bf16_logits_variant
+MEMORY_VARIANTS = ("floor", "token_logprobs", "bf16 logits")
 
 
 def memory(rounds: int) -> dict:

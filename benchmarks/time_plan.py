@@ -62,9 +62,10 @@ Corrections (issue 34), each a term of `count` (TERMS) and each an estimate; `--
     rank 0: the policy at every evaluation (each epoch end and the end), the value network once. Loading: the bf16
     model read once per node at the read bandwidth (the other processes hit the page cache; host-side upcasting and
     sharding not counted).
-  - cadence: checkpoints every SAVE_EVERY_MINUTES minutes of the training loop (training, SPO rollouts, evaluations):
-    ASSUMED 30, for `--save_every_minutes`, which is not in the scripts yet (once an Args has the field, its paper value
-    is used), replacing the step cadence (--save_every 50), which writes DQO's 205 GB 58 times.
+  - cadence: checkpoints every `--save_every_minutes` minutes of the training loop (training, SPO rollouts,
+    evaluations): the Args' paper value where an Args has the field, else SAVE_EVERY_MINUTES (60, its paper default),
+    with the step cadence off. The plan before counted the step cadence (--save_every 50: DQO's 205 GB 58 times);
+    `before_after` shows it beside as "checkpoints by --save_every instead".
 """
 
 import argparse
@@ -105,7 +106,8 @@ TEMPLATE_TOKENS, CHARS_PER_TOKEN = 35, 4  # guesses, as PROMPT_TOKENS above
 # without ../shared/data (tests/test_time_plan.py checks it against the file)
 PAD_FACTOR = {4: 1.415, 8: 1.616, 16: 1.802}
 DISK_WRITE_GB_PER_S, DISK_READ_GB_PER_S = 2.0, 2.0  # a node's disk: GUESSES (header)
-SAVE_EVERY_MINUTES = 30  # ASSUMED cadence of --save_every_minutes (not in the scripts yet)
+SAVE_EVERY_MINUTES = 60  # the paper cadence of --save_every_minutes while no Args has the field (header)
+SAVE_EVERY_STEPS = 50  # the step cadence the plan before counted (--save_every's default then)
 MODEL_BYTES_PER_PARAM, CHECKPOINT_BYTES_PER_PARAM = 2, 12  # bf16 saves; fp32 weights and two fp32 Adam moments
 VARIANTS = [(a, a.upper(), {}) for a in ALGOS] + [("dqo", "DQO --process_rewards", {"process_rewards": True})]
 PHASES = ("reference evaluation", "offline dataset", "process scores", "SPO rollouts", "training", "evaluations",
@@ -312,7 +314,8 @@ def paper_args(algo: str, world: int = WORLD) -> dict:
     d["max_new_tokens"] = common.TASK_MAX_NEW_TOKENS[d["task"]]
     d["grad_accum"] = d["global_batch_size"] // (d["per_device_batch_size"] * world)
     d["activation_checkpointing"] = activation_checkpointing()
-    d.setdefault("save_every_minutes", SAVE_EVERY_MINUTES)  # ASSUMED while no Args has the field (header)
+    if d.get("save_every_minutes") is None:  # no Args has the field yet (header)
+        d["save_every_minutes"] = SAVE_EVERY_MINUTES
     return d
 
 
@@ -400,12 +403,13 @@ def before_after(world: int = WORLD) -> str:
              ("+ padding", ("recompute", "padding")), ("+ I/O: after", TERMS)]
     lines = ["| algorithm | " + " | ".join(s for s, _ in steps) + " | after, checkpoints by --save_every instead |",
              "| --- |" + " ---: |" * (len(steps) + 1)]
-    for algo, label, extra in VARIANTS:
+    for algo, label, extra in VARIANTS + [("dqo", "DQO --gen_batch_size 32 (the paper size before issue 34)",
+                                           {"gen_batch_size": 32})]:
         cells = []
         for _, terms in steps:
             d, plan = paper_plan(algo, extra, world, terms)
             cells.append(f"{total_hours(plan, d['max_new_tokens'], world):,.1f} h")
-        d, plan = paper_plan(algo, dict(extra, save_every_minutes=0), world)
+        d, plan = paper_plan(algo, dict(extra, save_every_minutes=0, save_every=SAVE_EVERY_STEPS), world)
         t = plan["totals"]
         cells.append(f"{total_hours(plan, d['max_new_tokens'], world):,.1f} h ({t['checkpoints']:,} x "
                      f"{t['checkpoint_gb'] / max(1, t['checkpoints']):,.0f} GB, {t['cadence']})")

@@ -56,19 +56,19 @@ def test_paper_counts_by_hand():
     """SPO and DQO at the paper defaults on 8 GPUs, checked against arithmetic on their settings."""
     shape = time_plan.model_shape(time_plan.GEMMA_7B)
     spo_args = time_plan.paper_args("spo")
-    assert spo_args["grad_accum"] == 2 and spo_args["gen_batch_size"] == 8
+    assert spo_args["grad_accum"] == 2 and spo_args["gen_batch_size"] == 20
     spo = time_plan.count("spo", spo_args, time_plan.paper_data("spo", spo_args), shape, 8)
     assert spo["SPO rollouts"]["sequences"] == 100_000 * 128 // 2  # half of every batch of 128, 100k steps
-    assert (spo["SPO rollouts"]["calls"], spo["SPO rollouts"]["batch"]) == (100_000 // 10 * 8 * 10, 8)  # 80 per window
+    assert (spo["SPO rollouts"]["calls"], spo["SPO rollouts"]["batch"]) == (100_000 // 10 * 8 * 4, 20)  # 80 per window
     before = spo["SPO rollouts, one call per micro-batch (before)"]
     assert (before["calls"], before["batch"]) == (100_000 * 2 * 8, 4)
     assert spo["totals"]["steps"] == 100_000 and spo["totals"]["epochs"] == 86  # 149,460 rows // 128 = 1167 steps/epoch
     assert spo["totals"]["evaluations"] == 86
     by_steps = time_plan.count("spo", dict(spo_args, save_every_minutes=0), time_plan.paper_data("spo", spo_args), shape, 8)
-    assert by_steps["totals"]["checkpoints"] == 2000  # --save_every 50; every 30 minutes instead: test_paper_corrections
+    assert by_steps["totals"]["checkpoints"] == 2000  # --save_every 50; every 60 minutes instead: test_paper_corrections
     dqo_args = time_plan.paper_args("dqo")
     dqo = time_plan.count("dqo", dqo_args, time_plan.paper_data("dqo", dqo_args), shape, 8)
-    assert (dqo["offline dataset"]["sequences"], dqo["offline dataset"]["calls"]) == (7473 * 20, 7473)  # 32 // 20 = 1 prompt
+    assert (dqo["offline dataset"]["sequences"], dqo["offline dataset"]["calls"]) == (7473 * 20, 3737)  # 40 // 20 = 2
     assert "process scores" not in dqo and dqo["totals"]["steps"] == 149_460 // 256 * 5
     assert dqo["training"]["trained"]["value"] == dqo["training"]["trained"]["policy"]
 
@@ -76,13 +76,14 @@ def test_paper_counts_by_hand():
 def test_paper_corrections_by_hand():
     """DQO's paper plan with the corrections of issue 34, each term against arithmetic on its settings: configs/fsdp.yaml
     recomputes activations (8·N), micro-batches of 8 rows pad to their longest (the head on real tokens only), the
-    checkpoints hold both networks as stored, every 30 minutes of the training loop (assumed), written then read back,
+    checkpoints hold both networks as stored, every 60 minutes of the training loop (the paper cadence), written then
+    read back,
     models in bf16, the bf16 model loaded once; without the terms, the plan before (6·N, unpadded, no I/O)."""
     shape = time_plan.model_shape(time_plan.GEMMA_7B)
     n, head, n_value, L, d_attn = (shape[k] for k in ("n", "head", "n_value", "layers", "d_attn"))
     assert head == 256_000 * 3072 and n_value == n - head
     args = time_plan.paper_args("dqo")
-    assert args["activation_checkpointing"] is True and args["save_every_minutes"] == 30
+    assert args["activation_checkpointing"] is True and args["save_every_minutes"] == 60
     data = time_plan.paper_data("dqo", args)
     after = time_plan.count("dqo", args, data, shape, 8)
     before = time_plan.count("dqo", args, data, shape, 8, terms=())
@@ -102,7 +103,7 @@ def test_paper_corrections_by_hand():
     t, gb = after["totals"], 1e9
     each = 12 * (n + n + 3072 + 1)  # fp32 weights, 2 Adam moments: the policy; the value backbone (embedding kept), head
     loop = sum(time_plan.phase_hours(after[p], 512, 8) for p in ("training", "evaluations"))
-    assert t["checkpoints"] == int(loop * 2) > 0  # one every 30 minutes
+    assert t["checkpoints"] == int(loop) > 0  # one every 60 minutes
     assert t["checkpoint_gb"] == pytest.approx(t["checkpoints"] * each / gb)
     assert after["checkpoints"]["io_seconds"] == pytest.approx(
         t["checkpoints"] * each / gb * (1 / time_plan.DISK_WRITE_GB_PER_S + 1 / time_plan.DISK_READ_GB_PER_S))
@@ -116,6 +117,21 @@ def test_paper_corrections_by_hand():
     # the step cadence instead: 58 checkpoints of both networks
     steps = time_plan.count("dqo", dict(args, save_every_minutes=0), data, shape, 8)["totals"]
     assert steps["checkpoints"] == 58 and steps["checkpoint_gb"] == pytest.approx(58 * each / gb)
+
+
+def test_dqo_total_includes_recompute_padding_and_io():
+    """DQO's estimated paper total is the plan with every correction: dropping any one of them (TERMS) makes it
+    smaller, and the terms the total includes are the ones the plan names."""
+    world = time_plan.WORLD
+    d, plan = time_plan.paper_plan("dqo")
+    total = time_plan.total_hours(plan, d["max_new_tokens"], world)
+    assert set(time_plan.TERMS) == {"recompute", "padding", "io"}
+    for term in time_plan.TERMS:
+        _, without = time_plan.paper_plan("dqo", terms=tuple(t for t in time_plan.TERMS if t != term))
+        assert time_plan.total_hours(without, d["max_new_tokens"], world) < total, term
+    train = plan["training"]
+    assert train["flops_per_param"] == 8 and train["pad_factor"] > 1
+    assert all(plan[p]["io_seconds"] > 0 for p in ("checkpoints", "model saves", "model loading"))
 
 
 def test_padding_and_train_flops_by_hand():
@@ -139,5 +155,7 @@ def test_stored_padding_factors_match_the_gsm8k_file():
 
 def test_docs_carry_the_table():
     with open(os.path.join(ROOT, "docs", "memory-and-time.md")) as f:
-        assert time_plan.paper_table() in f.read(), \
+        text = f.read()
+        assert time_plan.before_after() in text, "docs/memory-and-time.md's before/after table is stale"
+        assert time_plan.paper_table() in text, \
             "docs/memory-and-time.md's time plan is stale: paste `python benchmarks/time_plan.py`"
