@@ -219,7 +219,7 @@ def main():
     parser.add_argument("--skip_memory", action="store_true", help="errors only")
     parser.add_argument("--skip_errors", action="store_true", help="memory only")
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per memory variant (median)")
-    parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--json", help="write every number here (a part skipped keeps what the file holds of it)")
     parser.add_argument("--memory_child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -227,6 +227,9 @@ def main():
         return
     print(f"torch {torch.__version__} on CPU, {torch.get_num_threads()} threads; LOGIT_STD {LOGIT_STD}", flush=True)
     result = {}
+    if args.json and os.path.isfile(args.json):  # each part takes minutes: one run may refresh one of them
+        with open(args.json) as f:
+            result = json.load(f)
     if not args.skip_errors:
         result["errors"] = errors()
         print(error_table(result["errors"]), flush=True)
