@@ -192,14 +192,20 @@ logprob_memory.VARIANTS["bf16 logits"] = bf16_logits_variant
 MEMORY_VARIANTS = ("floor", "token_logprobs", "bf16 logits")
 
 
-def memory(rounds: int) -> dict:
+def memory(rounds: int, parallel: bool = False) -> dict:
+    """Each variant's median over `rounds` fresh processes, one at a time or (`parallel`) a round's variants at once:
+    the peak memory is each process's own either way, the times then share the cores."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # as logprob_memory.main: freed buffers leave at once
     runs = {n: [] for n in MEMORY_VARIANTS}
     for _ in range(rounds):
-        for n in MEMORY_VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--memory_child", n], env=env, capture_output=True, text=True,
-                                 check=True).stdout
-            runs[n].append(json.loads(out.strip().splitlines()[-1]))
+        for group in [MEMORY_VARIANTS] if parallel else [[n] for n in MEMORY_VARIANTS]:
+            procs = {n: subprocess.Popen([sys.executable, __file__, "--memory_child", n], env=env, stdout=subprocess.PIPE,
+                                         text=True) for n in group}
+            for n, proc in procs.items():
+                out, _ = proc.communicate()
+                if proc.returncode:
+                    raise RuntimeError(f"memory child {n} failed ({proc.returncode})")
+                runs[n].append(json.loads(out.strip().splitlines()[-1]))
     return {n: dict(peak_bytes=statistics.median(r["peak_bytes"] for r in rs),
                     time_s=statistics.median(r["time_s"] for r in rs)) for n, rs in runs.items()}
 
@@ -219,6 +225,7 @@ def main():
     parser.add_argument("--skip_memory", action="store_true", help="errors only")
     parser.add_argument("--skip_errors", action="store_true", help="memory only")
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per memory variant (median)")
+    parser.add_argument("--parallel", action="store_true", help="a round's memory variants at once (times share cores)")
     parser.add_argument("--json", help="write every number here (a part skipped keeps what the file holds of it)")
     parser.add_argument("--memory_child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,7 +241,7 @@ def main():
         result["errors"] = errors()
         print(error_table(result["errors"]), flush=True)
     if not args.skip_memory:
-        result["memory"] = memory(args.rounds)
+        result["memory"] = memory(args.rounds, args.parallel)
         print()
         print(memory_table(result["memory"]))
     if args.json:

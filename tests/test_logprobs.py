@@ -285,11 +285,15 @@ def test_docs_carry_the_bf16_logprob_measurement():
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
     assert logprob_bf16.error_table(stored["errors"]) in docs
-    assert logprob_bf16.memory_table(stored["memory"]) in docs
+    if "memory" in stored:  # --skip_errors (minutes of bf16 matmuls on a CPU) stored too
+        assert logprob_bf16.memory_table(stored["memory"]) in docs
     wide = stored["errors"]["wide (vocab 256000)"]
     bf16, fp32 = wide["bf16 logits"]["response_mean"], wide["fp32 logits"]["response_mean"]
     assert f"from {bf16:.2f} to {fp32:.2f} nats" in readme
     for r in stored["errors"].values():
         assert r["fp32 logits"]["response_mean"] < r["bf16 logits"]["response_mean"]
-    memory = stored["memory"]
-    assert memory["token_logprobs"]["peak_bytes"] <= 1.5 * memory["floor"]["peak_bytes"]
+    if "memory" in stored:
+        memory = stored["memory"]
+        assert memory["token_logprobs"]["peak_bytes"] <= 1.5 * memory["floor"]["peak_bytes"]
+    else:
+        assert "Not yet measured against the floor" in docs
