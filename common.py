@@ -460,8 +460,14 @@ def _head_logits(hidden: torch.Tensor, head: dict) -> torch.Tensor:
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, warps: tuple) -> torch.Tensor:
     """(n, H) hidden states, (n,) next tokens -> (len(warps), n) log-probs: the logit minus an fp32 logsumexp, for
-    each warp (None: the model's own distribution). Only this chunk's logits exist, upcast to fp32."""
-    logits = _head_logits(hidden, head).float()  # (n, V)
+    each warp (None: the model's own distribution). Only this chunk's logits exist, computed in fp32: the projection
+    runs on fp32 copies of the chunk's hidden states and of the weight, outside autocast, so no logit is rounded to
+    bf16 (up to 0.06 nats at |logit| ≈ 30; DQO's importance weight sums ~200 such log-probs: benchmarks/logprob_bf16.py).
+    The copy of the weight is transient: V x H x 4 bytes per chunk (3.1 GB at Gemma-7B), and as much for its gradient."""
+    fp32 = dict(head, weight=head["weight"].float(), bias=None if head["bias"] is None else head["bias"].float(),
+                autocast=None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = _head_logits(hidden.float(), fp32)  # (n, V) fp32
     out = []
     for warp in warps:
         lg = warp_logits(logits, **warp) if warp else logits

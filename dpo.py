@@ -61,7 +61,7 @@ class Args(Base):
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-6, per_device_batch_size=32, beta=0.1)
 # PAPER: the DQO paper's DPO baseline (App. A, Gemma): 1 epoch, lr 5e-8, β 0.1, 64 pairs a step. Micro-batch and
 # generation batch: what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
-PAPER = dict(epochs=1, lr=5e-8, global_batch_size=64, per_device_batch_size=4, gen_batch_size=64, beta=0.1)
+PAPER = dict(epochs=1, lr=5e-8, global_batch_size=64, per_device_batch_size=4, gen_batch_size=60, beta=0.1)
 
 CHECKS = dict(max_pairs_per_prompt=at_least(1))
 

@@ -87,7 +87,7 @@ class Args(Base):
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, value_lr=1e-3, per_device_batch_size=32, beta=0.3)
 # PAPER (App. A, Gemma): β 0.03, lr 1e-7 (Qwen: 5e-7), λ 1, batch 256, 5 epochs (the best reported: Gemma's 2nd); value lr
 # only swept ({5e-6, 1e-6}): 1e-6. Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper values.
-PAPER = dict(epochs=5, lr=1e-7, value_lr=1e-6, global_batch_size=256, per_device_batch_size=8, gen_batch_size=32, beta=0.03)
+PAPER = dict(epochs=5, lr=1e-7, value_lr=1e-6, global_batch_size=256, per_device_batch_size=8, gen_batch_size=40, beta=0.03)
 
 CHECKS = dict(value_lr=positive(), lam=between(0, 1), is_clip=(lambda v: v == 0 or v >= 1, "0 (no weights) or ≥ 1"),
               behavior=one_of("ref", "sampler"), ps_samples=at_least(1))

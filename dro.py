@@ -59,7 +59,7 @@ class Args(Base):
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=5e-5, per_device_batch_size=64, beta=0.3, value_lr=3e-4)
 # PAPER: the DQO paper's DRO baseline (App. A): β 0.03, lr 1e-7 (Qwen: 5e-7), value lr 1e-6, batch 256, 1 epoch.
 # Micro-batch and generation batch: what fits 80 GB at 7B with the value model (memory_plan), not paper values.
-PAPER = dict(epochs=1, lr=1e-7, global_batch_size=256, per_device_batch_size=8, gen_batch_size=32, beta=0.03, value_lr=1e-6)
+PAPER = dict(epochs=1, lr=1e-7, global_batch_size=256, per_device_batch_size=8, gen_batch_size=40, beta=0.03, value_lr=1e-6)
 
 CHECKS = dict(value_lr=positive())
 

@@ -61,7 +61,7 @@ class Args(Base):
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-5, per_device_batch_size=256, beta=0.3)
 # PAPER: the DQO paper's KTO baseline, run as its DPO one (App. A): 1 epoch, lr 5e-8; β 0.1 (the KTO paper); 128 rows, 64
 # pairs' worth (no paper value). Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper values.
-PAPER = dict(epochs=1, lr=5e-8, global_batch_size=128, per_device_batch_size=8, gen_batch_size=32, beta=0.1)
+PAPER = dict(epochs=1, lr=5e-8, global_batch_size=128, per_device_batch_size=8, gen_batch_size=40, beta=0.1)
 
 CHECKS = dict(per_device_batch_size=(lambda v: v >= 2, "≥ 2: z0 pairs each row's prompt with another row's completion"),
               desirable_weight=positive(unset_ok=True), undesirable_weight=positive())

@@ -52,7 +52,7 @@ class Args(Base):
 TINY = dict(n_train_prompts=1000, n_test=1000, epochs=2, lr=3e-4, per_device_batch_size=32)
 # PAPER: the DQO paper's RS baseline (App. A): 3 epochs, lr 1e-6, global batch 128. Micro-batch and generation batch:
 # what fits an 80 GB GPU at 7B (benchmarks/memory_plan.py), not paper values.
-PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, gen_batch_size=64)
+PAPER = dict(epochs=3, lr=1e-6, global_batch_size=128, per_device_batch_size=8, gen_batch_size=60)
 
 CHECKS = dict(data=one_of("samples", "gold"))
 

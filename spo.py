@@ -90,7 +90,7 @@ TINY = dict(n_train_prompts=1000, n_test=1000, epochs=1, lr=1e-4, per_device_bat
 # PAPER: 100k steps at batch 128, lr 6e-8 with 200 warmup steps, β = 1/ln(100000), the headline "SPO" loss (the
 # cross-entropy Q-regression, bce). Micro-batch and generation batch: what fits 80 GB at 7B (memory_plan), not paper.
 PAPER = dict(max_steps=100_000, lr=6e-8, warmup_steps=200, global_batch_size=128, per_device_batch_size=8,
-             gen_batch_size=8, beta=1 / math.log(100_000), loss_type="bce")
+             gen_batch_size=20, beta=1 / math.log(100_000), loss_type="bce")
 PASS_EVAL = {"pass_n": 20, "pass_k": (1, 10), "pass_sampling": {"temperature": 0.4, "top_p": 0.95, "top_k": 0}}  # paper
 
 CHECKS = dict(loss_type=one_of("squared", "bce", "advantage_bce", "reverse_q"), model_update_interval=at_least(1),

@@ -41,9 +41,13 @@ def unsharded(model):
         for m in fsdp2:
             m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
+        # after FSDP's own post-forward hook (registered when the model was sharded)
+        hook = model.register_forward_hook(lambda *_: None if torch.is_grad_enabled() else _forget_forward_order(states))
         try:
             yield model
         finally:
+            hook.remove()
+            _forget_forward_order(states)
             for m in fsdp2:
                 m.reshard()
             for s, auto, groups in saved:
@@ -52,6 +56,17 @@ def unsharded(model):
                     g.post_forward_mesh_info = info
     else:
         yield extract_model_from_parallel(model)
+
+
+def _forget_forward_order(states: list) -> None:
+    """Empties FSDP2's record of the forwards since the last backward (torch 2.13, private): every module's forward
+    appends itself to the shared post-forward order and its index to its parameter group, for the next backward to
+    prefetch in reverse, and only a backward clears them. A no-grad forward has no backward, so under `unsharded` (a
+    forward per decoded token) they would grow by one entry per FSDP module and forward, for the whole phase."""
+    for s in states:
+        s._comm_ctx.post_forward_order.clear()
+        for g in s._fsdp_param_groups:
+            g._post_forward_indices.clear()
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict:

@@ -319,3 +319,51 @@ def test_shipped_fsdp2_launch_never_holds_unsharded_gradients(launch_runs, tmp_p
         assert not r["sync"] and r["current"]["Sharded Grad"] == 0
         unsharded = 4 * (r["params"] + r["other_params"])  # every gradient of both networks, full size, fp32
         assert unsharded <= r["current"]["Unsharded Grad"] + r["current"]["Temp"] <= 1.05 * unsharded
+
+
+FSDP2_BOOKKEEPING = """
+import os, sys, tempfile
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
+sys.path.insert(0, sys.argv[1])
+import common
+from runtime.sharding import unsharded
+
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"), rank=0, world_size=1)
+model = AutoModelForCausalLM.from_pretrained(common.TINY_SHIPPED, dtype=torch.float32)
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+states = [m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+ids = torch.tensor([[5, 6, 7, 8]])
+
+
+def entries():  # FSDP2's record of forwards awaiting a backward: the shared order, each parameter group's indices
+    return len(states[0]._comm_ctx.post_forward_order) + sum(len(g._post_forward_indices) for s in states
+                                                              for g in s._fsdp_param_groups)
+
+
+out = []
+with unsharded(model) as m, torch.no_grad():
+    for _ in range(100):
+        m(input_ids=ids)
+    out.append(entries())
+    m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    out.append(entries())
+out.append(entries())
+model(input_ids=ids).logits.sum().backward()  # training after it: a forward records, its backward clears
+out.append(entries())
+print(len(states), *out)
+"""
+
+
+def test_fsdp2_bookkeeping_stays_bounded_through_no_grad_forwards_under_unsharded():
+    """FSDP2 records every forward (its post-forward order and each parameter group's indices) for the next backward,
+    and only a backward clears the record: 100 no-grad forwards and a 20-token generate under `unsharded` (one process,
+    gloo) leave nothing recorded, and a training step after it still runs."""
+    out = subprocess.run([sys.executable, "-c", FSDP2_BOOKKEEPING, ROOT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    n_states, after_forwards, after_generate, after_exit, after_backward = map(int, out.stdout.split()[-5:])
+    assert n_states >= 3  # the root and its layers: each forward would add n_states entries twice
+    assert (after_forwards, after_generate, after_exit, after_backward) == (0, 0, 0, 0), out.stdout
