@@ -411,9 +411,7 @@ def segment_ends(tokenizer, response_ids: list[int]) -> list[int]:
     return ends + [len(response_ids)]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-token log-probs: the backbone, then the output projection in checkpointed chunks, never the (B, T, V) logits
-# ---------------------------------------------------------------------------------------------------------------------
+# Per-token log-probs: the backbone, then the output projection in checkpointed chunks, never the (B, T, V) logits ------
 LOGPROB_CHUNK_LOGITS = 2**26  # logits per chunk, 256 MiB in fp32: 262 tokens at a 256k vocabulary, 1M at the tiny 68
 SCORE_MAX_TOKENS = 16384  # padded tokens (rows x length) per forward pass when scoring rows
 _HEADS_CHECKED = weakref.WeakSet()  # causal LMs whose own logits have been compared with `_head_logits`
@@ -459,13 +457,12 @@ def _head_logits(hidden: torch.Tensor, head: dict) -> torch.Tensor:
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, warps: tuple) -> torch.Tensor:
-    """(n, H) hidden states, (n,) next tokens -> (len(warps), n) log-probs: the logit minus an fp32 logsumexp, for
-    each warp (None: the model's own distribution). Only this chunk's logits exist, computed in fp32: the projection
-    runs on fp32 copies of the chunk's hidden states and of the weight, outside autocast, so no logit is rounded to
-    bf16 (up to 0.06 nats at |logit| ≈ 30; DQO's importance weight sums ~200 such log-probs: benchmarks/logprob_bf16.py).
-    The copy of the weight is transient: V x H x 4 bytes per chunk (3.1 GB at Gemma-7B), and as much for its gradient."""
-    fp32 = dict(head, weight=head["weight"].float(), bias=None if head["bias"] is None else head["bias"].float(),
-                autocast=None)
+    """(n, H) hidden states, (n,) next tokens -> (len(warps), n) log-probs: the logit minus an fp32 logsumexp, for each
+    warp (None: the model's own distribution). Only this chunk's logits exist, projected in fp32 outside autocast: a bf16
+    logit is off by up to 0.06 nats at |logit| ≈ 30, and DQO's importance weight sums ~200 log-probs (logprob_bf16.py).
+    The fp32 copy of the weight is transient: V x H x 4 bytes per chunk (3.1 GB at Gemma-7B), as much for its gradient."""
+    bias = None if head["bias"] is None else head["bias"].float()
+    fp32 = dict(head, weight=head["weight"].float(), bias=bias, autocast=None)
     with torch.autocast(hidden.device.type, enabled=False):
         logits = _head_logits(hidden.float(), fp32)  # (n, V) fp32
     out = []
@@ -493,12 +490,11 @@ class _ModelOutputInGraph(torch.autograd.Function):
 def token_logprob_variants(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, warps: tuple = (None,),
                            chunk_tokens: int | None = None) -> list[torch.Tensor]:
     """One forward pass, a (B, T) tensor of log-probs per entry of `warps` (None: the model's own; a dict: under
-    `warp_logits`), 0 at position 0 and at padding.
-    The model is called through its wrapper (DDP, FSDP, peft), so their hooks run, with `logits_to_keep=1`. A hook on
-    the backbone takes the final hidden states, and the output projection runs here on `chunk_tokens` tokens at a time
-    (default: LOGPROB_CHUNK_LOGITS logits), checkpointed so backward recomputes each chunk: peak extra memory is a few
-    chunks, whatever B and T. A model's first call compares its own last logits with `_head_logits`, so an architecture
-    that needs more fails loudly."""
+    `warp_logits`), 0 at position 0 and at padding. The model is called through its wrapper (DDP, FSDP, peft), so their
+    hooks run, with `logits_to_keep=1`; a hook on the backbone takes the final hidden states, and the output projection
+    runs here on `chunk_tokens` tokens at a time (default: LOGPROB_CHUNK_LOGITS logits), checkpointed so backward
+    recomputes each chunk: a few chunks of extra memory, whatever B and T. A model's first call checks its own last
+    logits against `_head_logits`, so an architecture that needs more fails loudly."""
     lm = unwrap_causal_lm(model)
     captured = {}
 
@@ -549,9 +545,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return token_logprob_variants(model, input_ids, attention_mask, (warp,), chunk_tokens)[0]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Generation and rollouts: graded samples, and the log-probs of given rows
-# ---------------------------------------------------------------------------------------------------------------------
+# Generation and rollouts: graded samples, and the log-probs of given rows ----------------------------------------------
 class RowTemperature(LogitsProcessor):
     """Divides each row's next-token logits by that row's temperature, as generate's temperature warper does with one."""
 
@@ -636,8 +630,7 @@ def rollout_chunk(model, tokenizer, prompts, answers, task, chunk, n, sampling, 
     samples it."""
     flat = [i for i in chunk for _ in range(n)]
     device = next(model.parameters()).device
-    # the caller's random state is left as it was: whether a rollout ran or its rows came from a cache, what draws next
-    # (dropout, a value head's initialisation) draws the same numbers
+    # the caller's random state is left as it was: with a rollout or its rows from a cache, dropout draws the same
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         outs = generate_batch(model, tokenizer, [prompts[i] for i in flat], max_new_tokens=max_new_tokens, **sampling)
@@ -762,9 +755,9 @@ def import_offline_dataset(accelerator: Accelerator, model, tokenizer, problems:
     """The offline dataset from the file `path` (`read_offline_data`), as `build_offline_dataset` gives it: the prompt
     and the response encoded (an export's own ids when they are this tokenizer's: `_stored_ids`; a response over
     `max_new_tokens` cut there, `truncated` and graded on what is left, as a sample cut off at the limit); the file's
-    reward, else the grader's; the reference's log-probs, plain and under `sampling` (μ of imported rows is taken to be
-    the reference's sampling, as for self-sampled rows); questions numbered in order of first appearance. Questions
-    not among `problems` are used anyway, with a warning. Cached like `build_offline_dataset`, keyed by the file."""
+    reward, else the grader's; the reference's log-probs, plain and under `sampling` (μ of imported rows: the reference's
+    sampling, as for self-sampled rows); questions numbered by first appearance, those not among `problems` used anyway
+    with a warning. Cached like `build_offline_dataset`, keyed by the file."""
     src = read_offline_data(path)
     sampling = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
     key_fields = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=task,
@@ -1069,16 +1062,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def evaluate_reference(model, tokenizer, problems: list[dict], accelerator: Accelerator, model_name: str, cache_dir: str,
                        test_file: str | None = None, **settings) -> dict:
-    """`evaluate_run` on the untrained reference `model_name` (as --model), cached under `cache_dir/eval/`
-    (runtime/files.py: verified; a damaged file is named and evaluated again) so every script on the same model, task
-    and test set (`test_file`: the local file `problems` came from) reuses it; `settings` go to `evaluate` and the key."""
+    """`evaluate_run` on the untrained reference `model_name`, cached (verified) under `cache_dir/eval/` for every script
+    on the same model, task and test set (`test_file`: `problems`' local file); `settings` go to `evaluate` and the key."""
     s = dict(settings)  # in the key under the names caches were written with
     key = dict(model=model_key(model_name, cache_dir, precision_of(accelerator)), task=s.pop("task"),
                test_file=content_digest(test_file, cache_dir), n=len(problems), max_new_tokens=s.pop("max_new_tokens"),
                seed=s.pop("seed"), seeds=s.pop("sampled_seeds"), chunk=s.pop("gen_batch_size"), v=4, **s)
     root = os.path.join(cache_dir, "eval", cache_key(key))
-    # Read on the main process only: another run sharing the cache may write it between two processes' reads, and a
-    # process that skipped the evaluation (its results are gathered) would leave the others waiting for it.
+    # read on the main process only: another run may write it between two processes' reads, and they must all agree
     if (cached := on_main(accelerator, lambda: read_chunk(root, 0, 1))) is not None:
         return cached[0]
     with reference_mode(accelerator.unwrap_model(model)):

@@ -44,7 +44,7 @@ import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
-# the allocator setting the scripts run with unless the user set one (issue 34), before CUDA starts: reserved is theirs
+# the allocator setting the scripts run with unless the user set one, before CUDA starts: reserved is theirs
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402

@@ -1,5 +1,5 @@
 """Log-probs under bf16, measured on CPU: the per-token and per-response error against fp32 of two output heads,
-    bf16 logits   the head before issue 34 (`bf16_chunk_logprobs` below): the output projection in the model's dtype
+    bf16 logits   the earlier head (`bf16_chunk_logprobs` below): the output projection in the model's dtype
                   (bf16), its logits upcast afterwards, as the model's own forward computes them
     fp32 logits   `common._chunk_logprobs` now: each chunk's projection on fp32 copies of its hidden states and of the
                   weight, outside autocast, so no logit is rounded to bf16
@@ -50,7 +50,7 @@ TINY_SAMPLING = dict(temperature=0.9, top_p=0.9, top_k=16)
 
 
 def bf16_chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict, warps: tuple) -> torch.Tensor:
-    """`common._chunk_logprobs` before issue 34: the projection in the model's dtype (bf16 logits), upcast after."""
+    """The earlier `common._chunk_logprobs`: the projection in the model's dtype (bf16 logits), upcast after."""
     logits = common._head_logits(hidden, head).float()  # (n, V)
     out = []
     for warp in warps:
@@ -61,7 +61,7 @@ def bf16_chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: dict,
 
 @contextmanager
 def bf16_logits():
-    """common.token_logprobs with the head before issue 34, inside."""
+    """common.token_logprobs with the earlier head, inside."""
     now = common._chunk_logprobs
     common._chunk_logprobs = bf16_chunk_logprobs
     try:

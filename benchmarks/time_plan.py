@@ -38,7 +38,7 @@ Assumptions (ESTIMATES: no GPU has run any of this):
   - CHECKPOINT: 12 bytes per trained parameter (fp32 master weights and AdamW's two fp32 moments), + SPO's bf16 rollout
     policy (2 bytes per parameter).
 
-Corrections (issue 34), each a term of `count` (TERMS) and each an estimate; `--before` prints the plan without them:
+Corrections, each a term of `count` (TERMS) and each an estimate; `--before` prints the plan without them:
   - recompute: configs/fsdp.yaml's `fsdp_activation_checkpointing` (read from the file) recomputes each layer's forward
     in backward, and token_logprobs recomputes its head chunks: 8·N FLOPs per trained token instead of 6·N.
   - padding: every training micro-batch pads to its longest row (iterate_batches draws rows at random; scoring sorts rows
@@ -98,7 +98,7 @@ PROMPT_TOKENS, RESPONSE_TOKENS, PS_ROUNDS = 100, 200, 2
 DECODE_STEPS_PER_S = {1: 30, 8: 28, 32: 25, 64: 22}  # guess, see the header
 PEAK_FLOPS, MFU = 989.5e12, 0.35
 # The corrections (header), each an estimate
-TERMS = ("recompute", "padding", "io")  # count's terms; none of them: the plan before issue 34
+TERMS = ("recompute", "padding", "io")  # count's terms; none of them: the plan before these corrections
 FSDP_CONFIG = os.path.join(ROOT, "configs", "fsdp.yaml")  # the paper launch's config: its activation checkpointing
 DATA = os.environ.get("SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")
 TEMPLATE_TOKENS, CHARS_PER_TOKEN = 35, 4  # guesses, as PROMPT_TOKENS above
@@ -403,7 +403,7 @@ def before_after(world: int = WORLD) -> str:
              ("+ padding", ("recompute", "padding")), ("+ I/O: after", TERMS)]
     lines = ["| algorithm | " + " | ".join(s for s, _ in steps) + " | after, checkpoints by --save_every instead |",
              "| --- |" + " ---: |" * (len(steps) + 1)]
-    for algo, label, extra in VARIANTS + [("dqo", "DQO --gen_batch_size 32 (the paper size before issue 34)",
+    for algo, label, extra in VARIANTS + [("dqo", "DQO --gen_batch_size 32 (the earlier paper size: calls with empty slots)",
                                            {"gen_batch_size": 32})]:
         cells = []
         for _, terms in steps:

@@ -74,7 +74,7 @@ def test_paper_counts_by_hand():
 
 
 def test_paper_corrections_by_hand():
-    """DQO's paper plan with the corrections of issue 34, each term against arithmetic on its settings: configs/fsdp.yaml
+    """DQO's paper plan with its corrections, each term against arithmetic on its settings: configs/fsdp.yaml
     recomputes activations (8·N), micro-batches of 8 rows pad to their longest (the head on real tokens only), the
     checkpoints hold both networks as stored, every 60 minutes of the training loop (the paper cadence), written then
     read back,
