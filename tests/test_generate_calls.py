@@ -46,7 +46,6 @@ def calls(monkeypatch):
         passes.append([])
         return rollout(*a, **k)
 
-    chunks = {}
     monkeypatch.setattr(common, "generate_batch", generate_batch)
     monkeypatch.setattr(common, "score_rows", score_rows)
     monkeypatch.setattr(common, "grade", lambda *a: 0.0)
@@ -54,10 +53,8 @@ def calls(monkeypatch):
     monkeypatch.setattr(common, "rollout", rollout_pass)
     monkeypatch.setattr(torch, "manual_seed", lambda seed: None)  # no sampling here; on CPU it formats a stack each call
     # the offline dataset's chunk cache, in memory: the chunks and their order are the scripts' own
-    monkeypatch.setattr(common, "cache_folder", lambda accelerator, parent, key: parent)
-    monkeypatch.setattr(common, "build_chunks", lambda root, mine, n_rows, make, desc, show: chunks.update(
-        {c: make(c) for c in mine}))
-    monkeypatch.setattr(common, "read_chunk", lambda root, c, n_rows=None: chunks[c])
+    monkeypatch.setattr(common, "cached_chunks", lambda accelerator, parent, key, sizes, make, desc: (
+        [make(c) for c in range(len(sizes))], parent))
     monkeypatch.setattr(common, "export_offline_dataset", lambda *a, **k: None)
     return SimpleNamespace(passes=passes, new=lambda: passes.append([]))
 
