@@ -29,7 +29,8 @@ RUNS = {
     "dro": ("dro.py", "--max_steps", "3"),
     "dpo": ("dpo.py", "--max_steps", "2", "--max_pairs_per_prompt", "3"),  # below most prompts' correct x failed
     "kto": ("kto.py", "--max_steps", "2"),
-    "spo": ("spo.py", "--max_steps", "2", "--online_fraction", "0.25", "--loss_type", "bce", "--model_update_interval", "2"),
+    "spo": ("spo.py", "--max_steps", "2", "--online_fraction", "0.25", "--loss_type", "bce", "--model_update_interval", "2",
+            "--q0_samples", "4"),
     "rs": ("rs.py", "--max_steps", "2"),  # + --offline_data rs_offline_data
 }
 
@@ -269,11 +270,17 @@ def test_kto_desirable_rows_are_the_correct_ones(records):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_spo_q0_is_the_soft_value_of_the_prompts_offline_success_rate(records):
     """Every row, offline or a fresh rollout, carries its prompt's Q̂_0 = β log(Ŝ_0 + (1 − Ŝ_0) e^{−1/β}), Ŝ_0 the
-    success rate of the prompt's offline samples; the reward is reward − 1 ∈ {0, −1}."""
+    success rate of the prompt's offline samples pooled with its --q0_samples extra ones; the reward is reward − 1."""
     rec = records["spo"]
     beta = rec["calls"][0]["args"]["beta"]
     assert beta == 0.5  # the tiny default's β
-    q0 = spo.estimate_q0(rec["offline"], beta)
+    extra = rec["q0_extra"]
+    assert len(extra) == 4 * len({r["prompt_idx"] for r in rec["offline"]})  # --q0_samples 4 per prompt
+    q0 = spo.estimate_q0(rec["offline"] + extra, beta)
+    # the extra samples move Ŝ_0 of some prompt in these batches, so Q̂_0 from the offline rows alone would not pass
+    used = {r["prompt_idx"] for call in rec["calls"] for r in batch_rows(call)}
+    alone = spo.estimate_q0(rec["offline"], beta)
+    assert any(abs(q0[i] - alone[i]) > 1e-6 for i in used)
     for call in rec["calls"]:
         args, rows = call["args"], batch_rows(call)
         torch.testing.assert_close(args["q0"], torch.tensor([q0[r["prompt_idx"]] for r in rows]))
@@ -283,7 +290,7 @@ def test_spo_q0_is_the_soft_value_of_the_prompts_offline_success_rate(records):
     # Q̂_0 differs between prompts in these batches, so a constant or another prompt's would not pass
     assert len({round(v, 6) for call in rec["calls"] for v in call["args"]["q0"].tolist()}) > 1
     success = {}
-    for r in rec["offline"]:
+    for r in rec["offline"] + extra:
         success.setdefault(r["prompt_idx"], []).append(r["reward"])
     for idx, rewards in success.items():  # estimate_q0 is the soft value of the success rate
         s = torch.tensor([sum(rewards) / len(rewards)])

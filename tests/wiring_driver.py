@@ -15,6 +15,7 @@ note what went in and out. Nothing in the script changes. What is recorded (torc
              travels with the rows into batches, so a test can find each batch row's source row).
     examples: the `_row` tags (None for a row without one) of the examples main() hands iterate_batches first: its
              training set.
+    q0_extra: SPO's extra reference samples for Ŝ_0 (--q0_samples), the second build_offline_dataset call.
     scores:  DQO's process scores (build_process_scores), in offline-row order; absent without --process_rewards.
 The evaluations are replaced by stand-ins (the reference's and the trained policy's accuracy are not what is tested
 here, and they cost most of a short run); everything between the data and the last optimizer step is the script's own.
@@ -87,6 +88,8 @@ def record_run(record_path: str, script: str, *flags: str) -> None:
             for i, r in enumerate(out):
                 r["_row"] = i
             record["offline"] = plain(out)
+        else:
+            record["q0_extra"] = plain(out)
 
     wrap("build_offline_dataset", on_offline)
 
