@@ -279,20 +279,21 @@ def count(algo: str, d: dict, data: dict, shape: dict, world: int, terms: tuple 
         p["flops"] = p["gen_flops"] + p["score_flops"] + p["train_flops"]
     rollout_policy = 2 * shape["n"] if algo == "spo" and d["online_fraction"] else 0  # SPO's bf16 copy, in checkpoints
     by_steps = steps // d["save_every"] if d["save_every"] else 0
-    if "io" not in terms:  # the plan before: the value network without its embedding, models at 4 bytes per parameter
-        trained = shape["n"] + (shape["n_value"] if algo in ("dro", "dqo") else 0)
+    if "io" not in terms:  # the plan before: the step cadence (50 then), the value network without its embedding, models
+        trained = shape["n"] + (shape["n_value"] if algo in ("dro", "dqo") else 0)  # at 4 bytes per parameter
         ckpt_bytes = CHECKPOINT_BYTES_PER_PARAM * trained + rollout_policy
-        out["totals"] = dict(steps=steps, epochs=epochs, evaluations=n_evals, checkpoints=by_steps, cadence="steps",
-                             checkpoint_gb=by_steps * ckpt_bytes / 1e9, models_gb=n_evals * 4 * trained / 1e9)
+        before = steps // (d["save_every"] or SAVE_EVERY_STEPS)
+        out["totals"] = dict(steps=steps, epochs=epochs, evaluations=n_evals, checkpoints=before, cadence="steps",
+                             checkpoint_gb=before * ckpt_bytes / 1e9, models_gb=n_evals * 4 * trained / 1e9)
         return out
     value = shape["n"] + shape["hidden"] + 1 if algo in ("dro", "dqo") else 0  # as stored: the backbone and a scalar head
     ckpt_bytes = CHECKPOINT_BYTES_PER_PARAM * (shape["n"] + value) + rollout_policy
     minutes = d.get("save_every_minutes")
-    if minutes:  # the time cadence, over the training loop's estimated hours
-        loop = sum(phase_hours(out[p], mnt, world) for p in ("training", "SPO rollouts", "evaluations") if p in out)
-        ckpts, cadence = int(loop * 60 // minutes), f"every {minutes:g} min"
-    else:
-        ckpts, cadence = by_steps, f"every {d['save_every']} steps"
+    # both cadences run (a save resets the clock): whichever saves more often sets the count, an estimate
+    loop = sum(phase_hours(out[p], mnt, world) for p in ("training", "SPO rollouts", "evaluations") if p in out)
+    by_time = int(loop * 60 // minutes) if minutes else 0  # over the training loop's estimated hours
+    ckpts, cadence = (by_time, f"every {minutes:g} min") if by_time > by_steps else \
+        (by_steps, f"every {d['save_every']} steps")
     model_bytes = MODEL_BYTES_PER_PARAM * (n_evals * shape["n"] + value)  # the policy at every evaluation, V once
     out["model loading"] = io_phase(read=MODEL_BYTES_PER_PARAM * shape["n"], label="model loading (bf16, once per node)")
     out["checkpoints"] = io_phase(ckpts * ckpt_bytes, ckpts * ckpt_bytes,

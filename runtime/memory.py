@@ -58,10 +58,13 @@ def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: in
         tokens = min(rows, max(1, SCORE_MAX_TOKENS // T)) * T
         return {"forward activations (no grad)": tokens * (3 * F + 4 * H) * w}
 
+    head32 = {"the log-prob head's fp32 copy of the output weight": 4 * V * H}  # common._chunk_logprobs, transient
+
     # the peak is at the backward of a network's embedding: its checkpointed layer inputs, accelerate's embedding/head/norm
     # unit of every network gathered (it stays gathered through forward), that unit's gradient with the fp32 copy the
     # reduce-scatter takes and, with two networks, the other one's embedding gradient and a layer's reduce-scatter
-    train = {**state, **grads, "checkpointed layer inputs and outputs": (1 if sharded else len(trained)) * (L + 6) * N * H * w}
+    train = {**state, **grads, "checkpointed layer inputs and outputs": (1 if sharded else len(trained)) * (L + 6) * N * H * w,
+             **head32}
     if sharded:
         train.update({"embedding/head units gathered": len(trained) * V * H * w,
                       "embedding gradient and its fp32 reduce-scatter": V * H * (w + 4)})
@@ -70,7 +73,7 @@ def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: in
     rows_per_chunk = max(1, gen_batch_size // n_samples) * n_samples  # an offline-dataset chunk: whole prompts
     plan = {"train": train,
             "generate": {**state, **gathered, **generate(gen_batch_size)},
-            "score": {**state, **gathered, **score(rows_per_chunk)},
+            "score": {**state, **gathered, **score(rows_per_chunk), **head32},
             "save": {**state, "one parameter gathered (fp32)": 4 * max(V * H, layer // L if L else 0)}}
     if terms.get("rollout_policy"):
         plan["rollout"] = {**state, **generate(gen_batch_size), **score(terms.get("online_rows", 0))}

@@ -64,7 +64,8 @@ def _forget_forward_order(states: list) -> None:
     prefetch in reverse, and only a backward clears them. A no-grad forward has no backward, so under `unsharded` (a
     forward per decoded token) they would grow by one entry per FSDP module and forward, for the whole phase."""
     for s in states:
-        s._comm_ctx.post_forward_order.clear()
+        if hasattr(s._comm_ctx, "post_forward_order"):  # made by FSDP's lazy init, at the first forward
+            s._comm_ctx.post_forward_order.clear()
         for g in s._fsdp_param_groups:
             g._post_forward_indices.clear()
 

@@ -64,7 +64,8 @@ def test_paper_counts_by_hand():
     assert (before["calls"], before["batch"]) == (100_000 * 2 * 8, 4)
     assert spo["totals"]["steps"] == 100_000 and spo["totals"]["epochs"] == 86  # 149,460 rows // 128 = 1167 steps/epoch
     assert spo["totals"]["evaluations"] == 86
-    by_steps = time_plan.count("spo", dict(spo_args, save_every_minutes=0), time_plan.paper_data("spo", spo_args), shape, 8)
+    by_steps = time_plan.count("spo", dict(spo_args, save_every_minutes=0, save_every=50),
+                               time_plan.paper_data("spo", spo_args), shape, 8)
     assert by_steps["totals"]["checkpoints"] == 2000  # --save_every 50; every 60 minutes instead: test_paper_corrections
     dqo_args = time_plan.paper_args("dqo")
     dqo = time_plan.count("dqo", dqo_args, time_plan.paper_data("dqo", dqo_args), shape, 8)
@@ -115,7 +116,7 @@ def test_paper_corrections_by_hand():
         sum(time_plan.phase_hours(after[p], 512, 8) for p in ("reference evaluation", "offline dataset", "training",
                                                                "evaluations")) + io)
     # the step cadence instead: 58 checkpoints of both networks
-    steps = time_plan.count("dqo", dict(args, save_every_minutes=0), data, shape, 8)["totals"]
+    steps = time_plan.count("dqo", dict(args, save_every_minutes=0, save_every=50), data, shape, 8)["totals"]
     assert steps["checkpoints"] == 58 and steps["checkpoint_gb"] == pytest.approx(58 * each / gb)
 
 
