@@ -211,6 +211,20 @@ def test_dro_logps_mask_and_rewards_are_the_rows(records):
         assert args["beta"] == 0.3
 
 
+@pytest.mark.parametrize("run", list(RUNS))
+def test_every_optimizer_step_clips_each_network_at_max_grad_norm(records, run):
+    """Each script clips every trained network's gradient at --max_grad_norm (1.0 by default) before each step: one
+    clip per network and optimizer step, over all of that network's parameters. Adam all but hides a clip (its step
+    is nearly scale-free), so no loss or direction check would see one dropped or set wrong."""
+    rec = records[run]
+    networks = 2 if run.startswith(("dqo", "dro")) else 1
+    steps = int(RUNS[run][RUNS[run].index("--max_steps") + 1])
+    clips = rec.get("clips", [])
+    assert len(clips) == networks * steps, clips
+    assert all(c["max_norm"] == 1.0 for c in clips), clips
+    assert len({c["n_params"] for c in clips[:networks]}) == networks  # the policy's and the value network's own
+
+
 def test_dpo_chosen_is_the_correct_response_and_rejected_the_failed_one_of_a_pair(records):
     """dpo_loss takes pairs interleaved, row 2k chosen and row 2k + 1 rejected: each chosen row is correct, each
     rejected one failed, both answer the same prompt, and the log-probs and mask handed over are those rows' own."""

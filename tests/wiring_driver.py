@@ -16,6 +16,7 @@ note what went in and out. Nothing in the script changes. What is recorded (torc
     examples: the `_row` tags (None for a row without one) of the examples main() hands iterate_batches first: its
              training set.
     q0_extra: SPO's extra reference samples for Ŝ_0 (--q0_samples), the second build_offline_dataset call.
+    clips:   each accelerator.clip_grad_norm_ call: the number of parameters and max_norm.
     scores:  DQO's process scores (build_process_scores), in offline-row order; absent without --process_rewards.
 The evaluations are replaced by stand-ins (the reference's and the trained policy's accuracy are not what is tested
 here, and they cost most of a short run); everything between the data and the last optimizer step is the script's own.
@@ -109,6 +110,17 @@ def record_run(record_path: str, script: str, *flags: str) -> None:
             return vm
 
         module.ValueModel = value_model
+    # every gradient clip: which parameters (by their count) and at what norm, in call order
+    import accelerate
+
+    real_clip = accelerate.Accelerator.clip_grad_norm_
+
+    def clip(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        record.setdefault("clips", []).append(dict(n_params=len(parameters), max_norm=max_norm))
+        return real_clip(self, parameters, max_norm, *args, **kwargs)
+
+    accelerate.Accelerator.clip_grad_norm_ = clip
     # stand-ins for the evaluations: main() still reads and logs a result of the usual shape
     module.evaluate_reference = module.evaluate_run = lambda *a, **k: {"greedy": 0.0}
 
