@@ -28,7 +28,7 @@ RUNS = {
                     "2"),  # --ps_samples 2 as tests/test_dqo.py's smoke run: one process-score cache for both
     "dro": ("dro.py", "--max_steps", "3"),
     "dpo": ("dpo.py", "--max_steps", "2", "--max_pairs_per_prompt", "3"),  # below most prompts' correct x failed
-    "kto": ("kto.py", "--max_steps", "2"),
+    "kto": ("kto.py", "--max_steps", "2", "--beta", "0.2"),  # not the tiny default's 0.3, nor the paper's 0.1
     "spo": ("spo.py", "--max_steps", "2", "--online_fraction", "0.25", "--loss_type", "bce", "--model_update_interval", "2",
             "--q0_samples", "4"),
     "rs": ("rs.py", "--max_steps", "2"),  # + --offline_data rs_offline_data
@@ -262,10 +262,12 @@ def test_dpo_trains_on_at_most_max_pairs_per_prompt_distinct_pairs_of_each_promp
 
 
 def test_kto_desirable_rows_are_the_correct_ones(records):
-    """desirable = reward 1, row by row, beside that row's own sequence log-probs; λ_D balances the correct rows."""
+    """desirable = reward 1, row by row, beside that row's own sequence log-probs; λ_D balances the correct rows; β is
+    --beta."""
     rec = records["kto"]
     for call in rec["calls"]:
         args, rows = call["args"], batch_rows(call)
+        assert args["beta"] == 0.2
         assert args["desirable"].tolist() == [r["reward"] == 1.0 for r in rows]
         T = call["logprobs"][0].shape[1]
         assert torch.equal(args["policy_logps"], call["logprobs"][0])
