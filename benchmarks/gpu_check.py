@@ -97,33 +97,16 @@ class IdTokenizer:
 # A world of one process, sharded as configs/fsdp.yaml shards
 # ---------------------------------------------------------------------------------------------------------------------
 def launch(device: torch.device):
-    """A real process group of one (nccl on CUDA, gloo on CPU) and the accelerator stand-in memory_trace.launch makes,
-    on `device`."""
+    """A real process group of one (nccl on CUDA, gloo on CPU) and memory_trace's accelerator stand-in on `device`."""
     import memory_trace
     import torch.distributed as dist
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="gpu_check_pg_"), "store"), 1)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
-    env = memory_trace.fsdp_env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("dp_shard",))
-    # is_main_process False: accelerate's logger needs its own state, and logging is all that it changes (memory_trace)
-    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="bf16", is_main_process=False,
-                           device=device, torch_device_mesh=mesh,
-                           parallelism_config=SimpleNamespace(fsdp_dim_names=("dp_shard",)))
+    return memory_trace.stand_in(device)
 
 
 class Optimizer:

@@ -99,17 +99,24 @@ def fsdp_env(config_file: str = os.path.join(ROOT, "configs", "fsdp.yaml")) -> d
 
 
 def launch(world: int = WORLD):
-    """An accelerator stand-in with what accelerate's FSDP2 preparation reads: the plugin built from configs/fsdp.yaml's
-    environment with the scripts' MixedPrecisionPolicy, bf16 mixed precision, the device and a 1-D mesh of `world`
-    (made before fake tensors exist). Starts the fake process group (rank 0) once."""
+    """The accelerator stand-in (`stand_in`) on the CPU, with rank 0 of a fake process group of `world` (started once)."""
     import torch.distributed as dist
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if not dist.is_initialized():
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    return stand_in(torch.device("cpu"))
+
+
+def stand_in(device: torch.device):
+    """An accelerator stand-in with what accelerate's FSDP2 preparation reads: the plugin built from configs/fsdp.yaml's
+    environment with the scripts' MixedPrecisionPolicy, bf16 mixed precision, `device` and a 1-D mesh over the started
+    process group (made before fake tensors exist). benchmarks/gpu_check.py uses it on a real group of one."""
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     env = fsdp_env()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -119,10 +126,10 @@ def launch(world: int = WORLD):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp_shard",))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp_shard",))
     # is_main_process False: accelerate's logger needs its own state, and logging is all that rank 0 does differently
     return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="bf16", is_main_process=False,
-                           device=torch.device("cpu"), torch_device_mesh=mesh,
+                           device=device, torch_device_mesh=mesh,
                            parallelism_config=SimpleNamespace(fsdp_dim_names=("dp_shard",)))
 
 
