@@ -165,3 +165,17 @@ def test_quick_start_output_starts_from_the_recorded_reference():
         reference = json.load(f)["DQO"]["1"]["reference"]
     line = f"reference{reference['greedy']:>15.4f}{reference['sampled']:>12.4f}"
     assert line in section(read(README), "## Quick start"), line
+
+
+def test_the_mutant_report_is_the_mutants_benchmark_s_and_kills_every_one():
+    """docs/mutants.txt holds a verdict for every mutant benchmarks/mutants.py defines, each killed, with the test that
+    failed; docs/testing.md gives their number. A mutant added without a run, or one that survived, fails here."""
+    from benchmarks import mutants
+
+    names = [m[0] for m in mutants.MUTANTS]
+    rows = [line.split() for line in read(os.path.join(ROOT, "docs", "mutants.txt")).splitlines()
+            if line and not line.startswith(("#", "mutant ")) and not re.match(r"\d+ killed", line)]
+    verdicts = {row[0]: row[2] for row in rows if len(row) >= 5}
+    assert sorted(verdicts) == sorted(names) and len(rows) == len(names), (sorted(verdicts), names)
+    assert set(verdicts.values()) == {"killed"}, verdicts
+    assert f"plants {len(names)} plausible" in read(os.path.join(ROOT, "docs", "testing.md"))
