@@ -1,8 +1,9 @@
 """Preemption, checkpoint cadence, disk and the process count. SIGTERM mid-training (one process; and to the launcher of
 a 2-process FSDP2 launch through configs/fsdp.yaml, as a scheduler sends it) leaves a checkpoint at the step the run was
-on and exit status 75; --resume then ends bitwise equal to an uninterrupted run. A checkpoint is refused, in one line
-naming both counts, under another number of processes. Every process hashes a share of a checkpoint. The disk
-preflight refuses a folder too small for two checkpoints and the models."""
+on and exit status 75; --resume then ends bitwise equal to an uninterrupted run. SIGTERM inside a DQO accumulation
+window (--grad_accum 2, two networks) finishes that step first, and both networks resume bitwise. A checkpoint is
+refused, in one line naming both counts, under another number of processes. Every process hashes a share of a
+checkpoint. The disk preflight refuses a folder too small for two checkpoints and the models."""
 
 import json
 import os
