@@ -7,6 +7,7 @@
 
     python benchmarks/logprob_bf16.py                  # errors, then memory vs the floor: ~6 min on 2 cores
     python benchmarks/logprob_bf16.py --skip_memory    # errors only (--skip_errors: memory only)
+    python benchmarks/logprob_bf16.py --skip_errors --rounds 1 --skip_head_matmuls --json benchmarks/results/logprob_bf16.json
 
 Models (each in fp32 and as a bf16 copy of the same weights; bf16 values are exact in fp32):
     tiny        assets/tiny (Llama, vocab 104), arith prompts, responses sampled as the tiny offline dataset samples them
@@ -21,7 +22,11 @@ signed Δ per token (a bias adds up linearly).
 
 Memory: peak extra memory of log-probs plus backward, in a fresh process, of the floor, token_logprobs now (fp32
 logits) and with bf16 logits, measured exactly as benchmarks/logprob_memory.py measures them (its model, B, T and
-child process: VmHWM minus VmRSS around one step). The bar: token_logprobs ≤ 1.5x the floor.
+child process: VmHWM minus VmRSS around one step). The bar: token_logprobs ≤ 1.5x the floor. Bytes do not depend on
+speed, so one round gives the peaks. floor and bf16 logits run bf16 matmuls over 256k logits, far too slow where the
+CPU has no native bf16 kernel: --skip_head_matmuls (logprob_memory.py's docstring) allocates and writes the
+head's matmul outputs without computing them. The time column is one step's (the median over --rounds), on whatever
+else shares the cores, and meaningless with --skip_head_matmuls: a label, not a benchmark.
 """
 
 import argparse
@@ -190,17 +195,22 @@ def bf16_logits_variant(model, ids, attn):
 
 logprob_memory.VARIANTS["bf16 logits"] = bf16_logits_variant
 MEMORY_VARIANTS = ("floor", "token_logprobs", "bf16 logits")
+COMPUTED = "token_logprobs, computed"  # with --skip_head_matmuls: the same, its matmuls computed
 
 
-def memory(rounds: int, parallel: bool = False) -> dict:
+def memory(rounds: int, parallel: bool = False, skip_head_matmuls: bool = False) -> dict:
     """Each variant's median over `rounds` fresh processes, one at a time or (`parallel`) a round's variants at once:
-    the peak memory is each process's own either way, the times then share the cores."""
+    the peak memory is each process's own either way, the times then share the cores. With `skip_head_matmuls`,
+    token_logprobs (fp32 matmuls: a minute a step) runs computed too, as "token_logprobs, computed": the check that
+    zeroing the head's matmuls leaves the peak as it was."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # as logprob_memory.main: freed buffers leave at once
-    runs = {n: [] for n in MEMORY_VARIANTS}
+    skip = ["--skip_head_matmuls"] if skip_head_matmuls else []
+    jobs = {n: [n, *skip] for n in MEMORY_VARIANTS} | ({COMPUTED: ["token_logprobs"]} if skip_head_matmuls else {})
+    runs = {n: [] for n in jobs}
     for _ in range(rounds):
-        for group in [MEMORY_VARIANTS] if parallel else [[n] for n in MEMORY_VARIANTS]:
-            procs = {n: subprocess.Popen([sys.executable, __file__, "--memory_child", n], env=env, stdout=subprocess.PIPE,
-                                         text=True) for n in group}
+        for group in [list(jobs)] if parallel else [[n] for n in jobs]:
+            procs = {n: subprocess.Popen([sys.executable, __file__, "--memory_child", *jobs[n]], env=env,
+                                         stdout=subprocess.PIPE, text=True) for n in group}
             for n, proc in procs.items():
                 out, _ = proc.communicate()
                 if proc.returncode:
@@ -210,12 +220,25 @@ def memory(rounds: int, parallel: bool = False) -> dict:
                     time_s=statistics.median(r["time_s"] for r in rs)) for n, rs in runs.items()}
 
 
-def memory_table(m: dict) -> str:
+def machine(rounds: int, skip_head_matmuls: bool) -> dict:
+    """Where and how the memory run ran: torch, threads, CPU model, native bf16 matmuls or not, rounds, matmuls skipped."""
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu, rounds=rounds,
+                native_bf16=any(f in info.split() for f in ("avx512_bf16", "amx_bf16")), skip_head_matmuls=skip_head_matmuls)
+
+
+def memory_table(m: dict, run: dict | None = None) -> str:
+    where = (f"; torch {run['torch']}, {run['threads']} threads, {run['cpu']} ("
+             f"{'native' if run['native_bf16'] else 'no native'} bf16 matmuls), {run['rounds']} round(s)"
+             + (f"; the head's matmuls zeroed, uncomputed (--skip_head_matmuls), except in \"{COMPUTED}\": the other "
+                "times are meaningless" if run.get("skip_head_matmuls") else "")) if run else ""
     lines = [f"logprob_memory.py's model (GemmaForCausalLM {logprob_memory.CONFIG}, bf16, B={logprob_memory.B}, "
-             f"T={logprob_memory.T})", "| variant | peak extra memory | vs floor | time per step (s) |",
+             f"T={logprob_memory.T}){where}", "| variant | peak extra memory | vs floor | time of one step (s), shared CPU |",
              "| --- | ---: | ---: | ---: |"]
     for n, r in m.items():
-        lines.append(f"| {n} | {r['peak_bytes'] / 1e9:.2f} GB | {r['peak_bytes'] / m['floor']['peak_bytes']:.2f}x | "
+        lines.append(f"| {n} | {r['peak_bytes'] / 1e9:.3f} GB | {r['peak_bytes'] / m['floor']['peak_bytes']:.2f}x | "
                      f"{r['time_s']:.2f} |")
     return "\n".join(lines)
 
@@ -227,10 +250,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per memory variant (median)")
     parser.add_argument("--parallel", action="store_true", help="a round's memory variants at once (times share cores)")
     parser.add_argument("--json", help="write every number here (a part skipped keeps what the file holds of it)")
+    parser.add_argument("--skip_head_matmuls", action="store_true", help="memory: logprob_memory.py's flag")
     parser.add_argument("--memory_child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        print(json.dumps(logprob_memory.child(args.memory_child, 1)))
+        print(json.dumps(logprob_memory.child(args.memory_child, 1, args.skip_head_matmuls)))
         return
     print(f"torch {torch.__version__} on CPU, {torch.get_num_threads()} threads; LOGIT_STD {LOGIT_STD}", flush=True)
     result = {}
@@ -241,9 +265,10 @@ def main():
         result["errors"] = errors()
         print(error_table(result["errors"]), flush=True)
     if not args.skip_memory:
-        result["memory"] = memory(args.rounds, args.parallel)
+        result["memory"] = memory(args.rounds, args.parallel, args.skip_head_matmuls)
+        result["memory_run"] = machine(args.rounds, args.skip_head_matmuls)
         print()
-        print(memory_table(result["memory"]))
+        print(memory_table(result["memory"], result["memory_run"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,6 +1,15 @@
 """Peak memory and time of per-token log-probs with gradients at Gemma's 256k vocabulary, on CPU.
 
-    python benchmarks/logprob_memory.py                 # about 3 minutes on 2 cores; needs about 11 GB of free memory
+    python benchmarks/logprob_memory.py                 # 8 processes (2 rounds x 4 variants); about 11 GB free memory
+    python benchmarks/logprob_memory.py --rounds 1 --variants floor token_logprobs --skip_head_matmuls   # minutes
+
+Bytes do not depend on speed: one round of the variants wanted gives the peaks (--rounds and --reps add time samples).
+Where bf16 matmuls have no native kernel (AVX2 CPUs: no avx512_bf16 or AMX), those with the vocabulary as their inner
+dimension (the head's backward) are so slow that one step of naive, before or floor can take the better part of an hour.
+--skip_head_matmuls: every matmul with an operand of V rows or columns (the output projection, forward, recomputed
+and backward) returns zeros of its output's shape and dtype instead of computing it (`HeadMatmulsZeroed`): the same
+tensors are allocated and written, so resident, and a step takes seconds; what it leaves out is the kernels' own
+scratch memory, and every time printed is then meaningless.
 
 The model is a random GemmaForCausalLM in bf16 with Gemma's vocabulary (V = 256000, tied embeddings) and a small
 body (1 layer, hidden 256), so that the log-probs, not the body, dominate; batch B = 4 sequences of T = 512 tokens.
@@ -18,6 +27,7 @@ interleaved. Peak memory is the process's peak resident set size during the firs
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -28,6 +38,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -78,12 +89,28 @@ def token_logprobs(model, ids, attn):
 VARIANTS = {"naive": naive, "before": before, "floor": floor, "token_logprobs": token_logprobs}
 
 
+class HeadMatmulsZeroed(TorchDispatchMode):
+    """mm and addmm with an operand of V rows or columns return zeros of their output's shape and dtype, uncomputed
+    (freshly allocated and written, as a kernel's output is); `calls` counts them. Other ops run as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        mats = {torch.ops.aten.mm.default: args[:2], torch.ops.aten.addmm.default: args[1:3]}.get(func)
+        if mats and CONFIG["vocab_size"] in (*mats[0].shape, *mats[1].shape):
+            self.calls += 1
+            return torch.zeros(mats[0].shape[0], mats[1].shape[1], dtype=mats[0].dtype, device=mats[0].device)
+        return func(*args, **(kwargs or {}))
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)[1])
 
 
-def child(name: str, reps: int) -> dict:
+def child(name: str, reps: int, skip_head_matmuls: bool = False) -> dict:
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(0)
@@ -92,8 +119,11 @@ def child(name: str, reps: int) -> dict:
     attn = torch.ones(B, T, dtype=torch.long)
     libc = ctypes.CDLL("libc.so.6")
 
+    mode = HeadMatmulsZeroed() if skip_head_matmuls else None
+
     def step():
-        VARIANTS[name](model, ids, attn).sum().backward()
+        with mode or contextlib.nullcontext():  # CPU autograd runs backward on this thread: under the mode too
+            VARIANTS[name](model, ids, attn).sum().backward()
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up: one-time allocations and kernel setup
@@ -108,34 +138,42 @@ def child(name: str, reps: int) -> dict:
         times.append(time.perf_counter() - t0)
         if r == 0:
             peak = (_status_kib("VmHWM") - base) * 1024
-    return {"peak_bytes": peak, "time_s": statistics.median(times)}
+    return {"peak_bytes": peak, "time_s": statistics.median(times), "head_matmuls_zeroed": mode.calls if mode else 0}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, variants interleaved")
     parser.add_argument("--reps", type=int, default=1, help="timed steps per process (after one warm-up step)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the variants to run (floor is always run: the ratios are to it)")
+    parser.add_argument("--skip_head_matmuls", action="store_true",
+                        help="the head's matmuls return zeros, uncomputed: the same peaks in seconds (times meaningless)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.reps)))
+        print(json.dumps(child(args.child, args.reps, args.skip_head_matmuls)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed buffers leave the resident set at once
-    runs = {name: [] for name in VARIANTS}
+    runs = {name: [] for name in VARIANTS if name in args.variants or name == "floor"}
     for _ in range(args.rounds):
-        for name in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--child", name, "--reps", str(args.reps)], env=env,
+        for name in runs:
+            skip = ["--skip_head_matmuls"] if args.skip_head_matmuls else []
+            out = subprocess.run([sys.executable, __file__, "--child", name, "--reps", str(args.reps), *skip], env=env,
                                  capture_output=True, text=True, check=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     peak = {n: statistics.median(r["peak_bytes"] for r in rs) for n, rs in runs.items()}
     secs = {n: [r["time_s"] for r in rs] for n, rs in runs.items()}
     print(f"GemmaForCausalLM {CONFIG}, bf16, B={B}, T={T}; torch {torch.__version__}, {torch.get_num_threads()} threads;"
-          f" {args.rounds} rounds x {args.reps} steps")
-    print("| variant | peak extra memory | vs floor | time per step (s) | vs before |\n| --- | --- | --- | --- | --- |")
-    for n in VARIANTS:
+          f" {args.rounds} rounds x {args.reps} steps" + ("; the head's matmuls zeroed, uncomputed: times meaningless"
+                                                          if args.skip_head_matmuls else ""))
+    base = "before" if "before" in runs else "floor"
+    print(f"| variant | peak extra memory | vs floor | time per step (s), median (range) | vs {base} |\n"
+          "| --- | --- | --- | --- | --- |")
+    for n in runs:
         t = statistics.median(secs[n])
         print(f"| {n} | {peak[n] / 1e9:.2f} GB | {peak[n] / peak['floor']:.2f}x | {t:.2f} ({min(secs[n]):.2f}-"
-              f"{max(secs[n]):.2f}) | {t / statistics.median(secs['before']):.2f}x |")
+              f"{max(secs[n]):.2f}) | {t / statistics.median(secs[base]):.2f}x |")
 
 
 if __name__ == "__main__":

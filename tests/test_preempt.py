@@ -1,8 +1,9 @@
 """Preemption, checkpoint cadence, disk and the process count. SIGTERM mid-training (one process; and to the launcher of
 a 2-process FSDP2 launch through configs/fsdp.yaml, as a scheduler sends it) leaves a checkpoint at the step the run was
-on and exit status 75; --resume then ends bitwise equal to an uninterrupted run. A checkpoint is refused, in one line
-naming both counts, under another number of processes. Every process hashes a share of a checkpoint. The disk
-preflight refuses a folder too small for two checkpoints and the models."""
+on and exit status 75; --resume then ends bitwise equal to an uninterrupted run. SIGTERM inside a DQO accumulation
+window (--grad_accum 2, two networks) finishes that step first, and both networks resume bitwise. A checkpoint is
+refused, in one line naming both counts, under another number of processes. Every process hashes a share of a
+checkpoint. The disk preflight refuses a folder too small for two checkpoints and the models."""
 
 import json
 import os
@@ -139,6 +140,62 @@ def test_sigterm_to_the_launcher_of_a_2_process_fsdp2_launch(tiny_cache, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_weights(out, ref)
     assert _steps(out) == [1, 2, 3, 4, 5]
+
+
+# dqo (a policy and a value network) with --grad_accum 2: 4 optimizer steps of 2 micro-batches of 4 rows each
+DQO_ARGS = ["--max_steps", "4", "--n_test", "4", "--per_device_batch_size", "4", "--grad_accum", "2"]
+# runs dqo.py as a user does, with SIGTERM sent to the process from inside its `micro_batch`-th training forward
+# (token_logprobs with gradients: every micro-batch calls it once, nothing else does), so it lands mid-window
+SIGNAL_IN_MICRO_BATCH = """
+import os, runpy, signal, sys
+import torch
+sys.path.insert(0, os.getcwd())  # the repository root (a fresh interpreter puts this file's folder first)
+import common
+calls, inner = [0], common.token_logprobs
+def token_logprobs(*args, **kwargs):
+    calls[0] += torch.is_grad_enabled()
+    if torch.is_grad_enabled() and calls[0] == int(os.environ["SIGNAL_IN_MICRO_BATCH"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return inner(*args, **kwargs)
+common.token_logprobs = token_logprobs  # dqo.py's `from common import token_logprobs` takes this one
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _networks(out) -> dict:
+    """Every tensor the run saved for its policy (model/) and its value network (value_model/), by file and name."""
+    from safetensors.torch import load_file
+
+    return {(sub, f, k): v for sub in ("model", "value_model") for f in sorted(os.listdir(os.path.join(out, sub)))
+            if f.endswith(".safetensors") for k, v in load_file(os.path.join(out, sub, f)).items()}
+
+
+def test_sigterm_inside_a_dqo_accumulation_window_finishes_the_step_and_resumes_both_networks_bitwise(tiny_cache,
+                                                                                                       tmp_path):
+    """dqo.py, one process, --grad_accum 2: SIGTERM during the first micro-batch of step 3 (the 5th of 8) -> the run
+    finishes step 3 (its second micro-batch and the optimizer steps of both networks), checkpoints there, at the end
+    of an accumulation window (6 micro-batches consumed), and exits 75; --resume ends with the uninterrupted run's
+    policy and value network, byte for byte (both optimizers, schedulers and the data position restored)."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    wrapper = tmp_path / "signal_in_micro_batch.py"
+    wrapper.write_text(SIGNAL_IN_MICRO_BATCH)
+    flags = lambda d, *extra: ["--cache_dir", tiny_cache, "--output_dir", str(d), *SMOKE_ARGS, *DQO_ARGS, *extra]
+    code, _, err = run_command(["dqo.py", *flags(ref)])
+    assert code == 0, err[-3000:]
+    code, stdout, stderr = run_command([str(wrapper), "dqo.py", *flags(out)], env={"SIGNAL_IN_MICRO_BATCH": "5"})
+    assert code == runtime.checkpoint.EXIT_RESUME == 75, stderr[-3000:]
+    assert "SIGTERM: checkpointing after this optimizer step, then exiting 75" in stderr
+    assert f"SIGTERM: checkpoint at step 3 in {out}; exiting 75: rerun the same command with --resume" in stdout
+    state = _trainer_state(out)
+    assert (state["step"], state["epoch"], state["batch"]) == (3, 0, 6) and _steps(out) == [1, 2, 3]
+    assert not (out / "model").exists()
+    code, _, err = run_command(["dqo.py", *flags(out, "--resume")])
+    assert code == 0, err[-3000:]
+    assert _steps(out) == [1, 2, 3, 4]
+    got, want = _networks(out), _networks(ref)
+    assert {sub for sub, _, _ in want} == {"model", "value_model"} and got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
 
 
 class _Accelerator(SimpleNamespace):
