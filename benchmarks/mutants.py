@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, file, old, new, test files tried first). Bugs a careless edit could make, each in the glue between a script
-# and its loss or in the shared data path, none in a pure loss (the loss unit tests guard those).
+# and its loss, in the shared data path or in the run's machinery, none in a pure loss (the loss unit tests guard those).
 MUTANTS = [
     ("dqo_is_flags_swapped", "dqo.py", "not args.no_is_policy,\n                                         not args.no_is_value",
      "not args.no_is_value,\n                                         not args.no_is_policy", ["tests/test_wiring.py"]),
@@ -69,6 +69,13 @@ MUTANTS = [
     ("grad_clip_ignored", "dro.py", "accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)",
      "accelerator.clip_grad_norm_(model.parameters(), 1e9)", ["tests/test_wiring.py", "tests/test_dpo_kto_dro.py"]),
     ("beta_not_passed", "kto.py", "args.beta", "0.1", ["tests/test_wiring.py"]),
+    ("runtime_stop_flag_not_all_reduced", "runtime/checkpoint.py",
+     'flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()', "flags = flags.to(accelerator.device).cpu()",
+     ["tests/test_preempt.py"]),
+    ("runtime_disk_ignores_resumed_files", "runtime/launch.py", "shutil.disk_usage(folder).free + used",
+     "shutil.disk_usage(folder).free", ["tests/test_preempt.py"]),
+    ("runtime_world_size_change_not_refused", "runtime/launch.py", 'run.get("world_size", world)',
+     'run.get("num_processes", world)', ["tests/test_preempt.py", "tests/test_crash.py"]),
 ]
 
 

@@ -1,5 +1,4 @@
-"""The command line: the shared flags (`Base`), parsing, the defaults that depend on the model, and validation, which
-reads but writes nothing (`probe_writable` is the one write, an empty folder made and removed at once)."""
+"""The command line: the shared flags (`Base`), parsing, the defaults that depend on the model, and validation."""
 
 import argparse
 import difflib
@@ -62,16 +61,14 @@ class Base:
     lora_r: int = arg(0, "LoRA rank for a single-GPU run (needs peft); 0 trains all weights")
 
     def memory_terms(self) -> dict:
-        """What the algorithm holds and makes while it trains, for runtime/memory.py: networks trained, a frozen
-        reference, a frozen rollout policy, rows generated per micro-batch, rows per example (2 for pairs)."""
+        """What the algorithm trains, keeps frozen and generates while training, for the memory plan (runtime/memory.py)."""
         return dict(networks=1, frozen_reference=False, rollout_policy=False, online_rows=0, rows_per_example=1)
 
 
 # Defaults every algorithm shares: the embedded experiment's, and the paper's (any --model but tiny)
 RUN_DEFAULTS = {
     "tiny": dict(task="arith", n_samples=8, gen_batch_size=256, eval_seeds=1, max_steps=0, warmup_steps=0, save_every=50),
-    # the DQO paper: GSM8K; 20 samples per prompt (Table 8: 150000 = 7500 x 20); sampled accuracy as mean ± std over 5
-    # seeds. The generation batch is each algorithm's (PAPER): what fits an 80 GB GPU at 7B
+    # the DQO paper: GSM8K, 20 samples per prompt (Table 8: 150000 = 7500 x 20), accuracy over 5 seeds; gen batch: PAPER's
     "paper": dict(task="gsm8k", n_samples=20, eval_seeds=5, max_steps=0, warmup_steps=0, save_every=0),
 }
 
@@ -88,9 +85,7 @@ def resolve_defaults(args, tiny: dict, paper: dict) -> None:
 
 def _default_note(name: str, default, tiny: dict | None, paper: dict | None) -> str:
     """What --help says a flag defaults to: both values when the model decides (None in Args), else its one default."""
-    def show(v):
-        return "unset" if v is None else f"{v:.4g}" if isinstance(v, float) else v
-
+    show = lambda v: "unset" if v is None else f"{v:.4g}" if isinstance(v, float) else v
     if default is None and tiny is not None:
         t, p = (show({**RUN_DEFAULTS[w], **(d or {})}.get(name)) for w, d in (("tiny", tiny), ("paper", paper)))
         if t == p != "unset":
@@ -138,8 +133,7 @@ def one_line_errors(kind, value, tb) -> None:
 
 
 def parse_args(Args, tiny: dict | None = None, paper: dict | None = None):
-    """The command line as `Args`, with the model-dependent defaults filled (not for eval.py, which has no `tiny`).
-    Remembers which settings differ from the file's defaults, for `describe_run`."""
+    """The command line as `Args`, model-dependent defaults filled (with `tiny`), and `_changed` for `describe_run`."""
     args = Args(**vars(build_parser(Args, tiny, paper).parse_args()))
     base = Args(model=args.model, task=args.task) if tiny is not None else Args()  # the defaults this model gets
     for a in (args, base) if tiny is not None else ():
@@ -167,21 +161,11 @@ def _number(test, want: str, unset_ok: bool = False) -> tuple:
             want + (" (or unset)" if unset_ok else ""))
 
 
-def at_least(lo, unset_ok: bool = False) -> tuple:
-    return _number(lambda v: v >= lo, f"≥ {lo}", unset_ok)
-
-
-def positive(unset_ok: bool = False) -> tuple:
-    return _number(lambda v: math.isfinite(v) and v > 0, "> 0", unset_ok)
-
-
-def between(lo, hi, lo_open: bool = False) -> tuple:
-    return _number(lambda v: (lo < v if lo_open else lo <= v) and v <= hi, f"in {'(' if lo_open else '['}{lo}, {hi}]")
-
-
-def one_of(*choices) -> tuple:
-    return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
-
+at_least = lambda lo, unset_ok=False: _number(lambda v: v >= lo, f"≥ {lo}", unset_ok)
+positive = lambda unset_ok=False: _number(lambda v: math.isfinite(v) and v > 0, "> 0", unset_ok)
+between = lambda lo, hi, lo_open=False: _number(lambda v: (lo < v if lo_open else lo <= v) and v <= hi,
+                                                f"in {'(' if lo_open else '['}{lo}, {hi}]")
+one_of = lambda *choices: (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
 
 SHARED_RULES = {
     "task": one_of(*TASKS), "n_train_prompts": at_least(1, unset_ok=True), "n_test": at_least(1, unset_ok=True),
@@ -203,9 +187,7 @@ class ArgumentError(SystemExit):
 
 
 def validate_args(args, rules: dict | None = None) -> None:
-    """Check every flag before anything is loaded or written: each flag's rule (the file's `rules` over SHARED_RULES;
-    a flag `args` lacks is skipped), a training run's batch sizes, the model, the input files (read and parsed now, not
-    after hours) and the trackers. ArgumentError names the flag, the value and what is wrong. Reads; changes nothing."""
+    """Every flag before anything loads: its rule (`rules` over SHARED_RULES), batch sizes, model, input files, trackers."""
     for name, (ok, want) in {**SHARED_RULES, **(rules or {})}.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
             raise ArgumentError(f"--{name} {getattr(args, name)!r}: must be {want}")
@@ -249,8 +231,7 @@ def validate_args(args, rules: dict | None = None) -> None:
 
 
 def grad_accum(args) -> int:
-    """The accumulation steps the flags give: --grad_accum, else --global_batch_size over one micro-batch on every
-    process (ArgumentError if it is not a whole number of them), else 1."""
+    """The accumulation steps: --grad_accum, else --global_batch_size over a micro-batch on every process, else 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
     per_step = args.per_device_batch_size * world  # one micro-batch on every process
     if args.global_batch_size is None:
@@ -263,9 +244,7 @@ def grad_accum(args) -> int:
 
 
 def probe_writable(args) -> None:
-    """--cache_dir, and the folder of --save_offline_data, can be written in or created: an empty folder is made in the
-    nearest existing one and removed at once (permission bits say nothing to root, or of a read-only or virtual file
-    system), so nothing stays. ArgumentError naming the flag otherwise."""
+    """--cache_dir and --save_offline_data's folder can be written: an empty folder made and removed (not permission bits)."""
     if not args.cache_dir:
         raise ArgumentError("--cache_dir is empty")
     save = getattr(args, "save_offline_data", None)

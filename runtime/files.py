@@ -1,6 +1,4 @@
-"""Files a kill cannot leave half-written, cache keys, and the one cache every cache uses (the offline dataset, DQO's
-process scores, the reference's evaluation): a folder of chunks, each built under a lock, written atomically, then a
-check file with its row count and CRC-32."""
+"""Files a kill cannot leave half-written, cache keys, and the one chunked, locked, verified cache every cache uses."""
 
 import fcntl
 import hashlib
@@ -33,8 +31,7 @@ def failpoint(name: str) -> None:
 
 
 def file_hashes(paths: list[str]) -> list[str]:
-    """CRC-32 of each file as 8 hex digits, several at once (zlib releases the GIL): it tells a damaged file from an
-    intact one at the disk's speed, so a 100 GB checkpoint is hashed at every save."""
+    """CRC-32 of each file as 8 hex digits, several at once (zlib releases the GIL): fast enough to run at every save."""
     def crc(path: str) -> str:
         value = 0
         with open(path, "rb") as f:
@@ -53,8 +50,7 @@ class WriteError(SystemExit):
         code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # safetensors and torch wrap the OSError in their own
         reason = (e.strerror if isinstance(e, OSError) and e.strerror else os.strerror(int(code.group(1) or code.group(2)))
                   if code else (str(e).strip().splitlines() or [""])[0] or type(e).__name__)
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if not isinstance(e, OSError) and limit != resource.RLIM_INFINITY:
+        if not isinstance(e, OSError) and (limit := resource.getrlimit(resource.RLIMIT_FSIZE)[0]) != resource.RLIM_INFINITY:
             reason += f" (this process may write files of at most {limit} bytes: ulimit -f)"
         d = os.path.abspath(path)  # the nearest existing folder, not a temp folder that the failed write removes
         while (not os.path.isdir(d) or ".tmp" in os.path.basename(d)) and os.path.dirname(d) != d:
@@ -68,8 +64,7 @@ class WriteError(SystemExit):
 
 @contextmanager
 def writing(path: str, cleanup: str | None = None, consequence: str = ""):
-    """Any failure inside the block becomes a WriteError naming `path` (a folder: the file being written in it), after
-    `cleanup` is removed, so nothing half-written stays to be trusted."""
+    """A failure inside becomes a WriteError naming `path` (a folder: the file in it), after `cleanup` is removed."""
     try:
         yield
     except (WriteError, KeyboardInterrupt):
@@ -84,17 +79,14 @@ def writing(path: str, cleanup: str | None = None, consequence: str = ""):
             files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
             path = found or (max(files, key=os.path.getmtime) if files else path)
         err = WriteError(path, e, consequence)  # before the cleanup: the file it names may be inside it
-        if cleanup and os.path.isdir(cleanup):
-            shutil.rmtree(cleanup, ignore_errors=True)
-        elif cleanup and os.path.exists(cleanup):
-            os.remove(cleanup)
+        if cleanup and os.path.exists(cleanup):
+            shutil.rmtree(cleanup, ignore_errors=True) if os.path.isdir(cleanup) else os.remove(cleanup)
         raise err from None
 
 
 def write_atomic(path: str, lines) -> None:
     """Write `lines` (strings, streamed) to a temp file and rename it into place: a kill never leaves a truncated file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with writing(path, cleanup=tmp):
+    with writing(path, cleanup=(tmp := f"{path}.tmp-{os.getpid()}")):
         with open(tmp, "w") as f:
             f.writelines(lines)
         os.replace(tmp, path)
@@ -108,9 +100,15 @@ def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     write_atomic(path, (json.dumps(r) + "\n" for r in rows))
 
 
+def read_json(path: str, default=None):
+    """The JSON in `path`, or `default` if it is missing or unreadable."""
+    with suppress(OSError, ValueError), open(path) as f:
+        return json.load(f)
+    return default
+
+
 def clean_orphans(folder: str, prefix: str | tuple = "") -> list[str]:
-    """Remove the temp files (`<prefix>*.tmp-PID`) that killed writers left in `folder`; the caller holds its lock, so
-    no other process writes them. Returns what it removed."""
+    """Remove and return the temp files (`<prefix>*.tmp-PID`) killed writers left in `folder` (the caller holds its lock)."""
     removed = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix)
                and re.search(r"\.tmp-\d+$", n) and not n.endswith(f".tmp-{os.getpid()}")]
     for path in removed:
@@ -118,22 +116,18 @@ def clean_orphans(folder: str, prefix: str | tuple = "") -> list[str]:
     return removed
 
 
-# Cache keys ---------------------------------------------------------------------------------------------------------
 def cache_key(obj) -> str:
     """A short stable hash of a JSON-able description (model, task, sampling, ...): the name of a cache folder."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def content_digest(path: str | None, cache_dir: str | None = None) -> str | None:
-    """A file's or folder's identity in cache keys (None for none: the hub, `arith`): `cache_key` of its files' names
-    and CRC-32s (REPORT_FILES left out). Each CRC is remembered by (path, size, ctime, inode), per process and in
-    `cache_dir/file-crc32.json`, so a 17 GB model is read once."""
+    """A file's or folder's identity in cache keys: `cache_key` of its files' CRC-32s, each remembered by (path, size,
+    ctime, inode) in `cache_dir/file-crc32.json`, so a 17 GB model is read once."""
     if path is None:
         return None
-    memo_path, memo = cache_dir and os.path.join(cache_dir, "file-crc32.json"), dict(_DIGESTS)
-    if memo_path and os.path.exists(memo_path):
-        with open(memo_path) as f:
-            memo.update(json.load(f))
+    memo_path = cache_dir and os.path.join(cache_dir, "file-crc32.json")
+    memo = {**_DIGESTS, **(read_json(memo_path, {}) if memo_path else {})}
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not REPORT_FILES.fullmatch(f))
     keys = [f"{os.path.abspath(f)}:{st.st_size}:{st.st_ctime_ns}:{st.st_ino}" for f, st in ((f, os.stat(f)) for f in files)]
@@ -146,24 +140,18 @@ def content_digest(path: str | None, cache_dir: str | None = None) -> str | None
 
 
 def model_key(model: str, cache_dir: str | None = None, precision: str = "fp32") -> str:
-    """The reference's identity in cache keys: for tiny the hash of assets/tiny/recipe.json, for a hub id the id, for a
-    local folder its contents' digest (saved again in place: new results; copied elsewhere: the same); "@bf16" added
-    for bf16, whose samples differ from fp32's."""
+    """The reference's identity in cache keys: tiny, its recipe's hash; a hub id; a folder, its digest; "@bf16" for bf16."""
     if model == "tiny":
         with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny",
                                "recipe.json")) as f:
             key = f"tiny/shipped-{cache_key(json.load(f))}"  # "shipped-": the key the shipped weights have always had
-    elif os.path.isdir(path := os.path.expanduser(model)):
-        key = f"local:{content_digest(path, cache_dir)}"
     else:
-        key = model
+        key = f"local:{content_digest(path, cache_dir)}" if os.path.isdir(path := os.path.expanduser(model)) else model
     return key if precision == "fp32" else f"{key}@{precision}"
 
 
-# The chunked cache --------------------------------------------------------------------------------------------------
 def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
-    """Why chunk `c` in `root` cannot be used ("missing", or its rows or CRC-32 differ from its check file, written
-    after it: a chunk without one was cut off), or None if it verifies."""
+    """Why chunk `c` cannot be used ("missing"; rows or CRC-32 not those of its check file), or None if it verifies."""
     path, check = os.path.join(root, f"chunk-{c:05d}.jsonl"), os.path.join(root, f"check-{c:05d}.json")
     if not os.path.exists(check):
         return "missing" if not os.path.exists(path) else f"{path} has no check file (its write was cut off)"
@@ -185,16 +173,14 @@ def chunk_problem(root: str, c: int, n_rows: int | None = None) -> str | None:
 
 def write_chunk(root: str, c: int, rows: list[dict], point: str = "dataset.chunk.before_check") -> None:
     """Chunk `c` (atomic), then its check file; the failpoint `point` between the two."""
-    path = os.path.join(root, f"chunk-{c:05d}.jsonl")
-    write_jsonl_atomic(path, rows)
+    write_jsonl_atomic(path := os.path.join(root, f"chunk-{c:05d}.jsonl"), rows)
     failpoint(point)
     write_json_atomic(os.path.join(root, f"check-{c:05d}.json"), {"rows": len(rows), "crc32": file_hashes([path])[0]})
 
 
 def read_chunk(root: str, c: int, n_rows: int | None = None) -> list[dict] | None:
     """The rows of chunk `c` if it verifies, else None (a damaged one is named: it must be built again)."""
-    problem = chunk_problem(root, c, n_rows)
-    if problem is None:
+    if (problem := chunk_problem(root, c, n_rows)) is None:
         with open(os.path.join(root, f"chunk-{c:05d}.jsonl")) as f:
             return [json.loads(line) for line in f]
     if problem != "missing":
@@ -204,17 +190,14 @@ def read_chunk(root: str, c: int, n_rows: int | None = None) -> list[dict] | Non
 
 def cached_chunks(accelerator, parent: str, key_fields: dict, sizes: list[int], make: Callable[[int], list[dict]],
                   desc: str) -> tuple[list[list[dict]], str]:
-    """The chunked cache `parent/<cache_key(key_fields)>` (key.json says what the key stands for): (the rows of each
-    chunk, the folder). This process builds its share of the chunks that do not verify (a damaged one is named), chunk
-    c made by `make(c)` with sizes[c] rows and written with its check file under an exclusive flock (lock-NNNNN), so
-    runs that share the cache split the work: a chunk held elsewhere is waited for, and built here only if it then
-    does not verify (its holder died: the kernel drops a dead process's lock). Then every process reads every chunk;
-    one damaged since it was built stops the run with one line: it is never used."""
+    """(rows of each chunk, folder) of the cache `parent/<cache_key(key_fields)>`. Each process builds its share of the
+    chunks that do not verify (`make(c)`, sizes[c] rows) under a flock per chunk, so runs sharing the cache split the work
+    (a dead holder's lock is dropped by the kernel); then every process reads every chunk, and a damaged one stops the run."""
     root = os.path.join(parent, cache_key(key_fields))
     os.makedirs(root, exist_ok=True)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if rank == 0:
-        write_json_atomic(os.path.join(root, "key.json"), key_fields)
+        write_json_atomic(os.path.join(root, "key.json"), key_fields)  # what the key stands for
     mine, todo, waiting, built = range(rank, len(sizes), world), [], [], 0
     for c in mine:
         if (problem := chunk_problem(root, c, sizes[c])) not in (None, "missing"):
@@ -245,16 +228,14 @@ def cached_chunks(accelerator, parent: str, key_fields: dict, sizes: list[int], 
               f"({root})", flush=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    chunks = [read_chunk(root, c, n) for c, n in enumerate(sizes)]
-    if None in chunks:
+    if None in (chunks := [read_chunk(root, c, n) for c, n in enumerate(sizes)]):
         raise SystemExit(f"error: {desc}: chunk {chunks.index(None)} in {root} is missing or damaged; run again to "
                          "build it again")
     return chunks, root
 
 
 def on_main(accelerator, decide: Callable[[], object]) -> object:
-    """`decide()` on the main process, its result sent to every process: a choice all must make alike from files
-    that may change meanwhile (which checkpoint to load, whether a cached result is there)."""
+    """`decide()` on the main process, sent to every process: a choice all must make alike from files that may change."""
     from accelerate.utils import broadcast_object_list
 
     found = [decide() if accelerator.is_main_process else None]

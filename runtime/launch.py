@@ -1,8 +1,6 @@
-"""Starting a run: `start` is the one call, and its docstring says all it does. Also the accelerator and precision, the
-output folder's lock, the schedule fitted to the data, and what a run logs and reports."""
+"""Starting a run (`start`), the accelerator and precision, the output folder's lock, the schedule, logs and reports."""
 
 import atexit
-import contextlib
 import fcntl
 import json
 import os
@@ -20,84 +18,81 @@ from accelerate.utils import set_seed
 from common import plan_steps
 from runtime.checkpoint import checkpoint_path, disk_preflight, stop_on_signals
 from runtime.cli import ArgumentError, describe_run, grad_accum, one_line_errors, parse_args, probe_writable, validate_args
-from runtime.files import OUTPUTS, clean_orphans, write_json_atomic, writing
+from runtime.files import OUTPUTS, clean_orphans, read_json, write_json_atomic, writing
 from runtime.memory import MEMORY_MARGIN_BYTES, host_ram_preflight, memory_preflight, read_model_config
+
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoint", "checkpoint.old", "model")
+RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "save_every_minutes", "eval_every", "report_to",
+                     "dist_timeout", "skip_memory_check")  # how long and how often, not what: a resume may change these
+PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16"}  # accelerate's mixed_precision names -> ours
+FSDP2_TESTED = {"torch": (2, 13), "accelerate": (1, 16)}  # whose FSDP2 internals `unsharded` reads (requirements.txt)
+_CLAIMS: dict[str, int] = {}  # lock path -> the open file descriptor holding it
+_PEAKS: dict[str, dict] = {}  # phase -> this process's peak GB in it
+_config = lambda args: {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
 
 
 def start(Args, tiny: dict, paper: dict, rules: dict | None = None, check=None) -> tuple:
     """Start a training run; returns (args, accelerator). In order, it:
-      1. parses the command line into `Args` with the model's defaults (`tiny`, `paper`); makes a DataError found later
-         one `error:` line (sys.excepthook); sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless you set it;
-         makes SIGTERM and SIGUSR1 stop at the next optimizer step with a checkpoint (`stop_on_signals`);
-      2. validates every flag and input file (`check(args)`: checks relating two flags; `rules`: single flags), and
-         probes that --cache_dir can be written (an empty folder made and removed);
-      3. on the first process, claims --output_dir (`claim_output_dir`: lock, temp files of killed runs removed);
-      4. sets up the accelerator (`setup_accelerator`: precision, FSDP, process group, seeds, trackers);
-      5. checks a resumed run is the same run on as many processes (run.json), and runs the preflights (GPU memory,
-         host RAM, disk), which stop a launch that will not fit before any weights load; 6. writes run.json."""
+      1. parses the command line into `Args` with the model's defaults (`tiny`, `paper`); makes a DataError one `error:` line;
+         sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless set; makes SIGTERM and SIGUSR1 checkpoint and stop;
+      2. validates every flag and input file (`check(args)`, `rules`) and probes that --cache_dir can be written;
+      3. on the first process, claims --output_dir (a lock; temp files of killed runs removed);
+      4. sets up the accelerator (precision, FSDP, process group, seeds, trackers);
+      5. checks a resumed run is the same run, runs the preflights (GPU memory, host RAM, disk); 6. writes run.json."""
     args = parse_args(Args, tiny, paper)
     sys.excepthook = one_line_errors
     alloc = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "expandable_segments:True"
-    # before CUDA starts: the KV cache, which grows at every decode step, then extends one segment instead of leaving
-    # freed blocks of every older size behind
+    # before CUDA starts: a KV cache growing each decode step extends one segment, leaving no freed blocks of every size
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc
     stop_on_signals()
     if check:
         check(args)
     validate_args(args, rules)
     probe_writable(args)
-    check_output_dir(args.output_dir, args.resume, quiet=os.environ.get("RANK", "0") != "0")
+    main = os.environ.get("RANK", "0") == "0"  # accelerate launch and torchrun set it; only the first process claims
+    check_output_dir(args.output_dir, args.resume, quiet=not main)
     args.grad_accum = grad_accum(args)
     args.global_batch_size = args.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1")) * args.grad_accum
-    if os.environ.get("RANK", "0") == "0":  # accelerate launch and torchrun set it; only the first process claims
+    if main:
         claim_output_dir(args.output_dir, args.resume)
     describe_run(args)
     name = os.path.splitext(os.path.basename(sys.modules[Args.__module__].__file__))[0]  # the algorithm file's name
     accelerator, launch = setup_accelerator(args, name)
-    config = run_config(args)
     if args.resume:  # before run.json is written again: only the run that wrote it goes on
-        check_same_run(args.output_dir, name, config, accelerator.num_processes)
+        check_same_run(args.output_dir, name, _config(args), accelerator.num_processes)
     accelerator.print(preflight(args, name, accelerator, launch["sharding"]))
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": name, **launch, "args": config,
+        write_json_atomic(os.path.join(args.output_dir, "run.json"), {"algo": name, **launch, "args": _config(args),
                                                                       "cuda_alloc_conf": alloc})
     return args, accelerator
 
 
-def run_config(args) -> dict:
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
-
-
 def preflight(args, name: str, accelerator: Accelerator, sharding: str) -> str:
-    """The memory plan on the GPUs and host RAM (runtime/memory.py, from `args.memory_terms()`) and the disk --output_dir
-    needs (`disk_preflight`; a resumed run's files count as free): raises if one does not fit, unless --skip_memory_check."""
+    """The memory plan on the GPUs and host RAM, and the disk --output_dir needs (a resumed run's files count as free)."""
     config, terms, skip = read_model_config(args.model), args.memory_terms(), args.skip_memory_check
     sharding = None if sharding == "none" else "FSDP"
     device_bytes = torch.cuda.mem_get_info(accelerator.device)[1] if accelerator.device.type == "cuda" else None
     gpu = memory_preflight(name, terms, config, accelerator.num_processes, sharding, args.precision,
                            args.per_device_batch_size, args.gen_batch_size, args.max_new_tokens, args.lora_r, device_bytes,
                            skip, n_samples=args.n_samples)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    host = host_ram_preflight(name, terms, config, local, sharding, args.precision, args.lora_r,
-                              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), skip)
+    host = host_ram_preflight(name, terms, config, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+                              sharding, args.precision, args.lora_r, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                              skip)
     folder = os.path.abspath(args.output_dir)
     while not os.path.isdir(folder):
         folder = os.path.dirname(folder)
     used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.output_dir) for f in fs) if args.resume else 0
     disk = disk_preflight(name, terms, config, args.precision, args.lora_r, args.epochs or 1, args.output_dir,
                           shutil.disk_usage(folder).free + used, skip)
-    margin = (f" ({MEMORY_MARGIN_BYTES / 1e9:.0f} GB of each GPU, 10% under 80 GB, is kept for what the plan cannot "
-              "trace: CUDA context, NCCL buffers, allocator fragmentation)") if device_bytes else ""
+    margin = (f" ({MEMORY_MARGIN_BYTES / 1e9:.0f} GB of each GPU is kept for what the plan cannot trace: CUDA context, "
+              "NCCL buffers, allocator fragmentation)") if device_bytes else ""
     return f"{gpu}{margin}\n{host}\n{disk}"
 
 
 def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
-    """The Accelerator this launch asked for, checked, with trackers (named `name`) and per-rank seeds; sets
-    `args.precision` (`resolve_precision`). Returns it and what was launched (for run.json). bf16 is accelerate's
-    mixed_precision (under FSDP: bf16 compute, fp32 reduction over fp32 masters); FSDP reduce-scatters every micro-batch
-    (`sync_each_batch`: with no_sync FSDP2 keeps a whole model of unsharded gradients, +34 GB at 7B); the process-group
-    timeout is --dist_timeout (the offline dataset has no collective for hours; NCCL's default is 10 minutes)."""
+    """The Accelerator this launch asked for, checked, with trackers and per-rank seeds, and what was launched; sets
+    `args.precision`. FSDP reduce-scatters every micro-batch (no_sync keeps a whole model of unsharded gradients)."""
     from datetime import timedelta
 
     from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
@@ -112,12 +107,10 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
                    "On a CPU machine run `python SCRIPT.py` (one process) or `accelerate launch --multi_gpu "
                    "--num_processes N SCRIPT.py` (N gloo processes, data parallel); configs/fsdp.yaml is for GPU nodes")
     kwargs = {}
-    if sharding and args.precision == "bf16":
-        from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
-
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fsdp_version == 2 else
-                  MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16))
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)  # the rest from the env
+    if sharding and args.precision == "bf16":  # the plugin's other settings come from the env
+        policy = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16)  # FSDP2: no buffers
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(mixed_precision_policy=policy if fsdp_version == 1 else {
+            k: v for k, v in policy.items() if k != "buffer_dtype"})
     accumulation = GradientAccumulationPlugin(num_steps=getattr(args, "grad_accum", 1) or 1,
                                               sync_each_batch=sharding == "FSDP", sync_with_dataloader=False)
     try:
@@ -136,11 +129,10 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
     set_seed(args.seed + accelerator.process_index)
     torch.use_deterministic_algorithms(False)
     if args.report_to:
-        accelerator.init_trackers(name, config=run_config(args))
+        accelerator.init_trackers(name, config=_config(args))
     launch = dict(precision=args.precision, world_size=accelerator.num_processes,
-                  sharding=f"FSDP{fsdp_version}" if sharding else "none",
-                  per_device_batch_size=getattr(args, "per_device_batch_size", None),
-                  grad_accum=getattr(args, "grad_accum", None), global_batch_size=getattr(args, "global_batch_size", None),
+                  sharding=f"FSDP{fsdp_version}" if sharding else "none", **{k: getattr(args, k, None) for k in (
+                      "per_device_batch_size", "grad_accum", "global_batch_size")},
                   threads=torch.get_num_threads())  # float results reproduce exactly only at the same thread count
     accelerator.print(f"{name}: {accelerator.num_processes} process(es), device {accelerator.device}, "
                       + ", ".join(f"{k} {v}" for k, v in launch.items() if k != "world_size" and v is not None))
@@ -148,8 +140,7 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
 
 
 def fit_to_data(n_examples: int, args, accelerator: Accelerator) -> tuple[int, int]:
-    """(steps per epoch, steps in all) for `n_examples` (`common.plan_steps`); sets args.epochs; when they do not fill
-    one global batch, lowers args.grad_accum and args.per_device_batch_size, with a warning and run.json "effective"."""
+    """(steps per epoch, steps in all); sets args.epochs; data short of one global batch shrinks it, with a warning."""
     plan = plan_steps(n_examples, args.per_device_batch_size, accelerator.num_processes, args.grad_accum, args.epochs,
                       args.max_steps)
     if (plan["per_device_batch_size"], plan["grad_accum"]) != (args.per_device_batch_size, args.grad_accum):
@@ -160,32 +151,30 @@ def fit_to_data(n_examples: int, args, accelerator: Accelerator) -> tuple[int, i
         args.per_device_batch_size, args.grad_accum = plan["per_device_batch_size"], plan["grad_accum"]
         accelerator.gradient_accumulation_steps = plan["grad_accum"]
         if accelerator.is_main_process:
-            write_json_atomic(os.path.join(args.output_dir, "run.json"), dict(_read_run_json(args.output_dir), effective={
-                "grad_accum": plan["grad_accum"], "global_batch_size": plan["grad_accum"] * per_step}))
+            _update_run_json(args.output_dir, effective={"grad_accum": plan["grad_accum"],
+                                                         "global_batch_size": plan["grad_accum"] * per_step})
     args.epochs = plan["epochs"]
     return plan["steps_per_epoch"], plan["total_steps"]
 
 
-RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoint", "checkpoint.old", "model")
-RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "save_every_minutes", "eval_every", "report_to",
-                     "dist_timeout", "skip_memory_check")  # how long and how often, not what: a resume may change these
+def _update_run_json(output_dir: str, **fields) -> None:
+    path = os.path.join(output_dir, "run.json")
+    write_json_atomic(path, dict(read_json(path, {}), **fields))
 
 
 def check_output_dir(output_dir: str, resume: bool, quiet: bool = False) -> None:
-    """A fresh run needs an output dir with no run in it; --resume a checkpoint there (sizes checked here, CRC-32 in
-    `load_checkpoint`) or the run.json of a run that stopped before its first one (it starts again in place)."""
-    if not output_dir:
-        raise ArgumentError("--output_dir is empty")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ArgumentError(f"--output_dir {output_dir}: a file, not a folder")
+    """A fresh run needs a folder with no run in it; --resume a checkpoint there, or the run.json of a run that stopped
+    before its first one."""
+    if not output_dir or (os.path.exists(output_dir) and not os.path.isdir(output_dir)):
+        raise ArgumentError(f"--output_dir {output_dir}: a file, not a folder" if output_dir else "--output_dir is empty")
     if resume and checkpoint_path(output_dir, hashes=False, quiet=quiet) is None:
-        run = _read_run_json(output_dir)
+        run = read_json(os.path.join(output_dir, "run.json"))
         if not (isinstance(run, dict) and "algo" in run and "args" in run):
             raise ArgumentError(f"--resume: no complete checkpoint in {output_dir} (expected "
                                 f"{os.path.join(output_dir, 'checkpoint', 'trainer_state.json')}) and no run.json of a "
                                 "run to start again in place; drop --resume for a fresh run in a new --output_dir")
-        if os.path.exists(os.path.join(output_dir, "model")) and "final" in (_read_run_json(output_dir, "results.json")
-                                                                             or {}):
+        if os.path.exists(os.path.join(output_dir, "model")) and "final" in read_json(os.path.join(output_dir,
+                                                                                                   "results.json"), {}):
             raise ArgumentError(f"--resume: the run in {output_dir} has finished (model/ and the final results are "
                                 "there) and kept no checkpoint; choose a new --output_dir")
     elif not resume and os.path.isdir(output_dir) and (found := [f for f in RUN_FILES
@@ -195,9 +184,8 @@ def check_output_dir(output_dir: str, resume: bool, quiet: bool = False) -> None
 
 
 def claim_output_dir(output_dir: str, resume: bool) -> None:
-    """The only writer of `output_dir`: an exclusive flock on `.lock` naming its holder, released at exit or by the
-    kernel when the process dies (a dead run's lock is taken over, with a note); a second launch stops naming the
-    holder. Then `check_output_dir` again under the lock, and the temp files of killed runs are removed."""
+    """An exclusive flock on `.lock`, naming its holder (the kernel drops a dead one's: taken over, with a note); then
+    `check_output_dir` again under the lock, and the temp files of killed runs are removed."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.realpath(os.path.join(output_dir, ".lock"))
     if path not in _CLAIMS:  # this process claimed it already (e.g. two runs in one test process, one after the other)
@@ -224,9 +212,6 @@ def claim_output_dir(output_dir: str, resume: bool) -> None:
         print(f"removed {removed}, left by a killed run")
 
 
-_CLAIMS: dict[str, int] = {}  # lock path -> the open file descriptor holding it
-
-
 def release_output_dir(path: str) -> None:
     if (fd := _CLAIMS.pop(path, None)) is not None:
         os.ftruncate(fd, 0)  # empty: the next run takes it without a note
@@ -234,9 +219,8 @@ def release_output_dir(path: str) -> None:
 
 
 def check_same_run(output_dir: str, algo: str, config: dict, world: int | None = None) -> None:
-    """--resume goes on only with a run.json of this algorithm and these flags (but RESUME_MAY_CHANGE) and a checkpoint
-    of `world` processes (each holds its shards, RNG, place in the data); else one line names the counts or the fields."""
-    if (run := _read_run_json(output_dir)) is None:
+    """--resume goes on only with this algorithm, these flags (but RESUME_MAY_CHANGE) and `world` processes."""
+    if (run := read_json(os.path.join(output_dir, "run.json"))) is None:
         return
     if world and (there := run.get("world_size", world)) != world and checkpoint_path(output_dir, False, quiet=True):
         raise ArgumentError(f"--resume: the checkpoint in {output_dir} was written by {there} process(es), this launch "
@@ -251,21 +235,8 @@ def check_same_run(output_dir: str, algo: str, config: dict, world: int | None =
                             "differ; resume with that run's flags, or choose a new --output_dir")
 
 
-def _read_run_json(output_dir: str, name: str = "run.json"):
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(output_dir, name)) as f:
-        return json.load(f)
-    return None
-
-
-PRECISIONS = {"no": "fp32", "fp32": "fp32", "bf16": "bf16"}  # accelerate's mixed_precision names -> ours
-# The versions whose FSDP2 internals `unsharded` and the sharded tests were run against (requirements.txt's floors)
-FSDP2_TESTED = {"torch": (2, 13), "accelerate": (1, 16)}
-
-
 def resolve_precision(model: str, precision: str | None) -> str:
-    """fp32 or bf16: an accelerate launch's mixed_precision (ACCELERATE_MIXED_PRECISION), which --precision may only
-    repeat; else --precision, else fp32 for tiny and bf16 for any other model (fp32 would double every gathered copy,
-    frozen copy and KV cache at 7B)."""
+    """fp32 or bf16: the launch's mixed_precision, which --precision may only repeat; else --precision; else by model."""
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if precision is not None and precision not in ("fp32", "bf16"):
         raise ArgumentError(f"--precision {precision!r}: must be one of 'fp32', 'bf16'")
@@ -279,8 +250,7 @@ def resolve_precision(model: str, precision: str | None) -> str:
 
 
 def check_versions(sharding: str | None, fsdp_version: int, versions: dict | None = None) -> None:
-    """Under FSDP2, `unsharded` reads private fully_shard state and `token_logprobs` needs accelerate's root wrapping:
-    older versions stop at start, not at the first evaluation. `versions` defaults to the installed ones."""
+    """FSDP2 on older torch or accelerate than FSDP2_TESTED (private internals `unsharded` reads) stops at start."""
     if sharding != "FSDP" or fsdp_version != 2:
         return
     import accelerate
@@ -293,22 +263,17 @@ def check_versions(sharding: str | None, fsdp_version: int, versions: dict | Non
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict, step: int, output_dir: str) -> None:
-    """Log to the trackers and append to `output_dir/metrics.jsonl` (main process), one line per optimizer step, on CUDA
-    with the step's peak memory (`memory_peaks`)."""
+    """Log to the trackers and append a line to metrics.jsonl (main process), with the step's peak memory on CUDA."""
     metrics = {**metrics, **memory_peaks(accelerator, "start to step 1" if step == 1 else "training", output_dir)}
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-        with writing(os.path.join(output_dir, "metrics.jsonl")), open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+        with writing(path := os.path.join(output_dir, "metrics.jsonl")), open(path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")  # a line cut off by a kill is dropped on resume
 
 
-_PEAKS: dict[str, dict] = {}  # phase -> this process's peak GB in it
-
-
 def memory_peaks(accelerator, phase: str, output_dir: str) -> dict:
-    """On CUDA, this process's peak allocated and reserved GB since the last call, then reset (the plan counts allocated;
-    reserved adds the allocator's cache: fragmentation); each `phase`'s peak goes to run.json "memory". {} elsewhere."""
+    """On CUDA, the peak allocated and reserved GB since the last call (then reset), each phase's peak to run.json."""
     if accelerator.device.type != "cuda":
         return {}
     now = {f"memory/{k}_gb": getattr(torch.cuda, f"max_memory_{k}")(accelerator.device) / 1e9
@@ -316,7 +281,7 @@ def memory_peaks(accelerator, phase: str, output_dir: str) -> dict:
     torch.cuda.reset_peak_memory_stats(accelerator.device)
     if accelerator.is_main_process and any(v > _PEAKS.get(phase, {}).get(k, 0) for k, v in now.items()):
         _PEAKS[phase] = {k: max(v, _PEAKS.get(phase, {}).get(k, 0)) for k, v in now.items()}
-        write_json_atomic(os.path.join(output_dir, "run.json"), dict(_read_run_json(output_dir) or {}, memory=_PEAKS))
+        _update_run_json(output_dir, memory=_PEAKS)
     return now
 
 
@@ -324,7 +289,7 @@ def report_outputs(accelerator: Accelerator, output_dir: str) -> None:
     """The run's last lines: where every output went (each entry of --output_dir, and the exported offline dataset)."""
     memory_peaks(accelerator, "final evaluation and save", output_dir)
     if accelerator.is_main_process:
-        lines = [f"outputs in {os.path.abspath(output_dir)}:"] + [
-            f"  {n}{'/' if os.path.isdir(os.path.join(output_dir, n)) else ''}"
-            for n in (sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else [])]
-        print("\n".join(lines + [f"{what}: {os.path.abspath(path)}" for what, path in dict.fromkeys(OUTPUTS)]), flush=True)
+        names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+        print("\n".join([f"outputs in {os.path.abspath(output_dir)}:"] + [
+            f"  {n}{'/' if os.path.isdir(os.path.join(output_dir, n)) else ''}" for n in names] + [
+            f"{what}: {os.path.abspath(path)}" for what, path in dict.fromkeys(OUTPUTS)]), flush=True)

@@ -1,5 +1,5 @@
-"""math-verify's equivalence check in helper processes, killed at a timeout (sympy on 10^{10^{10^{10}}} is one C call
-holding the GIL: no thread or signal.alarm bounds it). Each call has a helper of a small pool to itself."""
+"""math-verify in helper processes killed at a timeout (sympy on 10^{10^{10^{10}}} holds the GIL in one C call: no
+thread or signal.alarm bounds it); each call has a helper of a small pool to itself."""
 
 import atexit
 import json
@@ -92,8 +92,7 @@ def math_equal(pred: str, ref: str, timeout_s: float = 5.0) -> bool:
     except OSError:  # it died before reading the answer
         reply = b""
     with _helpers["lock"]:
-        keep = reply in (b"0\n", b"1\n") and len(_helpers["idle"]) < MAX_IDLE_HELPERS
-        if keep:
+        if keep := reply in (b"0\n", b"1\n") and len(_helpers["idle"]) < MAX_IDLE_HELPERS:
             _helpers["idle"].append(proc)
     if not keep:  # timed out, died, out of step, or one too many
         _stop_helper(proc)

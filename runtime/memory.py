@@ -1,5 +1,4 @@
-"""The memory plan (bytes per GPU of every step, from the model config and what the algorithm declares in
-Base.memory_terms) and the preflights that stop a launch that will not fit before any weights load."""
+"""The memory plan (bytes per GPU of each step, from the model config and `Base.memory_terms`) and the preflights."""
 
 from common import SCORE_MAX_TOKENS, TINY_SHIPPED
 from runtime.cli import ArgumentError
@@ -22,17 +21,14 @@ def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: in
                 prompt_tokens: int, max_new_tokens: int, sharded: bool = True, precision: str = "bf16", lora_r: int = 0,
                 n_samples: int = 20) -> dict[str, dict[str, float]]:
     """Peak bytes on one GPU in each step ("train", "generate", "score", "save"; with a rollout policy "rollout" and
-    "refresh"), by component, under configs/fsdp.yaml (FSDP2 over `world` GPUs, bf16 over fp32 master weights,
-    activation checkpointing) or, `sharded` False, whole models on every GPU. Each component is one the fake-tensor
-    trace (benchmarks/memory_trace.py) measures on Gemma-1.1-7B; tests/test_memory_plan.py holds each step within 10%."""
+    "refresh"), by component, under configs/fsdp.yaml (FSDP2 over `world` GPUs, bf16 over fp32 masters) or, `sharded`
+    False, whole models on every GPU; each step within 10% of the fake-tensor trace (tests/test_memory_plan.py)."""
     V, H, F, L = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
     params, layer = param_count(config)
     value_params = params - (0 if config.get("tie_word_embeddings", True) else V * H) + H + 1  # backbone, scalar head
     trained = [params] + [value_params] * (terms.get("networks", 1) - 1)
-    w = 2 if precision == "bf16" else 4  # bytes per parameter and activation in the compute dtype
-    shards = world if sharded else 1
-    T = prompt_tokens + max_new_tokens
+    w, shards, T = 2 if precision == "bf16" else 4, world if sharded else 1, prompt_tokens + max_new_tokens  # w: bytes
     N = per_device_batch_size * T * terms.get("rows_per_example", 1)  # e.g. pairs: chosen and rejected
     adapters = lora_r * L * (2 * (H + q) + 2 * (H + kv) + 3 * (H + F))  # A and B of q, o, k, v, gate, up, down
     if lora_r:  # the frozen base of each network (the value network's own copy of the backbone) and fp32 adapters
@@ -99,12 +95,11 @@ def read_model_config(model: str) -> dict:
 
 def memory_preflight(name: str, terms: dict, model_config: dict, world: int, sharding: str | None, precision: str,
                      per_device_batch_size: int, gen_batch_size: int, max_new_tokens: int, lora_r: int,
-                     device_bytes: int | None, skip: bool, n_samples: int = 20,
-                     prompt_tokens: int = PREFLIGHT_PROMPT_TOKENS) -> str:
-    """The plan's peak GB per GPU of each step, as text (`device_bytes` None: no GPU, nothing checked). ArgumentError
-    naming the step, what it needs and has (the GPU less MEMORY_MARGIN_BYTES, or 10%) and the fixes, unless `skip`."""
-    plan = memory_plan(model_config, terms, world, per_device_batch_size, gen_batch_size, prompt_tokens, max_new_tokens,
-                       sharded=sharding is not None, precision=precision, lora_r=lora_r, n_samples=n_samples)
+                     device_bytes: int | None, skip: bool, n_samples: int = 20) -> str:
+    """The plan's peak GB per GPU of each step; ArgumentError naming the step and the fixes if one does not fit the GPU
+    (less MEMORY_MARGIN_BYTES or 10%), unless `skip`."""
+    plan = memory_plan(model_config, terms, world, per_device_batch_size, gen_batch_size, PREFLIGHT_PROMPT_TOKENS,
+                       max_new_tokens, sharded=sharding is not None, precision=precision, lora_r=lora_r, n_samples=n_samples)
     need = {step: sum(parts.values()) for step, parts in plan.items()}
     how = f"{world} process(es), {sharding or 'no sharding'}, {precision}" + (f", LoRA r={lora_r}" if lora_r else "")
     steps = ", ".join(f"{step} {b / 1e9:.1f}" for step, b in need.items())
@@ -127,17 +122,11 @@ def memory_preflight(name: str, terms: dict, model_config: dict, world: int, sha
 
 def host_ram_preflight(name: str, terms: dict, model_config: dict, local_world: int, sharding: str | None, precision: str,
                        lora_r: int, host_bytes: int, skip: bool) -> str:
-    """Host RAM of one node while every process loads the model: per process the trained weights in fp32 (FSDP2's
-    `prepare` upcasts on the host), a value network's copy (load dtype under FSDP, else fp32); with LoRA the base and
-    value copy in the load dtype. ArgumentError above 90% of the RAM, unless `skip`."""
-    params, _ = param_count(model_config)
-    w = 2 if precision == "bf16" else 4
-    value = terms.get("networks", 1) > 1
-    per_process = (w * params * (2 if value else 1) if lora_r else
-                   4 * params + (params * (w if sharding else 4) if value else 0))
-    need = local_world * per_process
-    text = f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB = {need / 1e9:.1f} GB of " \
-           f"{host_bytes / 1e9:.0f} GB"
+    """Host RAM of a node while every process loads the model (fp32 weights: FSDP2 upcasts on the host), or raise."""
+    params, w, value = param_count(model_config)[0], 2 if precision == "bf16" else 4, terms.get("networks", 1) > 1
+    per_process = w * params * (1 + value) if lora_r else 4 * params + (params * (w if sharding else 4) if value else 0)
+    text = (f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB = "
+            f"{(need := local_world * per_process) / 1e9:.1f} GB of {host_bytes / 1e9:.0f} GB")
     if need <= 0.9 * host_bytes or skip:
         return text + ("" if need <= 0.9 * host_bytes else " (over 90%: --skip_memory_check)")
     raise ArgumentError(f"{name}: {text}: every process loads the model itself. Fixes: fewer processes per node, "

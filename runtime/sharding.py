@@ -8,15 +8,9 @@ from accelerate import Accelerator
 
 @contextmanager
 def unsharded(model):
-    """Yields a module that runs `generate` (and no-grad forwards) on full parameters with no communication, however
-    `model` was wrapped:
-      - FSDP1: `summon_full_params(writeback=False)`, every unit's forward routed straight to its module, so no unit
-        reshards and re-gathers between decoding steps;
-      - FSDP2 (`fully_shard`): every FSDP module unshards once, resharding after forward off inside; its settings come
-        back on exit;
-      - anything else (DDP, one process): the unwrapped module.
-    Entering and leaving are collective under sharding; inside, each process makes any number of calls. Peak memory
-    inside: the full parameters on every process."""
+    """Yields a module that runs `generate` and no-grad forwards on full parameters with no communication: FSDP1 under
+    `summon_full_params(writeback=False)`, each unit's forward routed to its module (no reshard and re-gather per decoding
+    step); FSDP2 unsharded once, resharding after forward off inside; else the unwrapped module. Collective under FSDP."""
     from accelerate.utils import extract_model_from_parallel
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -59,10 +53,8 @@ def unsharded(model):
 
 
 def _forget_forward_order(states: list) -> None:
-    """Empties FSDP2's record of the forwards since the last backward (torch 2.13, private): every module's forward
-    appends itself to the shared post-forward order and its index to its parameter group, for the next backward to
-    prefetch in reverse, and only a backward clears them. A no-grad forward has no backward, so under `unsharded` (a
-    forward per decoded token) they would grow by one entry per FSDP module and forward, for the whole phase."""
+    """Empties FSDP2's record of the forwards since the last backward (private, torch 2.13): only a backward clears
+    it, so under `unsharded` (a forward per decoded token) it would grow for the whole phase."""
     for s in states:
         if hasattr(s._comm_ctx, "post_forward_order"):  # made by FSDP's lazy init, at the first forward
             s._comm_ctx.post_forward_order.clear()
@@ -71,9 +63,8 @@ def _forget_forward_order(states: list) -> None:
 
 
 def full_state_dict(accelerator: Accelerator, model) -> dict:
-    """A prepared model's consolidated state dict (main process; collective under sharding), each tied weight under its
-    first name only, as save_pretrained writes it. FSDP1 without CUDA gathers in place: torch's gather with
-    offload_to_cpu=True, which accelerate always asks for, crashes there (torch 2.13)."""
+    """A prepared model's consolidated state dict, each tied weight under its first name only (as save_pretrained
+    writes it); FSDP1 without CUDA gathers in place (torch's offload_to_cpu gather crashes there)."""
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
     if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():

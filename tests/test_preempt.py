@@ -71,6 +71,45 @@ def _assert_same_weights(out, ref) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# The fast unit checks first: a mutant they catch stops `pytest -x` before the launches below
+def test_a_stop_on_any_process_stops_every_process(monkeypatch):
+    """The two flags are all-reduced: a process with no signal and no clock of its own (not the main one) stops or saves
+    when the other process's flags say so (a stand-in all-reduce adds them), and goes on when neither does."""
+    monkeypatch.setattr(runtime.checkpoint, "_RUN", dict(signal=None, training=True, last_save=0.0, sizes_printed=set()))
+    args = SimpleNamespace(save_every=0, save_every_minutes=0)
+    for other, want in (([1.0, 0.0], "preempted"), ([0.0, 1.0], "cadence"), ([0.0, 0.0], None)):
+        acc = _Accelerator(num_processes=2, is_main_process=False, reduce=lambda t, op, o=other: t + torch.tensor(o))
+        assert runtime.checkpoint.checkpoint_due(acc, args, 1) == want, other
+
+
+def test_disk_preflight_counts_a_resumed_runs_files_as_free(tmp_path, monkeypatch):
+    """--resume replaces the run's own checkpoints: with 1 MB free, 20 MB of them make room for RS's 15.1 MB at tiny
+    size; the same disk refuses a fresh run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "checkpoint.old", "wb") as f:
+        f.truncate(20 * 10**6)  # sparse: its size counts, its blocks cost nothing
+    monkeypatch.setattr(runtime.launch.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**6, used=0, free=10**6))
+    args = SimpleNamespace(model="tiny", memory_terms=dict, skip_memory_check=False, precision="fp32", lora_r=0, epochs=1,
+                           per_device_batch_size=4, gen_batch_size=16, max_new_tokens=64, n_samples=4, output_dir=str(out))
+    text = runtime.launch.preflight(SimpleNamespace(**vars(args), resume=True), "rs", _Accelerator(), "none")
+    assert f"disk: {out} needs 15.1 MB" in text and "has 21.0 MB free" in text
+    with pytest.raises(ArgumentError, match="needs 15.1 MB .* and has 1.0 MB free"):
+        runtime.launch.preflight(SimpleNamespace(**vars(args), resume=False), "rs", _Accelerator(), "none")
+
+
+def test_a_checkpoint_resumes_only_with_its_process_count(tmp_path):
+    """run.json records the process count that wrote the checkpoint; another count is refused naming both, the same
+    count goes on (the unit behind the launches below)."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": 1, "files": {}}))
+    config = {"lr": 1e-5, "seed": 0}
+    (tmp_path / "run.json").write_text(json.dumps({"algo": "rs", "world_size": 1, "args": config}))
+    with pytest.raises(ArgumentError, match=r"written by 1 process\(es\), this launch has 2: a checkpoint resumes only"):
+        runtime.launch.check_same_run(str(tmp_path), "rs", config, 2)
+    runtime.launch.check_same_run(str(tmp_path), "rs", config, 1)
+
+
 def test_sigterm_checkpoints_the_step_it_was_on_and_resume_is_bitwise_equal(tiny_cache, tmp_path):
     """One process: SIGTERM while it is at step 2 of 5 -> a checkpoint at step 2, exit 75, the first save's size, seconds
     and rate printed; a 2-process resume of it is refused naming both counts; --resume ends byte for byte equal to the
