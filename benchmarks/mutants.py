@@ -132,7 +132,7 @@ def main():
     base_cmd, test_dir = test_command()
     env = dict(os.environ, SHARED_DATA=os.environ.get("SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data")))
     env.pop("TEST_CACHE_DIR", None)  # every mutant builds its own cache: a cached dataset would hide a data-path bug
-    report = [f"{'mutant':40s} {'file':12s} {'verdict':9s} {'seconds':>7s}  first failing test"]
+    report = [f"{'mutant':40s} {'file':21s} {'verdict':9s} {'seconds':>7s}  first failing test"]
     print(report[0], flush=True)
     counts = {"killed": 0, "survived": 0, "stale": 0}
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +156,7 @@ def main():
                     open(os.path.join(args.keep_logs, f"{name}.log"), "w").write(out)
                 open(target, "w").write(original)
             counts[verdict] += 1
-            line = f"{name:40s} {path:12s} {verdict:9s} {time.time() - t0:7.0f}  {where}"
+            line = f"{name:40s} {path:21s} {verdict:9s} {time.time() - t0:7.0f}  {where}"
             report.append(line)
             print(line, flush=True)
     summary = f"{counts['killed']} killed, {counts['survived']} survived, {counts['stale']} stale, of {len(mutants)}"
