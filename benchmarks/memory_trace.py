@@ -1,6 +1,6 @@
 """Peak GPU memory of every step of each algorithm's paper run, traced at full size on CPU with fake tensors.
 
-    python benchmarks/memory_trace.py                # all six algorithms: 550 s on 2 shared cores
+    python benchmarks/memory_trace.py                # all six algorithms: about 4 minutes on 2 cores
     python benchmarks/memory_trace.py dqo spo        # some of them
     python benchmarks/memory_trace.py --all_micro_batches   # every micro-batch of each optimizer step (slower)
 
@@ -606,7 +606,7 @@ def stale(path: str = RESULTS) -> str | None:
     what = (", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
             if stored["parts"] else "it has no fingerprint")
     return (f"{os.path.relpath(path, ROOT)} was traced from other code or settings ({what}): run `{REGENERATE}` "
-            "(about 150 s on 2 cores) and commit the JSON it writes, and the table it prints into the README")
+            "(about 4 minutes on 2 cores) and commit the JSON it writes, and the table it prints into docs/memory-and-time.md")
 
 
 def report(result: dict) -> list[str]:
