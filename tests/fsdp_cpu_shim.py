@@ -16,7 +16,7 @@ Not covered here: NCCL, CUDA kernels and the CUDA caching allocator, `fsdp_sync_
 With SHIM_GRAD_MEMORY=PATH, the first micro-batches (`accelerator.accumulate` blocks) of the first prepared FSDP2 model
 run under torch's FSDPMemTracker (a tensor-level tracker: every storage allocated, by category); one JSON line per
 micro-batch goes to PATH.<rank>: whether it was the step's last, and the bytes alive at its end per category ("Sharded
-Grad", "Unsharded Grad", ...) and at its peak. The process ends after them.
+Grad", "Unsharded Grad", ...) and at its peak, and each trained network's precision. The process ends after them.
 """
 
 import contextlib
@@ -96,7 +96,12 @@ if os.environ.get("SHIM_GRAD_MEMORY"):
             row = dict(sync=self.sync_gradients, current=units(tracker.get_tracker_snapshot("current")),
                        peak=units(tracker.get_tracker_snapshot("peak")),
                        params=sum(p.numel() for p in _tracked["model"].parameters()),  # DTensors: the full size
-                       other_params=sum(p.numel() for m in _tracked.get("others", []) for p in m.parameters()))
+                       other_params=sum(p.numel() for m in _tracked.get("others", []) for p in m.parameters()),
+                       # each trained network's FSDP2 precision: compute and reduction dtypes, and its master weights'
+                       precision=[dict(param=str(m._get_fsdp_state()._mp_policy.param_dtype),
+                                       reduce=str(m._get_fsdp_state()._mp_policy.reduce_dtype),
+                                       masters=sorted({str(p.dtype) for p in m.parameters()}))
+                                  for m in [_tracked["model"], *_tracked.get("others", [])]])
             with open(f"{os.environ['SHIM_GRAD_MEMORY']}.{self.process_index}", "a") as f:
                 f.write(json.dumps(row) + "\n")
             _tracked["blocks"] += 1

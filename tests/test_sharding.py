@@ -307,6 +307,10 @@ def test_shipped_fsdp2_launch_never_holds_unsharded_gradients(launch_runs, tmp_p
     world, built = 2, launch_runs[1][3]
     for rows in _grad_memory(built, tmp_path / "fixed", no_sync_each_batch=False):
         assert [r["sync"] for r in rows] == [False, True, False, True]
+        # the shipped launch's precision, on both networks: bf16 compute, fp32 reduction, fp32 sharded masters (planted:
+        # reduce_dtype bf16 in runtime.launch.setup_accelerator, which no loss tolerance of 3 steps can see: fails here)
+        fp32_reduce = dict(param="torch.bfloat16", reduce="torch.float32", masters=["torch.float32"])
+        assert rows[0]["precision"] == [fp32_reduce, fp32_reduce], rows[0]["precision"]
         for r in rows:
             if not r["sync"]:
                 cur = r["current"]
