@@ -433,7 +433,7 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 
 def unwrap_causal_lm(model):
-    """The transformers causal LM inside DDP or FSDP1 (`.module`) and peft (`get_base_model`) wrappers.
+    """The transformers causal LM inside DDP (`.module`) and peft (`get_base_model`) wrappers.
     Under FSDP2 (`fully_shard`) the model is the causal LM itself."""
     while True:
         if hasattr(model, "get_base_model"):
@@ -498,7 +498,7 @@ def token_logprob_variants(model, input_ids: torch.Tensor, attention_mask: torch
     lm = unwrap_causal_lm(model)
     captured = {}
 
-    def keep_hidden(module, args, output):  # inside the forward: FSDP1's root has its unsharded weights in place
+    def keep_hidden(module, args, output):  # inside the forward: the FSDP2 root's weights are unsharded here
         proj, device = lm.get_output_embeddings(), output[0].device.type
         autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         captured.update(hidden=output[0], weight=proj.weight, bias=proj.bias, autocast=autocast)  # as the forward uses them

@@ -98,9 +98,9 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
     from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))  # gloo on CPU needs cpu=True, or each process runs a world of one
-    # set by configs/fsdp.yaml; without GPUs accelerate refuses the plugin or quietly runs plain data parallel instead
+    # set by configs/fsdp.yaml; without GPUs accelerate quietly runs plain data parallel instead
     sharding = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
-    fsdp_version = int(os.environ.get("FSDP_VERSION", "1")) if sharding else 0
+    fsdp_version = int(os.environ.get("FSDP_VERSION", "1")) if sharding else 0  # accelerate's default: 1
     args.precision = resolve_precision(args.model, args.precision)
     check_versions(sharding, fsdp_version)
     no_sharding = ("the accelerate config asks for FSDP, which needs GPUs: accelerate does not shard on CPU processes. "
@@ -108,20 +108,14 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
                    "--num_processes N SCRIPT.py` (N gloo processes, data parallel); configs/fsdp.yaml is for GPU nodes")
     kwargs = {}
     if sharding and args.precision == "bf16":  # the plugin's other settings come from the env
-        policy = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16)  # FSDP2: no buffers
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(mixed_precision_policy=policy if fsdp_version == 1 else {
-            k: v for k, v in policy.items() if k != "buffer_dtype"})
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(mixed_precision_policy=dict(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     accumulation = GradientAccumulationPlugin(num_steps=getattr(args, "grad_accum", 1) or 1,
                                               sync_each_batch=sharding == "FSDP", sync_with_dataloader=False)
-    try:
-        accelerator = Accelerator(gradient_accumulation_plugin=accumulation, log_with=args.report_to or None,
-                                  mixed_precision="bf16" if args.precision == "bf16" else "no", project_dir=args.output_dir,
-                                  cpu=not torch.cuda.is_available() and world > 1, **kwargs,
-                                  kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
-    except RuntimeError as e:  # e.g. FSDP1 with sync_module_states: "no available devices"
-        if sharding and not torch.cuda.is_available():
-            raise ArgumentError(no_sharding) from e
-        raise
+    accelerator = Accelerator(gradient_accumulation_plugin=accumulation, log_with=args.report_to or None,
+                              mixed_precision="bf16" if args.precision == "bf16" else "no", project_dir=args.output_dir,
+                              cpu=not torch.cuda.is_available() and world > 1, **kwargs,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
     if sharding and accelerator.distributed_type.name != sharding:
         raise ArgumentError(f"{no_sharding} (accelerate set up {accelerator.distributed_type.name} instead)")
     if accelerator.num_processes != world:
@@ -131,7 +125,7 @@ def setup_accelerator(args, name: str) -> tuple[Accelerator, dict]:
     if args.report_to:
         accelerator.init_trackers(name, config=_config(args))
     launch = dict(precision=args.precision, world_size=accelerator.num_processes,
-                  sharding=f"FSDP{fsdp_version}" if sharding else "none", **{k: getattr(args, k, None) for k in (
+                  sharding="FSDP2" if sharding else "none", **{k: getattr(args, k, None) for k in (
                       "per_device_batch_size", "grad_accum", "global_batch_size")},
                   threads=torch.get_num_threads())  # float results reproduce exactly only at the same thread count
     accelerator.print(f"{name}: {accelerator.num_processes} process(es), device {accelerator.device}, "
@@ -250,9 +244,13 @@ def resolve_precision(model: str, precision: str | None) -> str:
 
 
 def check_versions(sharding: str | None, fsdp_version: int, versions: dict | None = None) -> None:
-    """FSDP2 on older torch or accelerate than FSDP2_TESTED (private internals `unsharded` reads) stops at start."""
-    if sharding != "FSDP" or fsdp_version != 2:
+    """FSDP1 (a config without fsdp_version: 2) stops at start, as does FSDP2 on older torch or accelerate than
+    FSDP2_TESTED (private internals `unsharded` reads)."""
+    if sharding != "FSDP":
         return
+    if fsdp_version != 2:
+        raise ArgumentError(f"the accelerate config asks for FSDP version {fsdp_version}: FSDP1 is not supported; launch "
+                            "with configs/fsdp.yaml (FSDP2, fsdp_version: 2)")
     import accelerate
 
     for name, version in (versions or {"torch": torch.__version__, "accelerate": accelerate.__version__}).items():

@@ -1,4 +1,4 @@
-"""Sharding: full parameters to generate from under FSDP1 or FSDP2, and a sharded model's consolidated state dict."""
+"""Sharding (FSDP2): full parameters to generate from, and a sharded model's consolidated state dict."""
 
 from contextlib import contextmanager
 
@@ -8,26 +8,14 @@ from accelerate import Accelerator
 
 @contextmanager
 def unsharded(model):
-    """Yields a module that runs `generate` and no-grad forwards on full parameters with no communication: FSDP1 under
-    `summon_full_params(writeback=False)`, each unit's forward routed to its module (no reshard and re-gather per decoding
-    step); FSDP2 unsharded once, resharding after forward off inside; else the unwrapped module. Collective under FSDP."""
+    """Yields a module that runs `generate` and no-grad forwards on full parameters with no communication: under FSDP2
+    (`fully_shard`, the only sharding supported) the model unsharded once, resharding after forward off inside; else the
+    unwrapped module. Collective under FSDP."""
     from accelerate.utils import extract_model_from_parallel
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import FSDPModule
 
-    fsdp1 = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
     fsdp2 = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if fsdp1 and fsdp1[0] is not model:
-        raise ValueError("unsharded() needs the prepared (FSDP-wrapped) model, not the module inside it")
-    if fsdp1:
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-            for unit in fsdp1:  # an instance attribute shadows FullyShardedDataParallel.forward: no unshard/reshard per call
-                unit.forward = unit.module.forward
-            try:
-                yield model.module
-            finally:
-                for unit in fsdp1:
-                    del unit.forward
-    elif fsdp2:
+    if fsdp2:
         # set_reshard_after_forward has no getter: keep each parameter group's setting (private) to put it back
         states = [m._get_fsdp_state() for m in fsdp2]
         saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
@@ -64,15 +52,8 @@ def _forget_forward_order(states: list) -> None:
 
 def full_state_dict(accelerator: Accelerator, model) -> dict:
     """A prepared model's consolidated state dict, each tied weight under its first name only (as save_pretrained
-    writes it); FSDP1 without CUDA gathers in place (torch's offload_to_cpu gather crashes there)."""
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-
-    if isinstance(model, FullyShardedDataParallel) and not torch.cuda.is_available():
-        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
-            state_dict = model.state_dict()
-    else:
-        state_dict = accelerator.get_state_dict(model)
+    writes it)."""
+    state_dict = accelerator.get_state_dict(model)
     seen, aliases = set(), []  # a gathered tied weight comes back as separate copies under each name
     for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
         aliases += [plain_name(name)] if id(p) in seen else []
@@ -81,6 +62,6 @@ def full_state_dict(accelerator: Accelerator, model) -> dict:
 
 
 def plain_name(name: str) -> str:
-    """A parameter's name in the plain model: without the FSDP1 and activation-checkpointing wrappers' prefixes."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+    """A parameter's name in the plain model: without the activation-checkpointing wrapper's prefix (FSDP2 adds none)."""
+    return name.replace("_checkpoint_wrapped_module.", "")
 

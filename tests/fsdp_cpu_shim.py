@@ -4,14 +4,13 @@
 
 `accelerate launch` reads the config and sets the FSDP environment of each process exactly as on a GPU node (the config's
 mixed_precision included); the script then builds its Accelerator, FSDP plugin and mixed-precision policy from that
-environment (runtime.launch.setup_accelerator) and `accelerator.prepare` wraps the models with accelerate's own FSDP1/FSDP2
-code. What accelerate cannot do on CPU, and this shim changes after `Accelerator.__init__`:
-  - AcceleratorState sets distributed_type FSDP only for GPU-like devices: the shim sets it, with the plugin the script
-    built (or one from the environment), on the gloo CPU state, in PartialState's shared state too, since every later
-    AcceleratorState() copies that one over;
-  - FSDP1 requires the compute device to equal `device_id`: the shim sets the state's device to plain `cpu`.
-Not covered here: NCCL, CUDA kernels and the CUDA caching allocator, `fsdp_sync_module_states` and
-`fsdp_cpu_ram_efficient_loading` (both need a GPU in accelerate's FSDP1 plugin).
+environment (runtime.launch.setup_accelerator) and `accelerator.prepare` wraps the models with accelerate's own FSDP2
+code. What accelerate cannot do on CPU, and this shim changes after `Accelerator.__init__`: AcceleratorState sets
+distributed_type FSDP only for GPU-like devices; the shim sets it, with the plugin the script built (or one from the
+environment), on the gloo CPU state, in PartialState's shared state too, since every later AcceleratorState() copies
+that one over.
+Not covered here: NCCL, CUDA kernels and the CUDA caching allocator, `fsdp_cpu_ram_efficient_loading` (off in
+configs/fsdp.yaml).
 
 With SHIM_GRAD_MEMORY=PATH, the first micro-batches (`accelerator.accumulate` blocks) of the first prepared FSDP2 model
 run under torch's FSDPMemTracker (a tensor-level tracker: every storage allocated, by category); one JSON line per
@@ -35,7 +34,7 @@ _init = accelerate.Accelerator.__init__
 
 def _init_fsdp_on_cpu(self, *args, **kwargs):
     _init(self, *args, **kwargs)
-    fsdp = {"distributed_type": DistributedType.FSDP, "device": torch.device("cpu")}
+    fsdp = {"distributed_type": DistributedType.FSDP}
     # Both shared dicts: AcceleratorState() (built again e.g. by every AcceleratedOptimizer) copies PartialState's over its own
     PartialState._shared_state.update(fsdp)
     plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()  # the script's, else from accelerate launch's env

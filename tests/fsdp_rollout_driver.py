@@ -1,34 +1,26 @@
 """Run by tests/test_sharding.py under `torchrun --nproc_per_node 2` (gloo, CPU): `common.rollout`, `common.evaluate`
-and `common.build_offline_dataset` from a tiny Llama wrapped directly with torch FSDP1 or FSDP2 give the unsharded
+and `common.build_offline_dataset` from a tiny Llama wrapped directly with torch FSDP2 (`fully_shard`) give the unsharded
 model's tokens (and log-probs), with a different number of generate calls on each process, and leave the wrapped model
 as they found it.
 
-    torchrun --nproc_per_node 2 tests/fsdp_rollout_driver.py {1,2} CACHE_DIR
+    torchrun --nproc_per_node 2 tests/fsdp_rollout_driver.py CACHE_DIR
 """
 
 import copy
-import functools
 import os
 import sys
 
 import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from benchmarks.tiny_reference import TINY_CONFIG, build_tiny_tokenizer  # noqa: E402
 
 
-def wrap(model, version: int):
+def wrap(model):
     """As accelerate does: each decoder layer its own unit, then the root."""
-    if version == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
-        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
@@ -37,7 +29,6 @@ def wrap(model, version: int):
 
 
 def main():
-    version = int(sys.argv[1])
     accelerator = Accelerator(cpu=True)  # gloo process group; rollout shares its chunks round-robin over the processes
     assert accelerator.num_processes == 2
     torch.manual_seed(0)
@@ -52,7 +43,7 @@ def main():
     # 3 chunks of 2 prompts x n samples: process 0 generates twice, process 1 once
     runs = [dict(temperature=0.0, n=1, gen_batch_size=2), dict(temperature=0.9, top_p=0.9, top_k=16, n=2, gen_batch_size=4)]
     want = [common.rollout(plain, tokenizer, prompts, answers, "arith", max_new_tokens=24, seed=3, **kw) for kw in runs]
-    sharded = wrap(model, version)
+    sharded = wrap(model)
     got = [common.rollout(sharded, tokenizer, prompts, answers, "arith", max_new_tokens=24, seed=3, accelerator=accelerator,
                           **kw) for kw in runs]
     for w, g in zip(want, got):
@@ -66,7 +57,7 @@ def main():
     for name, m in (("plain", plain), ("sharded", sharded)):
         datasets.append(common.build_offline_dataset(
             accelerator, m, tokenizer, problems, model_name="tiny", task="arith", n=2, max_new_tokens=24, seed=5,
-            sampling=dict(temperature=0.9, top_p=0.9, top_k=16), gen_batch_size=4, cache_dir=os.path.join(sys.argv[2], name)))
+            sampling=dict(temperature=0.9, top_p=0.9, top_k=16), gen_batch_size=4, cache_dir=os.path.join(sys.argv[1], name)))
     assert len(datasets[0]) == 12 and [r["response_ids"] for r in datasets[0]] == [r["response_ids"] for r in datasets[1]]
     # measured: equal bit for bit (the same full parameters, shapes and process); 1e-5 allows a few float32 steps
     for a, b in zip(*datasets):
@@ -79,19 +70,13 @@ def main():
         expected = plain(input_ids=ids).logits
         logits = sharded(input_ids=ids).logits
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    if version == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
 
-        units = [m for m in sharded.modules() if isinstance(m, FullyShardedDataParallel)]
-        assert len(units) == 1 + config.num_hidden_layers and not any("forward" in vars(u) for u in units)
-    else:
-        from torch.distributed.tensor import DTensor
-
-        # every layer resharded after that forward: its reshard-after-forward setting came back (the root keeps its own)
-        assert all(isinstance(p, DTensor) for layer in sharded.model.layers for p in layer.parameters())
-        assert all(p.to_local().numel() < p.numel() for layer in sharded.model.layers for p in layer.parameters())
+    # every layer resharded after that forward: its reshard-after-forward setting came back (the root keeps its own)
+    assert all(isinstance(p, DTensor) for layer in sharded.model.layers for p in layer.parameters())
+    assert all(p.to_local().numel() < p.numel() for layer in sharded.model.layers for p in layer.parameters())
     accelerator.wait_for_everyone()
-    accelerator.print(f"FSDP{version}: sharded rollout, evaluate and offline dataset equal unsharded")
+    accelerator.print("FSDP2: sharded rollout, evaluate and offline dataset equal unsharded")
     accelerator.end_training()  # destroys the process group: a rank that exits with it alive can abort the other (gloo)
 
 

@@ -191,7 +191,8 @@ def test_bf16_launch_on_one_process_records_it(tiny_cache, tmp_path, monkeypatch
 
 def test_fsdp2_needs_the_tested_versions():
     runtime.launch.check_versions("FSDP", 2, {"torch": "2.13.0+cu128", "accelerate": "1.16.0"})
-    runtime.launch.check_versions("FSDP", 1, {"torch": "2.5.1", "accelerate": "1.10.0"})  # FSDP1 uses none of those internals
+    with pytest.raises(runtime.cli.ArgumentError, match="FSDP1 is not supported"):  # whatever the versions
+        runtime.launch.check_versions("FSDP", 1, {"torch": "2.13.0", "accelerate": "1.16.0"})
     runtime.launch.check_versions(None, 0, {"torch": "2.5.1", "accelerate": "1.10.0"})
     with pytest.raises(runtime.cli.ArgumentError, match=r"FSDP2 \(configs/fsdp.yaml\) needs torch >= 2.13 .* found 2.9.1"):
         runtime.launch.check_versions("FSDP", 2, {"torch": "2.9.1", "accelerate": "1.16.0"})
