@@ -76,8 +76,8 @@ MUTANTS = [
      "shutil.disk_usage(folder).free", ["tests/test_preempt.py"]),
     ("runtime_world_size_change_not_refused", "runtime/launch.py", 'run.get("world_size", world)',
      'run.get("num_processes", world)', ["tests/test_preempt.py", "tests/test_crash.py"]),
-    ("runtime_bf16_reduction", "runtime/launch.py", "reduce_dtype=torch.float32, buffer_dtype",
-     "reduce_dtype=torch.bfloat16, buffer_dtype", ["tests/test_sharding.py"]),
+    ("runtime_bf16_reduction", "runtime/launch.py", "param_dtype=torch.bfloat16, reduce_dtype=torch.float32)",
+     "param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)", ["tests/test_sharding.py"]),
 ]
 
 
