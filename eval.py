@@ -52,6 +52,7 @@ from runtime.cli import (
 )
 from runtime.files import write_json_atomic
 from runtime.launch import setup_accelerator
+from runtime.memory import read_model_config
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Args:
     pass_top_p: float = arg(0.9, "pass@k sampling top_p (DQO 0.9; SPO 0.95)")
     pass_top_k: int = arg(16, "pass@k sampling top_k (DQO 16; 0 = off)")
     pass_problems: int | None = arg(None, "pass@k on the first N test problems only (default: all)")
-    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024, aime24 2048)")
     gen_batch_size: int = arg(256, "sequences per generate call")
     precision: str | None = arg(None, "fp32 or bf16 (default: the launch's mixed_precision; else tiny fp32, others bf16)")
     dist_timeout: int = arg(43200, "seconds a process waits at a collective (12 h: sampling the offline dataset has none)")
@@ -255,6 +256,7 @@ def main():
         raise ArgumentError(f"--pass_k {args.pass_k}: every k must be in [1, --pass_n {args.pass_n}]")
     probe_writable(args)
     describe_run(args)
+    read_model_config(args.model)  # a model whose config cannot be read (no network, a wrong hub id): one error line
     accelerator, _ = setup_accelerator(args, "eval")
     model, tokenizer = load_model_and_tokenizer(args.model, accelerator, trainable=False)
     model = accelerator.prepare(model)

@@ -46,6 +46,7 @@ from runtime.launch import fit_to_data, log_metrics, report_outputs, start
 
 @dataclass
 class Args(Base):
+    output_dir: str = arg("runs/rs", "where checkpoints, the final model, metrics and results go")
     data: str = arg("samples", "samples: the correct reference samples (RS); gold: the dataset's solutions (SFT)")
 
 

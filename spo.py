@@ -70,14 +70,15 @@ from runtime.sharding import plain_name, unsharded
 class Args(Base):
     output_dir: str = arg("runs/spo", "where checkpoints, the final model, metrics and results go")
     beta: float | None = arg(None, "KL coefficient β: the soft-RL temperature (paper's 1/ln(100000) ≈ 0.087)")
-    loss_type: str | None = arg(None, "squared, bce (the paper's headline SPO), advantage_bce or reverse_q (tiny: squared)")
+    loss_type: str | None = arg(None, "squared, bce (the paper's headline SPO), advantage_bce or reverse_q")
     online_fraction: float = arg(0.5, "share of each batch that is fresh rollouts (0: purely offline, 1: purely online)")
     model_update_interval: int = arg(10, "refresh the rollout policy from the trained one every N optimizer steps")
     rollout_min_temperature: float = arg(0.1, "rollout temperature ~ U(min, max), drawn per generate call (paper: 0.1)")
     rollout_max_temperature: float = arg(0.8, "rollout temperature ~ U(min, max) (paper: 0.8)")
     rollout_top_p: float = arg(0.95, "rollout top_p")
     pass_eval_problems: int | None = arg(None, "pass@1/pass@10 on the first N test problems (default: all; tiny: 200)")
-    q0_samples: int = arg(0, "extra reference samples per prompt for Ŝ_0, pooled with the offline ones (paper: 800)")
+    q0_samples: int = arg(0, "extra reference samples per prompt for Ŝ_0, pooled with the offline ones (the paper's Ŝ_0 "
+                             "pools 800 in all; the docstring says why the default is 0)")
 
     def memory_terms(self) -> dict:  # a frozen copy of the policy makes the online rows, the reference scores them
         online = len(online_slots(self.per_device_batch_size, self.online_fraction))

@@ -294,6 +294,8 @@ def count(algo: str, d: dict, data: dict, shape: dict, world: int, terms: tuple 
     by_time = int(loop * 60 // minutes) if minutes else 0  # over the training loop's estimated hours
     ckpts, cadence = (by_time, f"every {minutes:g} min") if by_time > by_steps else \
         (by_steps, f"every {d['save_every']} steps")
+    if not ckpts:  # neither cadence comes due: the loop is shorter than --save_every_minutes, and --save_every is 0
+        cadence = f"none: training ends before {minutes:g} min" if minutes else "none"
     model_bytes = MODEL_BYTES_PER_PARAM * (n_evals * shape["n"] + value)  # the policy at every evaluation, V once
     out["model loading"] = io_phase(read=MODEL_BYTES_PER_PARAM * shape["n"], label="model loading (bf16, once per node)")
     out["checkpoints"] = io_phase(ckpts * ckpt_bytes, ckpts * ckpt_bytes,

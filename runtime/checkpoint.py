@@ -13,6 +13,7 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from common import merge_lora
 from runtime.cli import ArgumentError
@@ -36,7 +37,8 @@ def stop_on_signals() -> None:
             print(f"{name} before training began: exiting {EXIT_RESUME}; rerun with --resume", file=sys.stderr, flush=True)
             sys.exit(EXIT_RESUME)
         if _RUN["signal"] is None:
-            print(f"{name}: checkpointing after this optimizer step, then exiting {EXIT_RESUME}", file=sys.stderr, flush=True)
+            print(f"\n{name}: checkpointing after this optimizer step, then exiting {EXIT_RESUME}", file=sys.stderr,
+                  flush=True)  # on a line of its own, not after the progress bar
         _RUN["signal"] = name
 
     _RUN.update(signal=None, training=False)
@@ -90,12 +92,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, why:
         if output_dir not in _RUN["sizes_printed"]:
             _RUN["sizes_printed"].add(output_dir)
             size, s = sum(sizes), time.monotonic() - t0
-            print(f"checkpoint: {_size(size)} in {s:.1f} s ({size / 1e6 / max(s, 1e-6):.0f} MB/s, hashes included) in "
-                  f"{os.path.join(output_dir, 'checkpoint')} (one is kept, plus the one being written)")
+            tqdm.write(f"checkpoint: {_size(size)} in {s:.1f} s ({size / 1e6 / max(s, 1e-6):.0f} MB/s, hashes included) in "
+                       f"{os.path.join(output_dir, 'checkpoint')} (one is kept, plus the one being written)")  # not in the bar
     accelerator.wait_for_everyone()
     _RUN["last_save"] = time.monotonic()
     if why == "preempted":
-        accelerator.print(f"{_RUN['signal'] or 'a signal on another process'}: checkpoint at step {state.get('step')} in "
+        accelerator.print(f"\n{_RUN['signal'] or 'a signal on another process'}: checkpoint at step {state.get('step')} in "
                           f"{output_dir}; exiting {EXIT_RESUME}: rerun the same command with --resume", flush=True)
         sys.exit(EXIT_RESUME)
 

@@ -39,7 +39,7 @@ class Base:
     temperature: float = arg(0.9, "offline-dataset sampling temperature (paper: 0.9)")
     top_p: float = arg(0.9, "offline-dataset sampling top_p (paper: 0.9)")
     top_k: int = arg(16, "offline-dataset sampling top_k (paper: 16)")
-    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024)")
+    max_new_tokens: int | None = arg(None, "generation length (default per task: arith 64, gsm8k 512, math 1024, aime24 2048)")
     gen_batch_size: int | None = arg(None, "sequences per generate call (paper: sized for 80 GB GPUs)")
     epochs: int | None = arg(None, "passes over the training data (a model is saved and evaluated after each)")
     lr: float | None = arg(None, "policy learning rate")
@@ -112,7 +112,8 @@ class _ArgParser(argparse.ArgumentParser):
 
 def build_parser(Args, tiny: dict | None = None, paper: dict | None = None):
     """The command line of a dataclass of `arg` fields: booleans are switches; each help ends with its default(s)."""
-    parser = _ArgParser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
+    doc = " ".join((sys.modules[Args.__module__].__doc__ or "").split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+    parser = _ArgParser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False, description=f"{doc}. See README.md.",
                         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=32, width=120))
     for f in fields(Args):
         help_text = f.metadata.get("help", "")

@@ -85,7 +85,12 @@ def read_model_config(model: str) -> dict:
     """What `memory_plan` reads of a model's config (`tiny`: assets/tiny; else AutoConfig), without its weights."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(TINY_SHIPPED if model == "tiny" else model).get_text_config()
+    try:
+        cfg = AutoConfig.from_pretrained(TINY_SHIPPED if model == "tiny" else model).get_text_config()
+    except (OSError, ValueError) as e:  # no network, an unknown or gated hub id, an unknown architecture: one line
+        raise ArgumentError(f"--model {model}: its config cannot be read ({type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[0][:200]}); pass a local save_pretrained folder, or "
+                            "check the hub id and the network (README: Real models)") from None
     return {**{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads")},
             "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,

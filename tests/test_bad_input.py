@@ -177,3 +177,24 @@ def test_a_real_process_exits_nonzero_with_the_message(cmd, message, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert time.time() - start < 60 and os.listdir(tmp_path) == []
+
+
+def test_a_model_whose_config_cannot_be_read_is_one_line(tmp_path):
+    """A hub id that cannot be reached (no network here: HF_HUB_OFFLINE=1 skips the retries) and a folder of an unknown
+    architecture: the memory preflight reads the config first, so either ends in one `error:` line naming --model, not
+    transformers' traceback; eval.py reads it before loading anything."""
+    import runtime.memory
+
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(SystemExit) as exc:
+        runtime.memory.read_model_config(str(tmp_path / "odd"))
+    assert str(exc.value.code).startswith(f"error: --model {tmp_path / 'odd'}: its config cannot be read (ValueError: ")
+    assert "\n" not in str(exc.value.code)
+    model = ["--model", "no-such-org/no-such-model", "--cache_dir", str(tmp_path / "cache")]
+    for cmd in (["rs.py", *model, "--output_dir", str(tmp_path / "run"), "--report_to", ""], ["eval.py", *model]):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, cmd[0]), *cmd[1:]], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert last.startswith("error: --model no-such-org/no-such-model: its config cannot be read"), last

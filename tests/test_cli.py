@@ -44,6 +44,10 @@ def test_help_shows_both_model_defaults_one_note_and_switches(name):
         assert entries[switch].split()[1] != "RESUME" and "default" not in entries[switch]
         assert entries[switch].split()[0] == switch and not entries[switch].split()[1].isupper()  # no metavar
     assert entries["--seed"].endswith("(default: 1)")
+    text = " ".join(runtime.cli.build_parser(module.Args, module.TINY, module.PAPER).format_help().split())
+    assert " ".join(module.__doc__.split())[:50] in text.split("options:")[0]  # what the script does, before its flags
+    # each script writes to its own folder: `python rs.py` then `python dqo.py` must not find each other's run
+    assert entries["--output_dir"].endswith(f"(default: 'runs/{name}')"), entries["--output_dir"]
 
 
 def test_eval_help_has_no_training_flags_and_the_same_seed():
