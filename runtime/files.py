@@ -224,7 +224,7 @@ def cached_chunks(accelerator, parent: str, key_fields: dict, sizes: list[int], 
                 os.close(fd)  # releases the lock
     bar.close()
     if todo:  # after the bar is closed: on a line of its own
-        print(f"{desc}: sampled {built} of the {len(todo)} missing chunks here, {len(todo) - built} by another run "
+        print(f"{desc}: built {built} of the {len(todo)} missing chunks here, {len(todo) - built} by another run "
               f"({root})", flush=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -388,7 +388,7 @@ def test_two_runs_share_a_cold_cache_and_one_is_killed_writing_a_chunk(tiny_cach
     assert [runtime.files.chunk_problem(str(root), c, 16) for c in range(6)] == [None] * 6
 
     def sampled(stdout):
-        return [int(line.split()[3]) for line in stdout.splitlines() if line.startswith("offline dataset: sampled ")]
+        return [int(line.split()[3]) for line in stdout.splitlines() if line.startswith("offline dataset: built ")]
 
     if a_code == 137:  # it finished one chunk, then died writing its second
         assert sampled(b_out) == [5], b_out[-2000:]
