@@ -28,7 +28,8 @@ def memory_plan(config: dict, terms: dict, world: int, per_device_batch_size: in
     params, layer = param_count(config)
     value_params = params - (0 if config.get("tie_word_embeddings", True) else V * H) + H + 1  # backbone, scalar head
     trained = [params] + [value_params] * (terms.get("networks", 1) - 1)
-    w, shards, T = 2 if precision == "bf16" else 4, world if sharded else 1, prompt_tokens + max_new_tokens  # w: bytes
+    w = 2 if precision == "bf16" else 4  # bytes per parameter and activation in the compute dtype
+    shards, T = world if sharded else 1, prompt_tokens + max_new_tokens
     N = per_device_batch_size * T * terms.get("rows_per_example", 1)  # e.g. pairs: chosen and rejected
     adapters = lora_r * L * (2 * (H + q) + 2 * (H + kv) + 3 * (H + F))  # A and B of q, o, k, v, gate, up, down
     if lora_r:  # the frozen base of each network (the value network's own copy of the backbone) and fp32 adapters
@@ -130,8 +131,9 @@ def host_ram_preflight(name: str, terms: dict, model_config: dict, local_world: 
     """Host RAM of a node while every process loads the model (fp32 weights: FSDP2 upcasts on the host), or raise."""
     params, w, value = param_count(model_config)[0], 2 if precision == "bf16" else 4, terms.get("networks", 1) > 1
     per_process = w * params * (1 + value) if lora_r else 4 * params + (params * (w if sharding else 4) if value else 0)
-    text = (f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB = "
-            f"{(need := local_world * per_process) / 1e9:.1f} GB of {host_bytes / 1e9:.0f} GB")
+    need = local_world * per_process
+    text = (f"host RAM while loading: {local_world} x {per_process / 1e9:.1f} GB = {need / 1e9:.1f} GB of "
+            f"{host_bytes / 1e9:.0f} GB")
     if need <= 0.9 * host_bytes or skip:
         return text + ("" if need <= 0.9 * host_bytes else " (over 90%: --skip_memory_check)")
     raise ArgumentError(f"{name}: {text}: every process loads the model itself. Fixes: fewer processes per node, "
